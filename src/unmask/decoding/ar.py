@@ -1,0 +1,53 @@
+"""Autoregressive decoding with a KV cache, for the causal twin: the fair baseline for speed figures."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from unmask.decoding.result import GenerationResult
+from unmask.decoding.sampling import sample_tokens
+from unmask.model.transformer import Transformer
+
+
+@torch.no_grad()
+def ar_generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+) -> GenerationResult:
+    c = model.config
+    if c.attention != "causal":
+        raise ValueError(f"AR decoding needs a causal model, this one is {c.attention}")
+    if not prompt_ids:
+        raise ValueError("AR decoding needs at least one prompt token")
+    total = len(prompt_ids) + max_new_tokens
+    if total > c.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {total} exceeds the model context of {c.max_seq_len}")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = model.output.weight.device
+    t0 = time.perf_counter()
+    cache = model.new_cache(1, total)
+    logits = model(torch.tensor([prompt_ids], device=device), cache=cache, cache_start=0)
+    nfe, out, pos = 1, [], len(prompt_ids)
+    finish = "length"
+    for _ in range(max_new_tokens):
+        tok, _ = sample_tokens(logits[:, -1], temperature, top_k, top_p, gen)
+        t = int(tok)
+        if stop_at_eos and t == c.eos_id:
+            finish = "eos"
+            break
+        out.append(t)
+        if len(out) == max_new_tokens:
+            break
+        logits = model(tok.view(1, 1), cache=cache, cache_start=pos)
+        pos += 1
+        nfe += 1
+    return GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=time.perf_counter() - t0,
+                            finish_reason=finish, prompt_tokens=len(prompt_ids))

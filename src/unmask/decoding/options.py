@@ -1,0 +1,62 @@
+"""Decoding options shared by the CLI, the Python API, the edit tools and the server."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from unmask.errors import UnmaskError
+
+
+class OptionsError(UnmaskError, ValueError):
+    pass
+
+
+@dataclass
+class DecodeOptions:
+    max_new_tokens: int = 128
+    block_length: int = 32
+    steps: int | None = None  # total denoising steps for fixed-step policies (None = max_new_tokens)
+    policy: str = "threshold"  # fixed | threshold | factor (engine policies, chosen by name)
+    threshold: float = 0.9  # confidence threshold τ for the threshold policy
+    factor: float = 1.0  # f of the factor policy
+    confidence: str = "prob"  # prob | margin | entropy | random
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    cache: str = "prefix"  # none | prefix | dual
+    cache_refresh: int = 0  # refresh the cache every N steps inside a block (0 = only at each new block)
+    early_stop: bool = True  # stop once a finished block holds EOS
+    self_correct: bool = False
+    remask_below: float = 0.4  # self-correction: re-mask committed tokens whose probability falls below
+    rewrite_above: float = 0.9  # self-correction: rewrite a committed token when a new argmax beats this
+    max_correction_steps: int = 8
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise OptionsError(msg)
+
+        need(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        need(self.block_length >= 1, f"block_length must be >= 1, got {self.block_length}")
+        need(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(0.0 < self.threshold <= 1.0, f"threshold must be in (0, 1], got {self.threshold}")
+        need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        need(self.cache in ("none", "prefix", "dual"), f"cache must be none, prefix or dual, got {self.cache!r}")
+        need(self.confidence in ("prob", "margin", "entropy", "random"), f"unknown confidence {self.confidence!r}")
+        need(self.max_correction_steps >= 0, "max_correction_steps must be >= 0")
+
+    def replace(self, **changes: Any) -> "DecodeOptions":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def fields(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

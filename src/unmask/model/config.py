@@ -1,0 +1,132 @@
+"""Model configuration: one dataclass, saved as `config.json` beside the weights."""
+
+from __future__ import annotations
+
+from unmask.errors import UnmaskError
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ATTENTION_MODES = ("bidirectional", "causal", "block_causal")
+
+
+class ConfigError(UnmaskError, ValueError):
+    """A config that cannot describe a model (bad values, unknown keys, missing file)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    ffn_hidden: int | None = None  # None = SwiGLU default, ~8/3 * dim rounded to 64
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qk_norm: bool = False
+    attn_bias: bool = False  # q/k/v biases (Qwen2 / Dream)
+    tie_embeddings: bool = False
+    attention: str = "bidirectional"  # bidirectional | causal | block_causal
+    block_size: int = 32  # used when attention == "block_causal"
+    # Dream / AR-adapted models: output i predicts token i+1, so a masked token is read from i-1.
+    logits_shift: bool = False
+    # special token ids (the tokenizer's; kept here so a model folder is self-describing)
+    mask_id: int = 0
+    eos_id: int = 1
+    pad_id: int = 1
+    bos_id: int | None = None
+    family: str = "unmask"  # which checkpoint layout the weights came from (see model/families)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden is None:
+            hidden = int(8 * self.dim / 3)
+            self.ffn_hidden = 64 * ((hidden + 63) // 64)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.attention not in ATTENTION_MODES:
+            raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError("head dim must be even for RoPE")
+        if self.attention == "block_causal" and self.block_size < 1:
+            raise ConfigError("block_size must be >= 1 for block_causal attention")
+        for name in ("mask_id", "eos_id", "pad_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{name} {value} is outside the vocabulary (size {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, h, kv, f = self.dim, self.n_heads, self.n_kv_heads, self.ffn_hidden
+        hd = self.head_dim
+        attn = d * (h * hd) + 2 * d * (kv * hd) + (h * hd) * d
+        if self.attn_bias:
+            attn += h * hd + 2 * kv * hd
+        mlp = 3 * d * f
+        norms = 2 * d + (2 * hd if self.qk_norm else 0)
+        body = self.n_layers * (attn + mlp + norms) + d
+        emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return body + (emb if include_embeddings else 0)
+
+
+# Named shapes for benchmarks and tests (random weights): `--shape llada-8b`.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    "small-34m": dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, max_seq_len=512),
+    "llada-8b": dict(
+        vocab_size=126464, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_hidden=12288,
+        max_seq_len=4096, rope_theta=500000.0, mask_id=126336, eos_id=126081, pad_id=126081,
+        bos_id=126080, family="llada",
+    ),
+    "dream-7b": dict(
+        vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_hidden=18944,
+        max_seq_len=2048, rope_theta=1000000.0, norm_eps=1e-6, attn_bias=True, logits_shift=True,
+        mask_id=151666, eos_id=151643, pad_id=151643, family="dream",
+    ),
+}
+
+
+def shape_config(name: str, **overrides: Any) -> ModelConfig:
+    if name not in SHAPES:
+        raise ConfigError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    return ModelConfig(**{**SHAPES[name], **overrides})

@@ -1,0 +1,251 @@
+"""The denoiser: a pre-norm Transformer (RMSNorm, RoPE, SwiGLU, GQA, optional QK-norm).
+
+One network serves three attention modes (config.attention):
+  bidirectional  masked diffusion: every token sees every token
+  causal         the autoregressive twin
+  block_causal   block diffusion: causal across blocks of `block_size` positions, bidirectional inside
+
+The mask is built from *positions*, not indices, so left-padded batches and KV-cached calls see the same
+structure. With a `KVCache`, the call's K/V are written into the cache at `cache_start` and the queries
+attend to the first `kv_len` cache slots: that one mechanism covers AR decoding, the prefix cache and the
+dual cache of the decoding engine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unmask.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32: bf16 sums of squares lose too much precision
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, 1, T, head_dim/2] for integer positions [B, T]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the HF Llama/Qwen/LLaDA convention): pairs are (i, i + head_dim/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated K/V buffers for every layer plus the positions and validity of each slot.
+
+    Slots are sequence indices of the (possibly left-padded) batch. `positions[b, s]` is the RoPE
+    position of slot s and `valid[b, s]` is False for padding, which no query may attend to.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        super().__init__()
+        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("positions", torch.arange(max_len, device=device).expand(batch, -1).clone(), persistent=False)
+        self.register_buffer("valid", torch.ones(batch, max_len, device=device, dtype=torch.bool), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def set_layout(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        n = positions.shape[1]
+        self.positions[:, :n] = positions
+        self.valid[:, :n] = valid
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer], self.v[layer]
+
+
+def build_attention_mask(
+    config: ModelConfig,
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    k_valid: torch.Tensor | None,
+    q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask [B, 1, Tq, Tk] (True = may attend), or None when every pair may attend."""
+    mask = None
+    if config.attention == "causal":
+        mask = k_pos[:, None, :] <= q_pos[:, :, None]
+    elif config.attention == "block_causal":
+        bs = config.block_size
+        mask = (k_pos[:, None, :] // bs) <= (q_pos[:, :, None] // bs)
+    if k_valid is not None and not bool(k_valid.all()):
+        valid = k_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
+        mask = valid if mask is None else mask & valid
+    if mask is None:
+        return None
+    # A padded query may have no key left: let every slot see itself so softmax never meets an empty row.
+    if q_index is not None and k_index is not None:
+        mask = mask | (k_index[None, None, :] == q_index[None, :, None])
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        hd = config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * hd, bias=config.attn_bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.attn_bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.attn_bias)
+        self.wo = nn.Linear(config.n_heads * hd, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_start: int, kv_len: int):
+        B, T, _ = x.shape
+        c = self.config
+        q = self.wq(x).view(B, T, c.n_heads, c.head_dim)
+        k = self.wk(x).view(B, T, c.n_kv_heads, c.head_dim)
+        v = self.wv(x).view(B, T, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_all, v_all = cache.write(layer, cache_start, k.to(cache.k.dtype), v.to(cache.v.dtype))
+            k, v = k_all[:, :, :kv_len].to(q.dtype), v_all[:, :, :kv_len].to(q.dtype)
+        is_causal = mask is None and cache is None and c.attention == "causal"
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=c.n_kv_heads != c.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, cache, layer, cache_start, kv_len):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, cache_start, kv_len)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def init_weights(self, seed: int | None = None) -> "Transformer":
+        """GPT-2 style init; residual projections scaled down by depth."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                if name.endswith("bias"):
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.ones_(p)
+                continue
+            s = std / (2 * self.config.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else std
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_start: int = 0,
+        kv_len: int | None = None,
+        attn_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] for `input_ids` [B, T].
+
+        positions  RoPE positions [B, T] (default 0..T-1, or the cache's positions of these slots)
+        key_valid  [B, T] False for padding (ignored with a cache: the cache's `valid` is used)
+        cache      write this call's K/V at slots [cache_start, cache_start+T), attend to slots [0, kv_len)
+        attn_mask  explicit boolean mask [B or 1, 1, T, kv_len] replacing the one built from the mode
+
+        With config.logits_shift (AR-initialised models such as Dream) the logits are realigned so that
+        output i predicts token i: output i is read from the network's output i-1 (output 0 from itself).
+        """
+        B, T = input_ids.shape
+        c = self.config
+        if cache is not None:
+            kv_len = kv_len if kv_len is not None else cache_start + T
+            if cache_start + T > cache.max_len or kv_len > cache.max_len:
+                raise ValueError(f"cache of {cache.max_len} slots is too small for slots up to {max(cache_start + T, kv_len)}")
+            if positions is None:
+                positions = cache.positions[:, cache_start : cache_start + T]
+            k_pos, k_valid = cache.positions[:, :kv_len], cache.valid[:, :kv_len]
+            q_index = torch.arange(cache_start, cache_start + T, device=input_ids.device)
+            k_index = torch.arange(kv_len, device=input_ids.device)
+        else:
+            if positions is None:
+                positions = torch.arange(T, device=input_ids.device).expand(B, -1)
+            k_pos, k_valid = positions, key_valid
+            q_index = k_index = torch.arange(T, device=input_ids.device)
+            kv_len = T
+        if T > c.max_seq_len or kv_len > c.max_seq_len:
+            raise ValueError(f"sequence of {max(T, kv_len)} tokens exceeds the model context of {c.max_seq_len}")
+        if attn_mask is not None:
+            mask = attn_mask
+        else:
+            mask = build_attention_mask(c, positions, k_pos, k_valid, q_index, k_index)
+        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        h = self.tok_embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i, cache_start, kv_len)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        logits = self.output(h)
+        if c.logits_shift:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.output.weight
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)

@@ -1,0 +1,88 @@
+"""`unmask.load(path)` -> Pipeline: the model, its tokenizer and the high-level calls on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from unmask.decoding.options import DecodeOptions
+from unmask.decoding.result import GenerationResult
+from unmask.model.checkpoints import load_model, read_config
+from unmask.model.transformer import Transformer
+from unmask.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "code-small"
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        from unmask.errors import UnmaskError
+
+        raise UnmaskError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Pipeline:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    def save(self, path: str | Path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
+        from unmask.model.checkpoints import save_model
+
+        save_model(self.model, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+        self.tokenizer.save(path)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def options(self, options: DecodeOptions | None = None, **overrides: Any) -> DecodeOptions:
+        return (options or DecodeOptions()).replace(**overrides) if overrides else (options or DecodeOptions())
+
+    def generate(self, prompt: str | list[int], options: DecodeOptions | None = None,
+                 on_step: Callable | None = None, **overrides: Any) -> GenerationResult:
+        """Continue `prompt`. Diffusion models decode with the engine; causal twins with AR + KV cache."""
+        from unmask.decoding.generate import generate_text
+
+        return generate_text(self, prompt, self.options(options, **overrides), on_step=on_step)
+
+    def edit(self, text: str, **kwargs: Any):
+        from unmask.edit import edit_text
+
+        return edit_text(self, text, **kwargs)
+
+    def infill(self, prefix: str, suffix: str, **kwargs: Any):
+        from unmask.edit import infill_text
+
+        return infill_text(self, prefix, suffix, **kwargs)
+
+
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None) -> Pipeline:
+    """Load a model folder (ours or a published layout) with its tokenizer."""
+    path = Path(path) if path is not None else DEFAULT_MODEL
+    config, _, _ = read_config(path)
+    model = load_model(path, device=device, dtype=parse_dtype(dtype))
+    tokenizer = Tokenizer.from_dir(path, mask_id=config.mask_id, eos_id=config.eos_id, pad_id=config.pad_id,
+                                   bos_id=config.bos_id)
+    if tokenizer.vocab_size > config.vocab_size:
+        from unmask.model.checkpoints import CheckpointError
+
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
+    return Pipeline(model, tokenizer, path)

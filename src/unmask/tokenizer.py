@@ -1,0 +1,187 @@
+"""Tokenizer: a thin wrapper over a Hugging Face `tokenizers` model (tokenizer.json) with the special ids
+a diffusion model needs (mask, EOS, pad, fill-in-the-middle) and an optional jinja chat template."""
+
+from __future__ import annotations
+
+from unmask.errors import UnmaskError
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+MASK = "<|mask|>"
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+FIM_PREFIX = "<|fim_prefix|>"
+FIM_MIDDLE = "<|fim_middle|>"
+FIM_SUFFIX = "<|fim_suffix|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+SPECIAL_TOKENS = [EOS, PAD, MASK, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, USER, ASSISTANT]
+
+# Used when a checkpoint ships no template: one turn per message, the answer opened by ASSISTANT.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' or m['role'] == 'system' %}<|user|>{{ m['content'] }}\n"
+    "{% else %}<|assistant|>{{ m['content'] }}<|endoftext|>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+class TokenizerError(UnmaskError, ValueError):
+    pass
+
+
+class Tokenizer:
+    """Encode/decode text; knows the special ids. Byte-level BPE round-trips any text exactly."""
+
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        mask_id: int,
+        eos_id: int,
+        pad_id: int | None = None,
+        bos_id: int | None = None,
+        chat_template: str | None = None,
+        extra_special: dict[str, int] | None = None,
+    ):
+        self.hf = hf
+        self.mask_id = mask_id
+        self.eos_id = eos_id
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.bos_id = bos_id
+        self.chat_template = chat_template
+        self.special = dict(extra_special or {})
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+        """Train a byte-level BPE with our special tokens at ids 0..len(SPECIAL_TOKENS)-1."""
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls.from_hf(hf)
+
+    @classmethod
+    def from_hf(cls, hf: HFTokenizer, chat_template: str | None = DEFAULT_CHAT_TEMPLATE) -> "Tokenizer":
+        ids = {tok: hf.token_to_id(tok) for tok in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None and t in (MASK, EOS)]
+        if missing:
+            raise TokenizerError(f"tokenizer lacks special tokens {missing}")
+        return cls(hf, mask_id=ids[MASK], eos_id=ids[EOS], pad_id=ids[PAD], chat_template=chat_template,
+                   extra_special={t: i for t, i in ids.items() if i is not None})
+
+    @classmethod
+    def from_dir(cls, path: str | Path, mask_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, bos_id: int | None = None) -> "Tokenizer":
+        """Load tokenizer.json (+ tokenizer_config.json for the chat template) from a model folder.
+
+        Explicit ids (from the model config) win over what the tokenizer files say."""
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise TokenizerError(f"no tokenizer.json in {path}")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise TokenizerError(f"cannot read {file}: {e}") from None
+        cfg = {}
+        if (path / "tokenizer_config.json").exists():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # HF allows a list of named templates
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text()
+        ids = {tok: hf.token_to_id(tok) for tok in SPECIAL_TOKENS}
+
+        def pick(explicit, key, fallback):
+            if explicit is not None:
+                return explicit
+            name = cfg.get(key)
+            if isinstance(name, dict):
+                name = name.get("content")
+            if isinstance(name, str) and hf.token_to_id(name) is not None:
+                return hf.token_to_id(name)
+            return fallback
+
+        mask = pick(mask_id, "mask_token", ids[MASK])
+        eos = pick(eos_id, "eos_token", ids[EOS])
+        if mask is None or eos is None:
+            raise TokenizerError(f"{file}: cannot tell the mask/EOS ids; set mask_id/eos_id in config.json")
+        return cls(hf, mask_id=mask, eos_id=eos, pad_id=pick(pad_id, "pad_token", ids[PAD]),
+                   bos_id=pick(bos_id, "bos_token", None),
+                   chat_template=template if template is not None else (DEFAULT_CHAT_TEMPLATE if ids[USER] is not None else None),
+                   extra_special={t: i for t, i in ids.items() if i is not None})
+
+    def save(self, path: str | Path) -> None:
+        from unmask.io import atomic_write_text
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "tokenizer.json", self.hf.to_str(pretty=False))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "mask_token": self.hf.id_to_token(self.mask_id),
+            "eos_token": self.hf.id_to_token(self.eos_id),
+            "pad_token": self.hf.id_to_token(self.pad_id),
+        }
+        if self.bos_id is not None:
+            cfg["bos_token"] = self.hf.id_to_token(self.bos_id)
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        atomic_write_text(path / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+
+    # --- use ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special:
+            specials = set(self.special.values()) | {self.mask_id, self.eos_id, self.pad_id}
+            ids = [i for i in ids if i not in specials]
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.hf.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
+        env.globals["raise_exception"] = _raise_template_error
+        tmpl = env.from_string(self.chat_template)
+        return tmpl.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            eos_token=self.hf.id_to_token(self.eos_id),
+        )
+
+
+def _raise_template_error(message: str):
+    raise TokenizerError(f"chat template: {message}")

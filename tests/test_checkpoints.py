@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+import unmask
+from conftest import tiny_model
+from unmask.model.checkpoints import CheckpointError, save_model
+from unmask.pipeline import Pipeline
+
+
+def test_save_load_round_trips_logits_exactly(saved_model_dir, tiny_pipeline):
+    pipe = unmask.load(saved_model_dir, device="cpu")
+    x = torch.randint(10, 500, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(pipe.model(x), tiny_pipeline.model(x))
+    assert pipe.tokenizer.encode("def f(x):\n    return x") == tiny_pipeline.tokenizer.encode("def f(x):\n    return x")
+
+
+def test_sharded_save_writes_index_and_loads(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    save_model(model, tmp_path / "m", max_shard_bytes=50_000)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    Pipeline(model, tokenizer).tokenizer.save(tmp_path / "m")
+    pipe = unmask.load(tmp_path / "m", device="cpu")
+    x = torch.randint(10, 500, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(pipe.model(x), model(x))
+
+
+def test_bf16_load(saved_model_dir):
+    pipe = unmask.load(saved_model_dir, device="cpu", dtype="bfloat16")
+    assert pipe.model.output.weight.dtype == torch.bfloat16
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        unmask.load(tmp_path / "nope")
+
+
+def test_config_that_does_not_match_weights(saved_model_dir):
+    cfg = json.loads((saved_model_dir / "config.json").read_text())
+    cfg["dim"] = 128
+    (saved_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match the weights"):
+        unmask.load(saved_model_dir)
+
+
+def test_corrupt_shard(saved_model_dir):
+    f = saved_model_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        unmask.load(saved_model_dir)
+
+
+def test_missing_shard(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    save_model(model, tmp_path / "m", max_shard_bytes=50_000)
+    Pipeline(model, tokenizer).tokenizer.save(tmp_path / "m")
+    sorted((tmp_path / "m").glob("model-*.safetensors"))[-1].unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        unmask.load(tmp_path / "m")
+
+
+def test_mask_id_outside_vocab(saved_model_dir):
+    cfg = json.loads((saved_model_dir / "config.json").read_text())
+    cfg["mask_id"] = cfg["vocab_size"] + 5
+    (saved_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mask_id .* outside the vocabulary"):
+        unmask.load(saved_model_dir)
