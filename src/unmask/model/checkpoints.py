@@ -162,8 +162,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             name = family.our_name(ckpt_name)
         except KeyError:
             raise CheckpointError(f"{file.name}: unexpected tensor {ckpt_name!r} for a {family.name} model") from None
-        if name is None:
-            continue
+        if name is None or (name == "output.weight" and config.tie_embeddings):
+            continue  # dropped key, or a tied head some exporters also store
         if name not in expected:
             raise CheckpointError(f"{file.name}: tensor {ckpt_name!r} maps to {name!r}, which the model does not have")
         handle = handles.get(file) or handles.setdefault(file, _open(file))

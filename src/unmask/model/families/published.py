@@ -1,0 +1,191 @@
+"""Published checkpoint layouts: LLaDA (OLMo names), Dream (Qwen2 names, shifted logits) and block-diffusion
+Qwen2.5 models (Fast-dLLM v2: Qwen2 names, block-causal attention, shifted logits).
+
+Each family reads the checkpoint's own config.json keys and maps its tensor names onto our Transformer
+(tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo}, layers.{i}.feed_forward.{w1 gate, w3 up, w2 down},
+attention_norm, ffn_norm, norm, output). Anything the published code can express but our network cannot
+(ALiBi, LayerNorm with bias, RoPE scaling, sliding windows, ...) is refused with a ConfigError naming the key,
+instead of loading into a model that silently computes something else.
+
+Facts relied on (REFERENCE.md §3, checked against the published config.json / modeling files):
+  LLaDA  model_type "llada"; d_model, n_heads, n_kv_heads, n_layers, mlp_hidden_size (or mlp_ratio),
+         vocab_size, embedding_size (tensor rows, may exceed vocab_size), rope_theta, rms_norm_eps,
+         max_sequence_length, mask_token_id 126336, eos/pad 126081, weight_tying, include_qkv_bias.
+         Block "llama": ff_out(silu(ff_proj(x)) * up_proj(x)); rotate-half RoPE; bidirectional attention.
+  Dream  model_type "Dream"; Qwen2 keys (hidden_size, num_attention_heads, num_key_value_heads, intermediate_size,
+         max_position_embeddings, rms_norm_eps, rope_theta, tie_word_embeddings), mask_token_id 151666,
+         eos/pad 151643; q/k/v biases; output i predicts token i+1, so logits are shifted right by one.
+  Fast-dLLM v2  architectures ["Fast_dLLM_QwenForCausalLM"], model_type "Fast_dLLM_Qwen"; Qwen2 keys plus
+         bd_size (block size, 32); its eval mask is block-causal (q_block >= k_block); token shift as Dream;
+         the mask token "|<MASK>|" is id 151665 when config.json does not say mask_token_id.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unmask.model.config import ConfigError, ModelConfig
+from unmask.model.families import Family
+
+LLADA_MASK_ID, LLADA_EOS_ID = 126336, 126081
+DREAM_MASK_ID, DREAM_EOS_ID = 151666, 151643
+FAST_DLLM_MASK_ID = 151665
+
+
+def _require(raw: dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if raw.get(k) is None]
+    if missing:
+        raise ConfigError(f"missing key(s) {', '.join(missing)}")
+
+
+def _refuse(raw: dict[str, Any], key: str, ok: Any, why: str) -> None:
+    """Refuse a config value our network cannot express. `ok` is the allowed value (or a tuple of them)."""
+    value = raw.get(key)
+    allowed = ok if isinstance(ok, tuple) else (ok,)
+    if key in raw and value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not supported ({why})")
+
+
+def _first_id(value: Any, default: int | None) -> int | None:
+    """HF configs give token ids as an int, a list of ints (several EOS) or null."""
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+# --- LLaDA ------------------------------------------------------------------------------------------
+LLADA_NAMES: dict[str, str | None] = {
+    "model.transformer.wte.weight": "tok_embeddings.weight",
+    "model.transformer.blocks.{}.attn_norm.weight": "layers.{}.attention_norm.weight",
+    "model.transformer.blocks.{}.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.transformer.blocks.{}.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.transformer.blocks.{}.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.transformer.blocks.{}.q_proj.bias": "layers.{}.attention.wq.bias",
+    "model.transformer.blocks.{}.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.transformer.blocks.{}.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.transformer.blocks.{}.attn_out.weight": "layers.{}.attention.wo.weight",
+    "model.transformer.blocks.{}.ff_norm.weight": "layers.{}.ffn_norm.weight",
+    "model.transformer.blocks.{}.ff_proj.weight": "layers.{}.feed_forward.w1.weight",  # the gate
+    "model.transformer.blocks.{}.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.transformer.blocks.{}.ff_out.weight": "layers.{}.feed_forward.w2.weight",
+    "model.transformer.ln_f.weight": "norm.weight",
+    "model.transformer.ff_out.weight": "output.weight",  # the LM head (absent when weight_tying)
+}
+
+
+def llada_config(raw: dict[str, Any]) -> ModelConfig:
+    _require(raw, "d_model", "n_heads", "n_layers", "vocab_size")
+    _refuse(raw, "block_type", "llama", "only LLaDA's llama block: separate q/k/v and gate/up projections")
+    _refuse(raw, "activation_type", "silu", "the llama block computes silu(ff_proj) * up_proj")
+    _refuse(raw, "layer_norm_type", "rms", "RMSNorm only")
+    _refuse(raw, "layer_norm_with_affine", True, "RMSNorm with a weight")
+    _refuse(raw, "include_bias", False, "biases only on q/k/v (include_qkv_bias)")
+    _refuse(raw, "alibi", False, "RoPE only")
+    _refuse(raw, "rope", True, "RoPE only")
+    _refuse(raw, "attention_layer_norm", False, "no QK layer norm in LLaDA checkpoints")
+    _refuse(raw, "scale_logits", False, "unscaled logits")
+    _refuse(raw, "input_emb_norm", False, "no embedding norm")
+    d, n_heads = int(raw["d_model"]), int(raw["n_heads"])
+    n_kv = raw.get("n_kv_heads") or (1 if raw.get("multi_query_attention") else n_heads)
+    hidden = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d
+    # OLMo pads the embedding matrix (and the untied head) to embedding_size rows; ids above vocab_size
+    # are never produced by the tokenizer, so the model simply has a larger vocabulary.
+    vocab = int(raw.get("embedding_size") or raw["vocab_size"])
+    if vocab < int(raw["vocab_size"]):
+        raise ConfigError(f"embedding_size {vocab} is smaller than vocab_size {raw['vocab_size']}")
+    eos = _first_id(raw.get("eos_token_id"), LLADA_EOS_ID)
+    return ModelConfig(
+        vocab_size=vocab, dim=d, n_layers=int(raw["n_layers"]), n_heads=n_heads, n_kv_heads=int(n_kv),
+        ffn_hidden=int(hidden), max_seq_len=int(raw.get("max_sequence_length", 4096)),
+        rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        attn_bias=bool(raw.get("include_qkv_bias", False)), tie_embeddings=bool(raw.get("weight_tying", False)),
+        attention="bidirectional", logits_shift=False,
+        mask_id=_first_id(raw.get("mask_token_id"), LLADA_MASK_ID), eos_id=eos,
+        pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
+        family="llada", extra={"tokenizer_vocab_size": int(raw["vocab_size"])},
+    )
+
+
+def is_llada(raw: dict[str, Any]) -> bool:
+    return str(raw.get("model_type", "")).lower() == "llada" or "LLaDAModelLM" in (raw.get("architectures") or [])
+
+
+# --- Qwen2 layout: Dream and block-diffusion Qwen2.5 -----------------------------------------------------
+QWEN2_NAMES: dict[str, str | None] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",  # skipped by the loader when tie_word_embeddings
+    # RoPE tables some exporters save; we recompute them
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.rotary_emb.inv_freq": None,
+}
+
+
+def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_default: int,
+                 attention: str, block_size: int = 32) -> ModelConfig:
+    _require(raw, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
+    _refuse(raw, "hidden_act", "silu", "SwiGLU with silu")
+    _refuse(raw, "rope_scaling", None, "plain RoPE; scaled RoPE variants are not implemented")
+    _refuse(raw, "use_sliding_window", False, "full attention")
+    _refuse(raw, "use_mrope", False, "1-D RoPE")
+    d, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+    if raw.get("head_dim") not in (None, d // n_heads):
+        raise ConfigError(f"head_dim={raw['head_dim']} is not supported (must be hidden_size / num_attention_heads)")
+    eos = _first_id(raw.get("eos_token_id"), eos_default)
+    return ModelConfig(
+        vocab_size=int(raw["vocab_size"]), dim=d, n_layers=int(raw["num_hidden_layers"]), n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), ffn_hidden=int(raw["intermediate_size"]),
+        max_seq_len=int(raw.get("max_position_embeddings", 32768)),
+        rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        attn_bias=bool(raw.get("attention_bias", True)),  # Qwen2 always has q/k/v biases
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention=attention, block_size=block_size,
+        logits_shift=True,  # AR-initialised: output i-1 predicts token i
+        mask_id=_first_id(raw.get("mask_token_id"), mask_default), eos_id=eos,
+        pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
+        family=family,
+    )
+
+
+def is_dream(raw: dict[str, Any]) -> bool:
+    return str(raw.get("model_type", "")).lower() == "dream" or "DreamModel" in (raw.get("architectures") or [])
+
+
+def dream_config(raw: dict[str, Any]) -> ModelConfig:
+    return qwen2_config(raw, family="dream", mask_default=DREAM_MASK_ID, eos_default=DREAM_EOS_ID,
+                        attention="bidirectional")
+
+
+def is_block_qwen(raw: dict[str, Any]) -> bool:
+    """Fast-dLLM v2 style: its own model_type / architecture, or a Qwen2 config carrying bd_size."""
+    model_type = str(raw.get("model_type", "")).lower()
+    archs = raw.get("architectures") or []
+    return (model_type.startswith("fast_dllm") or any(str(a).startswith("Fast_dLLM") for a in archs)
+            or (model_type == "qwen2" and "bd_size" in raw))
+
+
+def block_qwen_config(raw: dict[str, Any]) -> ModelConfig:
+    block = raw.get("bd_size", raw.get("block_size", 32))
+    if not isinstance(block, int) or block < 1:
+        raise ConfigError(f"bd_size must be a positive integer, got {block!r}")
+    return qwen2_config(raw, family="block_qwen", mask_default=FAST_DLLM_MASK_ID, eos_default=DREAM_EOS_ID,
+                        attention="block_causal", block_size=block)
+
+
+LLADA = Family(name="llada", matches=is_llada, to_config=llada_config, name_map=LLADA_NAMES)
+DREAM = Family(name="dream", matches=is_dream, to_config=dream_config, name_map=QWEN2_NAMES)
+BLOCK_QWEN = Family(name="block_qwen", matches=is_block_qwen, to_config=block_qwen_config, name_map=QWEN2_NAMES)
+
+FAMILIES = [LLADA, DREAM, BLOCK_QWEN]

@@ -1,0 +1,196 @@
+"""Tiny random checkpoints in the published layouts (LLaDA, Dream, Fast-dLLM v2 block Qwen), written the way the
+real folders are: the published config.json keys, the published tensor names, safetensors shards with
+model.safetensors.index.json, tokenizer.json with the family's special tokens and tokenizer_config.json with
+its chat template. Used by the family, chat, HumanEval and lm-eval tests."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from conftest import stdlib_texts
+
+LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>"]
+DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
+FAST_DLLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|"]
+
+# LLaDA-8B-Instruct's template (Llama-3 style headers, BOS before the first turn)
+LLADA_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Qwen2.5 / Dream template (without the tool-calling branches)
+QWEN_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if message.role == 'user' or (message.role == 'system' and not loop.first)"
+    " or message.role == 'assistant' %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+_TOKENIZERS: dict[tuple[str, ...], HFTokenizer] = {}
+
+
+def family_tokenizer(specials: list[str], vocab_size: int = 300) -> HFTokenizer:
+    """A byte-level BPE (like the published ones) whose added special tokens are the family's."""
+    key = tuple(specials)
+    if key not in _TOKENIZERS:
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        hf.train_from_iterator(stdlib_texts(20), trainer=trainer)
+        _TOKENIZERS[key] = hf
+    return HFTokenizer.from_str(_TOKENIZERS[key].to_str())
+
+
+def write_tokenizer(path: Path, hf: HFTokenizer, template: str, bos: str | None, eos: str, pad: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save(str(path / "tokenizer.json"))
+    added = {str(hf.token_to_id(t.content)): {"content": t.content, "special": True}
+             for t in hf.get_added_tokens_decoder().values()}
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added, "chat_template": template,
+           "bos_token": bos, "eos_token": eos, "pad_token": pad, "model_max_length": 4096}
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def write_shards(path: Path, tensors: dict[str, torch.Tensor], n_shards: int = 3) -> None:
+    """Split tensors over `n_shards` files named like HF's, with model.safetensors.index.json."""
+    names = list(tensors)
+    per = math.ceil(len(names) / n_shards)
+    weight_map = {}
+    for i in range(n_shards):
+        chunk = names[i * per : (i + 1) * per]
+        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({n: tensors[n].contiguous() for n in chunk}, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in chunk})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _linear(gen, out_f, in_f):
+    return torch.randn(out_f, in_f, generator=gen) / math.sqrt(in_f)
+
+
+def _norm(gen, n):
+    # not all ones, so a norm mapped to the wrong place changes the output
+    return 1.0 + 0.2 * torch.randn(n, generator=gen)
+
+
+def llada_checkpoint(path: Path, *, d=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden=160, weight_tying=False,
+                     seed=0, n_shards=3) -> tuple[dict, dict[str, torch.Tensor]]:
+    """LLaDA-8B's layout at toy width. Returns (config.json dict, tensors by published name)."""
+    hf = family_tokenizer(LLADA_SPECIALS)
+    vocab = hf.get_vocab_size()
+    emb = 128 * math.ceil((vocab + 1) / 128)  # OLMo pads the embedding beyond vocab_size
+    eos = hf.token_to_id("<|endoftext|>")
+    config = {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"},
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": d,
+        "embedding_dropout": 0.0, "embedding_size": emb, "eos_token_id": eos, "flash_attention": False,
+        "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta",
+        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms",
+        "layer_norm_with_affine": True, "mask_token_id": hf.token_to_id("<|mdm_mask|>"), "max_sequence_length": 256,
+        "mlp_hidden_size": hidden, "mlp_ratio": 4, "model_type": "llada", "multi_query_attention": None,
+        "n_heads": n_heads, "n_kv_heads": n_kv_heads, "n_layers": n_layers, "pad_token_id": eos,
+        "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-5, "rope": True,
+        "rope_full_precision": True, "rope_theta": 500000.0, "scale_logits": False, "transformers_version": "4.46.3",
+        "use_cache": False, "vocab_size": vocab, "weight_tying": weight_tying,
+    }
+    gen = torch.Generator().manual_seed(seed)
+    hd = d // n_heads
+    t = {"model.transformer.wte.weight": torch.randn(emb, d, generator=gen)}
+    for i in range(n_layers):
+        p = f"model.transformer.blocks.{i}."
+        t[p + "attn_norm.weight"] = _norm(gen, d)
+        t[p + "q_proj.weight"] = _linear(gen, d, d)
+        t[p + "k_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
+        t[p + "v_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
+        t[p + "attn_out.weight"] = _linear(gen, d, d)
+        t[p + "ff_norm.weight"] = _norm(gen, d)
+        t[p + "ff_proj.weight"] = _linear(gen, hidden, d)
+        t[p + "up_proj.weight"] = _linear(gen, hidden, d)
+        t[p + "ff_out.weight"] = _linear(gen, d, hidden)
+    t["model.transformer.ln_f.weight"] = _norm(gen, d)
+    if not weight_tying:
+        t["model.transformer.ff_out.weight"] = _linear(gen, emb, d)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(path, t, n_shards)
+    write_tokenizer(path, hf, LLADA_TEMPLATE, bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
+    return config, t
+
+
+def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160,
+                     tie=False, store_tied_head=False, bd_size=8, seed=0, n_shards=3,
+                     with_mask_id=True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Dream-v0 (kind="dream") or Fast-dLLM v2 (kind="fast_dllm") layout at toy width."""
+    specials = DREAM_SPECIALS if kind == "dream" else FAST_DLLM_SPECIALS
+    hf = family_tokenizer(specials)
+    vocab = 64 * math.ceil((hf.get_vocab_size() + 1) / 64)  # Qwen pads its vocabulary
+    eos = hf.token_to_id("<|endoftext|>")
+    mask = hf.token_to_id("<|mask|>" if kind == "dream" else "|<MASK>|")
+    config = {
+        "attention_dropout": 0.0, "bos_token_id": eos, "eos_token_id": eos, "hidden_act": "silu",
+        "hidden_size": d, "initializer_range": 0.02, "intermediate_size": hidden, "max_position_embeddings": 512,
+        "max_window_layers": n_layers, "num_attention_heads": n_heads, "num_hidden_layers": n_layers,
+        "num_key_value_heads": n_kv_heads, "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0,
+        "sliding_window": None, "tie_word_embeddings": tie, "torch_dtype": "float32",
+        "transformers_version": "4.46.2", "use_cache": False, "use_sliding_window": False, "vocab_size": vocab,
+    }
+    if kind == "dream":
+        config.update({"architectures": ["DreamModel"], "model_type": "Dream", "mask_token_id": mask,
+                       "pad_token_id": eos,
+                       "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
+                                    "AutoModel": "modeling_dream.DreamModel"}})
+    else:
+        config.update({"architectures": ["Fast_dLLM_QwenForCausalLM"], "model_type": "Fast_dLLM_Qwen",
+                       "bd_size": bd_size, "eos_token_id": hf.token_to_id("<|im_end|>"),
+                       "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig",
+                                    "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"}})
+        if with_mask_id:
+            config["mask_token_id"] = mask
+    gen = torch.Generator().manual_seed(seed)
+    hd = d // n_heads
+    t = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=gen)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = _norm(gen, d)
+        t[p + "self_attn.q_proj.weight"] = _linear(gen, d, d)
+        t[p + "self_attn.q_proj.bias"] = 0.3 * torch.randn(d, generator=gen)
+        t[p + "self_attn.k_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
+        t[p + "self_attn.k_proj.bias"] = 0.3 * torch.randn(n_kv_heads * hd, generator=gen)
+        t[p + "self_attn.v_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
+        t[p + "self_attn.v_proj.bias"] = 0.3 * torch.randn(n_kv_heads * hd, generator=gen)
+        t[p + "self_attn.o_proj.weight"] = _linear(gen, d, d)
+        t[p + "post_attention_layernorm.weight"] = _norm(gen, d)
+        t[p + "mlp.gate_proj.weight"] = _linear(gen, hidden, d)
+        t[p + "mlp.up_proj.weight"] = _linear(gen, hidden, d)
+        t[p + "mlp.down_proj.weight"] = _linear(gen, d, hidden)
+    t["model.norm.weight"] = _norm(gen, d)
+    if not tie:
+        t["lm_head.weight"] = _linear(gen, vocab, d)
+    elif store_tied_head:
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(path, t, n_shards)
+    write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|endoftext|>" if kind == "dream" else "<|im_end|>",
+                    pad="<|endoftext|>")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
+    return config, t

@@ -1,0 +1,335 @@
+"""Published checkpoint layouts load into our Transformer and compute what the published code computes.
+
+Each reference forward below is written from the published architecture (LLaDA's OLMo llama block, Qwen2 for
+Dream and Fast-dLLM v2), in plain PyTorch on the *published* tensor names, independent of unmask's model code.
+Mutation tests load the same folders with a deliberately wrong mapping and check the comparison catches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+import unmask
+from published_checkpoints import llada_checkpoint, qwen2_checkpoint
+from unmask.model import checkpoints
+from unmask.model.checkpoints import CheckpointError, load_model, read_config
+from unmask.model.config import shape_config
+from unmask.model.families import published
+
+ATOL = 1e-4
+
+
+# --- independent reference forwards ---------------------------------------------------------------
+def rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_tables(T, hd, theta):
+    """Published HF/OLMo tables: emb = cat(freqs, freqs); q' = q cos + rotate_half(q) sin."""
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def attention(x, wq, wk, wv, wo, n_heads, n_kv, theta, allowed, bq=None, bk=None, bv=None):
+    B, T, D = x.shape
+    hd = D // n_heads
+    q = x @ wq.T + (0 if bq is None else bq)
+    k = x @ wk.T + (0 if bk is None else bk)
+    v = x @ wv.T + (0 if bv is None else bv)
+    q = q.view(B, T, n_heads, hd).transpose(1, 2)
+    k = k.view(B, T, n_kv, hd).transpose(1, 2)
+    v = v.view(B, T, n_kv, hd).transpose(1, 2)
+    cos, sin = rope_tables(T, hd, theta)
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    # repeat_kv: query head h reads kv head h // (n_heads / n_kv)
+    k = k[:, :, None].expand(B, n_kv, n_heads // n_kv, T, hd).reshape(B, n_heads, T, hd)
+    v = v[:, :, None].expand(B, n_kv, n_heads // n_kv, T, hd).reshape(B, n_heads, T, hd)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = scores.softmax(-1) @ v
+    return out.transpose(1, 2).reshape(B, T, D) @ wo.T
+
+
+def llada_reference(t, cfg, ids):
+    """LLaDA (OLMo LLaDALlamaBlock): bidirectional, x + attn(attn_norm(x)); ff_out(silu(ff_proj(h)) * up_proj(h))."""
+    p = "model.transformer."
+    T = ids.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool)
+    eps = cfg["rms_norm_eps"]
+    x = t[p + "wte.weight"][ids]
+    for i in range(cfg["n_layers"]):
+        b = f"{p}blocks.{i}."
+        h = rms(x, t[b + "attn_norm.weight"], eps)
+        x = x + attention(h, t[b + "q_proj.weight"], t[b + "k_proj.weight"], t[b + "v_proj.weight"],
+                          t[b + "attn_out.weight"], cfg["n_heads"], cfg["n_kv_heads"], cfg["rope_theta"], allowed)
+        h = rms(x, t[b + "ff_norm.weight"], eps)
+        x = x + (torch.nn.functional.silu(h @ t[b + "ff_proj.weight"].T) * (h @ t[b + "up_proj.weight"].T)) @ t[b + "ff_out.weight"].T
+    x = rms(x, t[p + "ln_f.weight"], eps)
+    head = t[p + "wte.weight"] if cfg["weight_tying"] else t[p + "ff_out.weight"]
+    return x @ head.T
+
+
+def qwen2_reference(t, cfg, ids, block_size=None):
+    """Qwen2 decoder with q/k/v biases and GQA; Dream/Fast-dLLM read token i from output i-1 (the shift)."""
+    T = ids.shape[1]
+    i_idx = torch.arange(T)
+    if block_size is None:
+        allowed = torch.ones(T, T, dtype=torch.bool)
+    else:  # Fast-dLLM v2 eval mask: q_block >= kv_block
+        allowed = (i_idx[:, None] // block_size) >= (i_idx[None, :] // block_size)
+    eps = cfg["rms_norm_eps"]
+    x = t["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        b = f"model.layers.{i}."
+        a = b + "self_attn."
+        h = rms(x, t[b + "input_layernorm.weight"], eps)
+        x = x + attention(h, t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"],
+                          t[a + "o_proj.weight"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                          cfg["rope_theta"], allowed, t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"])
+        h = rms(x, t[b + "post_attention_layernorm.weight"], eps)
+        m = b + "mlp."
+        x = x + (torch.nn.functional.silu(h @ t[m + "gate_proj.weight"].T) * (h @ t[m + "up_proj.weight"].T)) @ t[m + "down_proj.weight"].T
+    x = rms(x, t["model.norm.weight"], eps)
+    head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
+    logits = x @ head.T
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def _ids(vocab, T=21, B=2, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _ours(path, ids):
+    model = load_model(path, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids)
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def _with_family(monkeypatch, family):
+    """Register `family` in place of the published one of the same name (for mutation tests)."""
+    fams = [family if f.name == family.name else f for f in published.FAMILIES]
+    monkeypatch.setattr(published, "FAMILIES", fams)
+
+
+# --- logits match the published architecture ------------------------------------------------------
+@pytest.mark.parametrize("n_kv_heads,weight_tying", [(4, False), (2, True)])
+def test_llada_layout_matches_reference(tmp_path, n_kv_heads, weight_tying):
+    cfg, t = llada_checkpoint(tmp_path / "llada", n_kv_heads=n_kv_heads, weight_tying=weight_tying)
+    assert len(set(json.loads((tmp_path / "llada" / "model.safetensors.index.json").read_text())["weight_map"].values())) == 3
+    ids = _ids(cfg["vocab_size"])
+    ours = _ours(tmp_path / "llada", ids)
+    assert ours.shape == (2, 21, cfg["embedding_size"])  # embedding_size rows, not vocab_size
+    assert _max_diff(ours, llada_reference(t, cfg, ids)) < ATOL
+
+
+@pytest.mark.parametrize("tie,store_tied_head", [(False, False), (True, False), (True, True)])
+def test_dream_layout_matches_reference(tmp_path, tie, store_tied_head):
+    cfg, t = qwen2_checkpoint(tmp_path / "dream", kind="dream", tie=tie, store_tied_head=store_tied_head)
+    ids = _ids(cfg["vocab_size"])
+    assert _max_diff(_ours(tmp_path / "dream", ids), qwen2_reference(t, cfg, ids)) < ATOL
+
+
+def test_block_qwen_layout_matches_reference(tmp_path):
+    cfg, t = qwen2_checkpoint(tmp_path / "bq", kind="fast_dllm", bd_size=8)
+    ids = _ids(cfg["vocab_size"])
+    ours = _ours(tmp_path / "bq", ids)
+    assert _max_diff(ours, qwen2_reference(t, cfg, ids, block_size=8)) < ATOL
+    # block-causal: logits of the first block do not depend on later blocks (shift reads from i-1 <= 7)
+    changed = ids.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % cfg["vocab_size"]
+    assert _max_diff(_ours(tmp_path / "bq", changed)[:, :9], ours[:, :9]) < ATOL
+    assert _max_diff(_ours(tmp_path / "bq", changed)[:, 9:], ours[:, 9:]) > 1e-2
+
+
+# --- a wrong mapping must fail the comparison ------------------------------------------------------
+def _swap(name_map, a, b):
+    m = dict(name_map)
+    m[a], m[b] = name_map[b], name_map[a]
+    return m
+
+
+def test_mutation_swapped_gate_up_is_caught(tmp_path, monkeypatch):
+    cfg, t = llada_checkpoint(tmp_path / "llada")
+    ids = _ids(cfg["vocab_size"])
+    assert _max_diff(_ours(tmp_path / "llada", ids), llada_reference(t, cfg, ids)) < ATOL
+    swapped = _swap(published.LLADA_NAMES, "model.transformer.blocks.{}.ff_proj.weight",
+                    "model.transformer.blocks.{}.up_proj.weight")
+    _with_family(monkeypatch, dataclasses.replace(published.LLADA, name_map=swapped))
+    assert _max_diff(_ours(tmp_path / "llada", ids), llada_reference(t, cfg, ids)) > 1e-2
+
+    cfg, t = qwen2_checkpoint(tmp_path / "dream", kind="dream")
+    ids = _ids(cfg["vocab_size"])
+    swapped = _swap(published.QWEN2_NAMES, "model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight")
+    _with_family(monkeypatch, dataclasses.replace(published.DREAM, name_map=swapped))
+    assert _max_diff(_ours(tmp_path / "dream", ids), qwen2_reference(t, cfg, ids)) > 1e-2
+
+
+def test_mutation_missing_shift_is_caught(tmp_path, monkeypatch):
+    cfg, t = qwen2_checkpoint(tmp_path / "dream", kind="dream")
+    ids = _ids(cfg["vocab_size"])
+
+    def no_shift(raw):
+        return dataclasses.replace(published.dream_config(raw), logits_shift=False)
+
+    _with_family(monkeypatch, dataclasses.replace(published.DREAM, to_config=no_shift))
+    ours = _ours(tmp_path / "dream", ids)
+    ref = qwen2_reference(t, cfg, ids)
+    assert _max_diff(ours, ref) > 1e-2
+    # ... and it is exactly the shift that is missing
+    assert _max_diff(ours[:, :-1], ref[:, 1:]) < ATOL
+
+
+def test_mutation_wrong_rope_style_is_caught(tmp_path, monkeypatch):
+    """Loading q/k as if the checkpoint used interleaved (GPT-J / Meta) RoPE pairs must change the logits."""
+    cfg, t = llada_checkpoint(tmp_path / "llada")
+    ids = _ids(cfg["vocab_size"])
+    hd = cfg["d_model"] // cfg["n_heads"]
+
+    def interleaved_to_half(name, w):  # the Meta -> HF permutation, applied where it does not belong
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = w.shape[0] // hd
+            return w.view(heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        return w
+
+    _with_family(monkeypatch, dataclasses.replace(published.LLADA, transform=interleaved_to_half))
+    assert _max_diff(_ours(tmp_path / "llada", ids), llada_reference(t, cfg, ids)) > 1e-2
+
+
+@pytest.mark.parametrize("mutation", ["bidirectional", "block_size"])
+def test_mutation_wrong_block_mask_is_caught(tmp_path, monkeypatch, mutation):
+    cfg, t = qwen2_checkpoint(tmp_path / "bq", kind="fast_dllm", bd_size=8)
+    ids = _ids(cfg["vocab_size"])
+    change = {"attention": "bidirectional"} if mutation == "bidirectional" else {"block_size": 4}
+
+    def wrong(raw):
+        return dataclasses.replace(published.block_qwen_config(raw), **change)
+
+    _with_family(monkeypatch, dataclasses.replace(published.BLOCK_QWEN, to_config=wrong))
+    assert _max_diff(_ours(tmp_path / "bq", ids), qwen2_reference(t, cfg, ids, block_size=8)) > 1e-2
+
+
+# --- configs: published keys at full size ---------------------------------------------------------
+def test_published_full_size_configs_map_to_the_known_shapes(tmp_path):
+    llada_8b = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 4096, "n_heads": 32,
+                "n_kv_heads": 32, "n_layers": 32, "mlp_hidden_size": 12288, "mlp_ratio": 4, "vocab_size": 126464,
+                "embedding_size": 126464, "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "max_sequence_length": 4096,
+                "mask_token_id": 126336, "eos_token_id": 126081, "pad_token_id": 126081, "weight_tying": False,
+                "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "include_bias": False,
+                "include_qkv_bias": False, "alibi": False, "rope": True}
+    dream_7b = {"model_type": "Dream", "architectures": ["DreamModel"], "hidden_size": 3584, "intermediate_size": 18944,
+                "num_attention_heads": 28, "num_key_value_heads": 4, "num_hidden_layers": 28, "vocab_size": 152064,
+                "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                "mask_token_id": 151666, "eos_token_id": 151643, "pad_token_id": 151643, "bos_token_id": 151643,
+                "tie_word_embeddings": False, "rope_scaling": None, "use_sliding_window": False, "hidden_act": "silu"}
+    fast_dllm = {**dream_7b, "model_type": "Fast_dLLM_Qwen", "architectures": ["Fast_dLLM_QwenForCausalLM"],
+                 "bd_size": 32, "eos_token_id": 151645}
+    del fast_dllm["mask_token_id"]
+    for raw, shape, family in ((llada_8b, "llada-8b", "llada"), (dream_7b, "dream-7b", "dream")):
+        (tmp_path / family).mkdir()
+        (tmp_path / family / "config.json").write_text(json.dumps(raw))
+        config, fam, _ = read_config(tmp_path / family)
+        expect = shape_config(shape)
+        assert fam.name == family
+        for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta", "norm_eps",
+                    "attn_bias", "logits_shift", "mask_id", "eos_id", "pad_id", "attention", "tie_embeddings"):
+            assert getattr(config, key) == getattr(expect, key), key
+        assert config.num_params() == expect.num_params()
+    (tmp_path / "fd").mkdir()
+    (tmp_path / "fd" / "config.json").write_text(json.dumps(fast_dllm))
+    config, fam, _ = read_config(tmp_path / "fd")
+    assert (fam.name, config.attention, config.block_size, config.logits_shift) == ("block_qwen", "block_causal", 32, True)
+    assert (config.mask_id, config.eos_id) == (151665, 151645)  # |<MASK>| when config.json does not say
+
+
+@pytest.mark.parametrize("key,value", [("alibi", True), ("block_type", "sequential"), ("layer_norm_type", "default"),
+                                       ("include_bias", True), ("activation_type", "swiglu")])
+def test_unsupported_llada_options_are_refused_by_name(tmp_path, key, value):
+    llada_checkpoint(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg[key] = value
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=key):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_unsupported_qwen_rope_scaling_is_refused(tmp_path):
+    qwen2_checkpoint(tmp_path / "m", kind="dream")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="rope_scaling"):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+# --- loader errors fire for the published layouts ---------------------------------------------------
+def test_missing_shard_of_a_published_layout(tmp_path):
+    llada_checkpoint(tmp_path / "m")
+    (tmp_path / "m" / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing.*model-00002-of-00003"):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_shape_mismatch_of_a_published_layout(tmp_path):
+    qwen2_checkpoint(tmp_path / "m", kind="dream")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["intermediate_size"] = 192
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="mlp.(gate|up|down)_proj.weight.*does not match|does not match.*mlp"):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_unknown_tensor_in_a_published_layout(tmp_path):
+    llada_checkpoint(tmp_path / "m", n_shards=1)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.transformer.blocks.0.att_proj.weight"] = "model-00001-of-00001.safetensors"
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="att_proj"):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_not_enough_memory_for_a_published_layout(tmp_path, monkeypatch):
+    llada_checkpoint(tmp_path / "m")
+    monkeypatch.setattr(checkpoints.os, "sysconf", lambda name: 16)  # 16 pages of 16 bytes free
+    with pytest.raises(CheckpointError, match="not enough memory"):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+# --- tokenizer and chat template of the checkpoint ---------------------------------------------------
+def test_llada_tokenizer_ids_and_template(tmp_path):
+    cfg, _ = llada_checkpoint(tmp_path / "m")
+    pipe = unmask.load(tmp_path / "m", device="cpu")
+    tok = pipe.tokenizer
+    assert tok.mask_id == cfg["mask_token_id"] == tok.token_to_id("<|mdm_mask|>")
+    assert tok.eos_id == tok.token_to_id("<|endoftext|>")
+    assert tok.bos_id == tok.token_to_id("<|startoftext|>")
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi there "}])
+    assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and tok.token_to_id("<|eot_id|>") in ids  # special tokens encode as one id
+
+
+@pytest.mark.parametrize("kind,mask", [("dream", "<|mask|>"), ("fast_dllm", "|<MASK>|")])
+def test_qwen_tokenizer_ids_and_template(tmp_path, kind, mask):
+    qwen2_checkpoint(tmp_path / "m", kind=kind)
+    pipe = unmask.load(tmp_path / "m", device="cpu")
+    tok = pipe.tokenizer
+    assert tok.mask_id == pipe.config.mask_id == tok.token_to_id(mask)
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
