@@ -1,3 +1,180 @@
-"""CLI commands (filled in by their issue)."""
+"""`unmask edit FILE`, `unmask infill`, `unmask eval infill`: thin translations into unmask.edit / unmask.eval."""
 
-from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from unmask.cli.apps import app, eval_app
+from unmask.cli.common import console, load_pipeline, out
+
+MODEL = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model).")
+
+
+def _options(block_length: int, steps: Optional[int], policy: str, threshold: float, temperature: float,
+             seed: Optional[int]):
+    from unmask.decoding.options import DecodeOptions
+
+    return DecodeOptions(block_length=block_length, steps=steps, policy=policy, threshold=threshold,
+                         temperature=temperature, seed=seed)
+
+
+def _read(file: Path) -> str:
+    from unmask.edit import read_text_exact
+
+    if str(file) == "-":
+        return sys.stdin.buffer.read().decode("utf-8")
+    return read_text_exact(file)
+
+
+def _stream_printer():
+    """on_step callback: a one-line live status of the denoising on stderr."""
+    status = console.status("denoising …")
+    status.start()
+
+    def on_step(event):
+        if event.done:
+            status.stop()
+        else:
+            status.update(f"step {event.step} · {event.committed} tokens committed")
+
+    return on_step
+
+
+@app.command()
+def edit(
+    file: Path = typer.Argument(..., help="Text file to edit ('-' reads stdin)."),
+    model: Optional[Path] = MODEL,
+    span: Optional[list[str]] = typer.Option(None, "--span", help="START:END in characters (repeatable)."),
+    lines: Optional[list[str]] = typer.Option(None, "--lines", help="A-B, 1-based inclusive (repeatable)."),
+    mode: str = typer.Option("spans", "--mode", help="spans | auto | instruction"),
+    instruction: Optional[str] = typer.Option(None, "--instruction", "-i", help="What to do (instruction mode)."),
+    strength: float = typer.Option(0.5, "--strength", help="Fraction of the text re-noised (instruction mode)."),
+    remask_below: float = typer.Option(0.05, "--remask-below", help="Auto mode: re-mask tokens with p below this."),
+    neighbors: int = typer.Option(0, "--neighbors", help="Auto mode: also re-mask this many tokens either side."),
+    rounds: int = typer.Option(4, "--rounds", help="Auto mode: at most this many correction rounds."),
+    extra_tokens: Optional[int] = typer.Option(None, "--extra-tokens", help="Masks beyond a region's own size."),
+    length: str = typer.Option("absorb", "--length", help="absorb | search | fixed: how a region's length is chosen."),
+    diff: bool = typer.Option(False, "--diff", help="Print a unified diff instead of the edited text."),
+    in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
+    no_backup: bool = typer.Option(False, "--no-backup", help="With --in-place: do not keep FILE.bak."),
+    stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
+    block_length: int = typer.Option(32, "--block-length"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (fixed policy)."),
+    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
+    threshold: float = typer.Option(0.9, "--threshold", help="Confidence threshold of the threshold policy."),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+) -> None:
+    """Rewrite parts of a file in place: marked spans / lines, improbable tokens (auto), or by instruction.
+
+    Regions come from --span, --lines or <<< >>> markers in the file. Text outside them is kept byte for byte.
+    """
+    from unmask.edit import EditError, write_in_place
+
+    if in_place and str(file) == "-":
+        raise EditError("--in-place needs a file, not stdin")
+    text = _read(file)
+    opts = _options(block_length, steps, policy, threshold, temperature, seed)
+    pipe = load_pipeline(model, device, dtype)
+    result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
+                       threshold=remask_below, neighbors=neighbors, max_rounds=rounds, extra_tokens=extra_tokens,
+                       length=length, options=opts, on_step=_stream_printer() if stream else None)
+    if diff:
+        sys.stdout.write(result.diff(name=file.name if str(file) != "-" else "stdin"))
+    elif not in_place:
+        sys.stdout.write(result.text)
+    sys.stdout.flush()
+    if in_place:
+        bak = write_in_place(file, result.text, backup=not no_backup)
+        console.print(f"[dim]wrote {file}" + (f" (original in {bak})" if bak else "") + "[/dim]")
+    console.print(f"[dim]{len(result.spans)} region(s) · {result.steps} steps · NFE {result.nfe} · "
+                  f"{result.seconds:.2f} s" + (f" · {result.rounds} round(s)" if mode == "auto" else "") + "[/dim]")
+
+
+@app.command()
+def infill(
+    file: Optional[Path] = typer.Argument(None, help="File holding the marker where text goes ('-' = stdin)."),
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="Text before the gap (instead of FILE)."),
+    suffix: Optional[str] = typer.Option(None, "--suffix", help="Text after the gap (instead of FILE)."),
+    marker: str = typer.Option("<<<FILL>>>", "--marker", help="The gap's marker in FILE (exactly once)."),
+    model: Optional[Path] = MODEL,
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Longest middle the model may write."),
+    length: str = typer.Option("absorb", "--length", help="absorb | search | fixed"),
+    middle_only: bool = typer.Option(False, "--middle-only", help="Print only the text written into the gap."),
+    in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
+    no_backup: bool = typer.Option(False, "--no-backup"),
+    stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
+    block_length: int = typer.Option(32, "--block-length"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    policy: str = typer.Option("threshold", "--policy"),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+) -> None:
+    """Fill the gap between a prefix and a suffix; the model picks the length (up to --max-new-tokens)."""
+    from unmask.edit import EditError, write_in_place
+
+    if file is not None:
+        if prefix is not None or suffix is not None:
+            raise EditError("give FILE with a marker or --prefix/--suffix, not both")
+        text = _read(file)
+        if text.count(marker) != 1:
+            raise EditError(f"{file}: the marker {marker!r} must occur exactly once, found {text.count(marker)}")
+        prefix, suffix = text.split(marker)
+    elif prefix is None and suffix is None:
+        raise EditError("give FILE with a marker, or --prefix and/or --suffix")
+    if in_place and (file is None or str(file) == "-"):
+        raise EditError("--in-place needs FILE")
+    opts = _options(block_length, steps, policy, threshold, temperature, seed)
+    pipe = load_pipeline(model, device, dtype)
+    result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length, options=opts,
+                         on_step=_stream_printer() if stream else None)
+    if in_place:
+        bak = write_in_place(file, result.text, backup=not no_backup)
+        console.print(f"[dim]wrote {file}" + (f" (original in {bak})" if bak else "") + "[/dim]")
+    else:
+        sys.stdout.write(result.middle if middle_only else result.text)
+        sys.stdout.flush()
+    console.print(f"[dim]{result.lengths[0]} token budget · {result.steps} steps · NFE {result.nfe} · "
+                  f"{result.seconds:.2f} s[/dim]")
+
+
+@eval_app.command("infill")
+def eval_infill(
+    model: Path = typer.Argument(..., help="Diffusion model folder."),
+    ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Causal twin folder (given the prefix only)."),
+    data: str = typer.Option(..., "--data", help="Folder of held-out source files, or an importable package name."),
+    limit: int = typer.Option(50, "--limit", help="Number of masked lines."),
+    length: Optional[list[str]] = typer.Option(None, "--length",
+                                               help="Diffusion length modes to report: oracle absorb search "
+                                                    "(repeatable; default oracle + absorb)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Budget for the middle (absorb/search, AR)."),
+    context_lines: int = typer.Option(40, "--context-lines", help="Lines of prefix and of suffix kept."),
+    pattern: str = typer.Option("*.py", "--pattern", help="Files to read from a folder."),
+    seed: int = typer.Option(0, "--seed"),
+    block_length: int = typer.Option(32, "--block-length"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    policy: str = typer.Option("threshold", "--policy"),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+) -> None:
+    """Mask one random line of held-out code, infill it; exact match and token accuracy vs the AR twin."""
+    from unmask.eval.infill import infill_table, make_samples, run_infill_eval
+
+    opts = _options(block_length, steps, policy, threshold, 0.0, seed)
+    pipe = load_pipeline(model, device, dtype)
+    ar_pipe = load_pipeline(ar_model, device, dtype) if ar_model is not None else None
+    samples = make_samples(data, limit, seed=seed, context_lines=context_lines, pattern=pattern)
+    with console.status(f"infilling {len(samples)} lines …"):
+        rows = run_infill_eval(pipe, samples, ar_pipe=ar_pipe, lengths=length or ["oracle", "absorb"],
+                               max_new_tokens=max_new_tokens, options=opts)
+    out.print(infill_table(rows, title=f"infill: {len(samples)} masked lines from {data}"))

@@ -1,0 +1,365 @@
+"""Instant Edit and infilling: rewrite chosen regions of a text in place with a diffusion model.
+
+Three ways to choose what changes (`mode=`):
+  spans        the caller names the regions (character spans, line ranges, or <<< >>> markers); each is
+               re-masked with a length budget (fill.py) and denoised with the rest as context.
+  auto         self-correction: tokens the model finds improbable, p(x_i | rest) < threshold (probe.py),
+               plus `neighbors` tokens either side, are re-masked and denoised; repeated until nothing is
+               flagged, the text stops changing, or the round / step budget is spent.
+  instruction  the instruction is the prompt (chat template when the tokenizer has one), the original text
+               initialises the answer, a fraction `strength` of its tokens is re-masked (SDEdit for
+               text) and denoised, with room to grow (pad absorption).
+
+Text outside the regions is never changed, byte for byte: see canvas.py for how.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from unmask.decoding.events import StepEvent
+from unmask.decoding.options import DecodeOptions
+from unmask.decoding.result import GenerationResult
+from unmask.edit.canvas import Piece, encode_literal, encode_with_offsets, rebuild, split_pieces
+from unmask.edit.fill import FillOutput, StepRelay, default_extra, fill, geometric_lengths
+from unmask.edit.probe import token_probs
+from unmask.edit.spans import EditError, Span, check_spans, extract_markers, has_markers, line_span
+
+log = logging.getLogger(__name__)
+
+MODES = ("spans", "auto", "instruction")
+
+
+@dataclass
+class EditResult:
+    text: str  # the edited text
+    original: str  # the text the edit started from (markers removed)
+    spans: list[Span]  # regions of `original` that were rewritten
+    replacements: list[str]  # what each region became
+    mode: str = "spans"
+    nfe: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    rounds: int = 1  # auto mode: correction rounds run
+    lengths: list[int] = field(default_factory=list)  # token budget each region was given (last round)
+
+    @property
+    def changed(self) -> bool:
+        return self.text != self.original
+
+    @property
+    def middle(self) -> str:
+        """Infill: the text written between prefix and suffix."""
+        return "".join(self.replacements)
+
+    def diff(self, name: str = "text", context: int = 3) -> str:
+        return unified_diff(self.original, self.text, name, context)
+
+
+def unified_diff(before: str, after: str, name: str = "text", context: int = 3) -> str:
+    """A `patch`-compatible unified diff; line endings are kept as they are (CRLF shows as CRLF)."""
+    a, b = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    lines = []
+    for line in difflib.unified_diff(a, b, f"a/{name}", f"b/{name}", n=context):
+        if not line.endswith(("\n", "\r")):
+            line += "\n\\ No newline at end of file\n"
+        lines.append(line)
+    return "".join(lines)
+
+
+# --- choosing the regions ---------------------------------------------------------------------------
+
+def resolve_regions(text: str, spans: Iterable[Any] | None, lines: Iterable[Any] | None,
+                    markers: bool = True, required: bool = True) -> tuple[str, list[Span]]:
+    """(text without markers, sorted checked spans) from spans, line ranges and/or <<< >>> markers."""
+    spans = list(spans or [])
+    lines = list(lines or [])
+    if markers and has_markers(text):
+        if spans or lines:
+            raise EditError("give either <<< >>> markers in the text or spans/line ranges, not both")
+        text, found = extract_markers(text)
+        spans = found
+    if not text:
+        raise EditError("the text is empty: there is nothing to edit (use infill to write from nothing)")
+    spans = spans + [line_span(text, spec) for spec in lines]
+    if not spans:
+        if required:
+            raise EditError("no region to edit: give spans (START:END), line ranges (A-B) or <<< >>> markers")
+        return text, []
+    return text, check_spans(text, spans)
+
+
+def _changed_spans(before: str, after: str) -> tuple[list[Span], list[str]]:
+    """Regions of `before` that differ in `after`, and what they became (for auto mode's report)."""
+    sm = difflib.SequenceMatcher(None, before, after, autojunk=False)
+    spans, repl = [], []
+    for op, i1, i2, j1, j2 in sm.get_opcodes():
+        if op != "equal":
+            spans.append((i1, i2))
+            repl.append(after[j1:j2])
+    return spans, repl
+
+
+# --- the three modes --------------------------------------------------------------------------------
+
+def _check_model(pipe) -> None:
+    if pipe.config.attention == "causal":
+        raise EditError("edit and infill need a diffusion (bidirectional or block-causal) model; "
+                        "this is a causal AR model")
+
+
+def edit_text(
+    pipe,
+    text: str,
+    spans: Iterable[Any] | None = None,
+    lines: Iterable[Any] | None = None,
+    mode: str = "spans",
+    instruction: str | None = None,
+    strength: float = 0.5,
+    threshold: float = 0.05,
+    neighbors: int = 0,
+    max_fraction: float = 0.1,
+    max_rounds: int = 4,
+    max_steps: int | None = None,
+    probe_stride: int | None = None,
+    extra_tokens: int | None = None,
+    length: str = "absorb",
+    markers: bool = True,
+    options: DecodeOptions | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    request_id: str = "edit",
+    **overrides: Any,
+) -> EditResult:
+    """Edit `text` in place; see the module docstring for the modes.
+
+    spans/lines   regions (START:END characters / A-B 1-based lines, as strings or pairs); in auto mode they
+                  limit where corrections may happen; in instruction mode they limit what is re-noised
+    extra_tokens  masks beyond a region's own token count (spans/instruction; default: half again, ≥ 2;
+                  auto: 0, a typo fix keeps its token count)
+    length        absorb | search | fixed (fill.py)
+    options       DecodeOptions for the denoiser (block length, policy, steps, temperature, seed...);
+                  keyword overrides are applied on top
+    on_step       receives every StepEvent (step counted over the whole edit) and a final one with done=True
+    """
+    if mode not in MODES:
+        raise EditError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not isinstance(text, str):
+        raise EditError("edit needs a str")
+    _check_model(pipe)
+    options = pipe.options(options, **overrides)
+    relay = StepRelay(on_step, request_id)
+    t0 = time.perf_counter()
+    if mode == "spans":
+        text, regions = resolve_regions(text, spans, lines, markers)
+        result = _edit_spans(pipe, text, regions, options, relay, extra_tokens, length)
+    elif mode == "instruction":
+        if not instruction or not instruction.strip():
+            raise EditError("instruction mode needs an instruction")
+        if not 0.0 <= strength <= 1.0:
+            raise EditError(f"strength must be in [0, 1], got {strength}")
+        text, regions = resolve_regions(text, spans, lines, markers, required=False)
+        result = _edit_instruction(pipe, text, regions or [(0, len(text))], instruction, strength, options,
+                                   relay, extra_tokens)
+    else:
+        if not 0.0 < threshold < 1.0:
+            raise EditError(f"threshold must be in (0, 1), got {threshold}")
+        if max_rounds < 1:
+            raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
+        text, regions = resolve_regions(text, spans, lines, markers, required=False)
+        result = _edit_auto(pipe, text, regions or [(0, len(text))], threshold, neighbors, max_fraction,
+                            max_rounds, max_steps, probe_stride, extra_tokens or 0, length, options, relay)
+    result.seconds = time.perf_counter() - t0
+    if on_step is not None:
+        final = GenerationResult(tokens=encode_literal(pipe.tokenizer, "".join(result.replacements)),
+                                 text=result.text, nfe=result.nfe, steps=result.steps, seconds=result.seconds,
+                                 finish_reason="stop")
+        on_step(StepEvent(request_id, result.steps, [], 0, done=True, result=final))
+    return result
+
+
+def _mask_pieces(pipe, pieces: list[Piece], extra_tokens: int | None) -> list[Piece]:
+    """Give every editable piece a budget of masks: its own token count + extra."""
+    mask = pipe.config.mask_id
+    for p in pieces:
+        if p.editable:
+            n = len(encode_literal(pipe.tokenizer, p.text))
+            extra = default_extra(n) if extra_tokens is None else extra_tokens
+            p.init = [mask] * max(1, n + extra)
+    return pieces
+
+
+def _edit_spans(pipe, text, regions, options, relay, extra_tokens, length) -> EditResult:
+    pieces = _mask_pieces(pipe, split_pieces(text, regions), extra_tokens)
+    out = fill(pipe, pieces, options, relay=relay, length=length)
+    return _result(text, pieces, regions, out, "spans")
+
+
+def _result(text: str, pieces: list[Piece], regions: list[Span], out: FillOutput, mode: str) -> EditResult:
+    return EditResult(text=rebuild(pieces, out.texts), original=text, spans=list(regions),
+                      replacements=list(out.texts), mode=mode, nfe=out.nfe, steps=out.steps, lengths=out.lengths)
+
+
+def instruction_prompt(pipe, instruction: str) -> list[int]:
+    tok = pipe.tokenizer
+    if tok.chat_template:
+        return tok.encode(tok.apply_chat_template([{"role": "user", "content": instruction}]))
+    return tok.encode(instruction.rstrip("\n") + "\n\n")
+
+
+def _edit_instruction(pipe, text, regions, instruction, strength, options, relay, extra_tokens) -> EditResult:
+    c = pipe.config
+    gen = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
+    pieces = split_pieces(text, regions)
+    for p in pieces:
+        if p.editable:
+            ids = encode_literal(pipe.tokenizer, p.text)
+            # SDEdit for text: re-noise a `strength` fraction of the original tokens, add room to grow
+            k = round(strength * len(ids))
+            noised = list(ids)
+            for i in torch.randperm(len(ids), generator=gen)[:k].tolist():
+                noised[i] = c.mask_id
+            extra = default_extra(len(ids)) if extra_tokens is None else extra_tokens
+            p.init = noised + [c.mask_id] * extra
+            if c.mask_id not in p.init:  # strength 0 and no room: nothing to denoise, keep one slot open
+                p.init.append(c.mask_id)
+    out = fill(pipe, pieces, options, prompt_ids=instruction_prompt(pipe, instruction), relay=relay,
+               length="absorb")
+    return _result(text, pieces, regions, out, "instruction")
+
+
+def flag_improbable(probs: torch.Tensor, allowed: torch.Tensor, threshold: float, neighbors: int,
+                    max_fraction: float) -> torch.Tensor:
+    """Tokens to re-mask: p < threshold among `allowed`, at most max_fraction of them (lowest first),
+    widened by `neighbors` tokens either side (still within `allowed`)."""
+    L = probs.shape[0]
+    cand = (probs < threshold) & allowed
+    cap = max(1, int(max_fraction * int(allowed.sum())))
+    if int(cand.sum()) > cap:
+        keep = torch.topk(torch.where(cand, -probs, torch.full_like(probs, -math.inf)), cap).indices
+        cand = torch.zeros(L, dtype=torch.bool)
+        cand[keep] = True
+    flagged = cand.clone()
+    for d in range(1, neighbors + 1):
+        flagged[d:] |= cand[:-d]
+        flagged[:-d] |= cand[d:]
+    return flagged & allowed
+
+
+def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_rounds, max_steps, probe_stride,
+               extra_tokens, length, options, relay) -> EditResult:
+    # `outer` keeps the caller's regions apart from the context for the whole loop: each round edits
+    # inside the editable pieces only, so the context stays the original characters.
+    outer = split_pieces(text, regions)
+    nfe = steps = rounds = 0
+    lengths: list[int] = []
+    for rounds in range(1, max_rounds + 1):
+        current = "".join(p.text for p in outer)
+        ids, offsets = encode_with_offsets(pipe.tokenizer, current)
+        if not ids:
+            break
+        # a token may be corrected only if it lies entirely inside an editable piece
+        allowed = torch.zeros(len(ids), dtype=torch.bool)
+        bounds, pos = [], 0
+        for p in outer:
+            if p.editable:
+                bounds.append((pos, pos + len(p.text)))
+            pos += len(p.text)
+        for i, (s, e) in enumerate(offsets):
+            allowed[i] = any(bs <= s and e <= be for bs, be in bounds)
+        probs, passes = token_probs(pipe.model, ids, stride=probe_stride)
+        nfe += passes
+        flagged = flag_improbable(probs, allowed, threshold, neighbors, max_fraction)
+        if not bool(flagged.any()):
+            log.debug("auto edit: nothing below p=%s after %d round(s)", threshold, rounds - 1)
+            rounds -= 1
+            break
+        # flagged tokens -> character spans of `current`, then sub-pieces inside each editable piece
+        spans: list[Span] = []
+        for i in flagged.nonzero().flatten().tolist():
+            s, e = offsets[i]
+            if spans and s <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
+            else:
+                spans.append((s, e))
+        inner: list[Piece] = []  # context pieces and the flagged regions, in text order
+        owners: list[int] = []  # for each inner piece: index of the outer piece it belongs to
+        pos = 0
+        for k, p in enumerate(outer):
+            lo, hi = pos, pos + len(p.text)
+            pos = hi
+            if not p.editable:
+                inner.append(Piece(p.text))
+                owners.append(k)
+                continue
+            mine = [(max(s, lo) - lo, min(e, hi) - lo) for s, e in spans if s < hi and e > lo]
+            for q in split_pieces(p.text, mine):
+                inner.append(q)
+                owners.append(k)
+        before = current
+        inner = _mask_pieces(pipe, inner, extra_tokens)
+        out = fill(pipe, inner, options, relay=relay, length=length)
+        nfe += out.nfe
+        steps += out.steps
+        lengths = out.lengths
+        new_texts = iter(out.texts)
+        rebuilt = ["" for _ in outer]
+        for q, k in zip(inner, owners):
+            rebuilt[k] += next(new_texts) if q.editable else q.text
+        outer = [Piece(r, p.editable) for r, p in zip(rebuilt, outer)]
+        after = "".join(p.text for p in outer)
+        if after == before or (max_steps is not None and steps >= max_steps):
+            break
+    final = "".join(p.text for p in outer)
+    changed, repl = _changed_spans(text, final)
+    return EditResult(text=final, original=text, spans=changed, replacements=repl, mode="auto", nfe=nfe,
+                      steps=steps, rounds=rounds, lengths=lengths)
+
+
+# --- infill -----------------------------------------------------------------------------------------
+
+def infill_text(
+    pipe,
+    prefix: str,
+    suffix: str,
+    max_new_tokens: int = 64,
+    length: str = "absorb",
+    options: DecodeOptions | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
+    request_id: str = "infill",
+    search_lengths: Sequence[int] | None = None,
+    **overrides: Any,
+) -> EditResult:
+    """Write the middle between `prefix` and `suffix`; its length is the model's choice, at most
+    `max_new_tokens` (absorb: EOS/pad inside the budget are dropped; search: geometric candidates up to
+    the budget scored by the ELBO; fixed: exactly max_new_tokens). `result.middle` is the new text,
+    `result.text` the whole text."""
+    _check_model(pipe)
+    if max_new_tokens < 1:
+        raise EditError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    options = pipe.options(options, **overrides)
+    relay = StepRelay(on_step, request_id)
+    t0 = time.perf_counter()
+    text = prefix + suffix
+    pieces = ([Piece(prefix)] if prefix else []) + [Piece("", True, [pipe.config.mask_id] * max_new_tokens)]
+    pieces += [Piece(suffix)] if suffix else []
+    candidates = None
+    if length == "search":
+        candidates = [[n] for n in (search_lengths or geometric_lengths(max_new_tokens)) if 1 <= n <= max_new_tokens]
+        if not candidates:
+            raise EditError(f"no search length within 1..{max_new_tokens}")
+    out = fill(pipe, pieces, options, relay=relay, length=length, candidates=candidates)
+    result = _result(text, pieces, [(len(prefix), len(prefix))], out, "infill")
+    result.seconds = time.perf_counter() - t0
+    if on_step is not None:
+        final = GenerationResult(tokens=out.tokens[0], text=result.middle, nfe=result.nfe, steps=result.steps,
+                                 seconds=result.seconds, finish_reason="stop")
+        on_step(StepEvent(request_id, result.steps, out.canvas, len(out.canvas), done=True, result=final))
+    return result

@@ -1,0 +1,180 @@
+"""Fill the editable pieces of a text with `denoise`, choosing how long each one becomes.
+
+Length, the part an AR model cannot do in place, is chosen one of two ways (`length=`):
+
+absorb  (default) each region gets a budget of masks larger than what it replaces; the model may write
+        EOS/pad tokens inside it, and those are dropped ("pad absorption"). One denoising run. Works when
+        the model has learned to emit EOS/pad for "nothing here" (SFT-style training with EOS padding,
+        REFERENCE.md §1); a model that never does fills the whole budget.
+search  a few candidate lengths per region (a scale of the original token count, or a geometric grid up
+        to the budget for pure insertions); each candidate is filled with EOS/pad forbidden and scored by
+        the ELBO of everything from the first region to the end given the text before it
+        (probe.continuation_nll); the lowest wins. Costs one denoising run + one batched scoring pass per
+        candidate, but does not rely on the model knowing EOS.
+fixed   exactly the budget, EOS/pad forbidden (the "oracle length" of infill benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from unmask.decoding.denoise import denoise
+from unmask.decoding.events import StepEvent
+from unmask.decoding.options import DecodeOptions
+from unmask.edit.canvas import Canvas, Piece, build_canvas, region_tokens
+from unmask.edit.probe import continuation_nll
+from unmask.edit.spans import EditError
+
+LENGTH_MODES = ("absorb", "search", "fixed")
+SEARCH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+@contextlib.contextmanager
+def banned_tokens(model: torch.nn.Module, ids: set[int]) -> Iterator[None]:
+    """Forbid token ids while decoding, by setting their logits to -inf at the output head.
+
+    A forward hook rather than a sampler argument, so it applies to whatever path the engine takes
+    (full pass, cached block, compiled step). The mask id must never be *written*: the fill loop would
+    never end, and a random or lightly trained model can put it on top.
+    """
+    if not ids:
+        yield
+        return
+    index = torch.tensor(sorted(ids), device=model.output.weight.device)
+
+    def hook(module, args, output):
+        return output.index_fill(-1, index, float("-inf"))
+
+    handle = model.output.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class StepRelay:
+    """Passes denoise's StepEvents on with a running step count (several runs make one edit)."""
+
+    def __init__(self, on_step: Callable[[StepEvent], None] | None, request_id: str):
+        self.on_step = on_step
+        self.request_id = request_id
+        self.steps = 0
+
+    def __call__(self, event: StepEvent) -> None:
+        # an edit may run several fills (rounds, length candidates): only the edit's own final event is done
+        if self.on_step is not None:
+            self.on_step(dataclasses.replace(event, request_id=self.request_id, step=self.steps + event.step,
+                                             done=False, result=None))
+
+
+@dataclass
+class FillOutput:
+    texts: list[str]  # new text of each editable piece
+    tokens: list[list[int]]  # the tokens behind them (EOS/pad dropped)
+    canvas: list[int] = field(default_factory=list)  # the last filled canvas
+    nfe: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    lengths: list[int] = field(default_factory=list)  # mask budget each region was given (chosen one for search)
+
+
+def special_ids(pipe) -> set[int]:
+    tok, c = pipe.tokenizer, pipe.config
+    ids = set(tok.special.values()) | {c.mask_id, c.eos_id, c.pad_id, tok.mask_id, tok.eos_id, tok.pad_id}
+    if c.bos_id is not None:
+        ids.add(c.bos_id)
+    return {i for i in ids if i is not None and 0 <= i < c.vocab_size}
+
+
+def _run(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids, relay: StepRelay, allow_eos: bool,
+         out: FillOutput) -> tuple[Canvas, list[int]]:
+    c = pipe.config
+    canvas = build_canvas(pipe.tokenizer, pieces, c.max_seq_len, prompt_ids)
+    absorbed = {c.eos_id, c.pad_id}
+    banned = special_ids(pipe) - (absorbed if allow_eos else set())
+    with banned_tokens(pipe.model, banned):
+        res = denoise(pipe.model, canvas.ids, options, on_step=relay, request_id=relay.request_id)
+    relay.steps += res.steps
+    out.nfe += res.nfe
+    out.steps += res.steps
+    out.seconds += res.seconds
+    return canvas, res.canvas
+
+
+def fill(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids: list[int] | None = None,
+         on_step: Callable[[StepEvent], None] | None = None, request_id: str = "edit", length: str = "absorb",
+         candidates: list[list[int]] | None = None, relay: StepRelay | None = None,
+         search_n_samples: int = 8) -> FillOutput:
+    """Denoise the masks of the editable pieces (their `init`) with everything else as context.
+
+    candidates  for length="search": mask counts to try, one list per candidate with one count per
+                editable piece; default: every piece's budget scaled by SEARCH_SCALES together.
+    """
+    if length not in LENGTH_MODES:
+        raise EditError(f"length must be one of {', '.join(LENGTH_MODES)}, got {length!r}")
+    relay = relay or StepRelay(on_step, request_id)
+    c = pipe.config
+    drop = {c.eos_id, c.pad_id}
+    out = FillOutput(texts=[], tokens=[])
+    if length == "search":
+        best = None
+        for cand in _search_pieces(pieces, candidates, c.mask_id):
+            canvas, filled = _run(pipe, cand, options, prompt_ids, relay, False, out)
+            score = continuation_nll(pipe.model, filled, canvas.regions[0][0], n_samples=search_n_samples,
+                                     seed=options.seed or 0)
+            out.nfe += 1
+            if best is None or score < best[0]:
+                best = (score, canvas, filled)
+        _, canvas, filled = best
+    else:
+        canvas, filled = _run(pipe, pieces, options, prompt_ids, relay, length == "absorb", out)
+    out.canvas = filled
+    out.tokens = region_tokens(canvas, filled, drop)
+    out.texts = [pipe.tokenizer.decode(t) for t in out.tokens]
+    out.lengths = [e - s for s, e in canvas.regions]
+    return out
+
+
+def _search_pieces(pieces: list[Piece], candidates: list[list[int]] | None, mask_id: int) -> list[list[Piece]]:
+    """One copy of `pieces` per candidate, each editable piece made of that many masks.
+
+    Pieces whose init keeps original tokens (instruction mode) are not resizable: search needs masks only.
+    """
+    editable = [p for p in pieces if p.editable]
+    if not editable:
+        raise EditError("nothing to fill")
+    if any(t != mask_id for p in editable for t in p.init):
+        raise EditError("length search needs fully masked regions (spans or infill mode)")
+    if candidates is None:
+        candidates = [[max(1, round(len(p.init) * s)) for p in editable] for s in SEARCH_SCALES]
+    out, seen = [], set()
+    for cand in candidates:
+        if len(cand) != len(editable):
+            raise EditError(f"a length candidate needs {len(editable)} counts, got {len(cand)}")
+        if tuple(cand) in seen:
+            continue
+        seen.add(tuple(cand))
+        it = iter(cand)
+        out.append([Piece(p.text, True, [mask_id] * next(it)) if p.editable else p for p in pieces])
+    return out
+
+
+def geometric_lengths(max_len: int, ratio: float = 1.5) -> list[int]:
+    """1, 2, 3, 5, 7, ... up to max_len (inclusive): length candidates for a pure insertion."""
+    out, x = [], 1.0
+    while round(x) < max_len:
+        if not out or round(x) != out[-1]:
+            out.append(round(x))
+        x *= ratio
+    return out + [max_len]
+
+
+def default_extra(n: int) -> int:
+    """Extra masks an absorbing region gets beyond the n tokens it replaces: room to grow by half."""
+    return max(2, math.ceil(n / 2))
