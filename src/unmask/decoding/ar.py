@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
+from unmask.decoding.events import StepEvent
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.sampling import sample_tokens
 from unmask.model.transformer import Transformer
@@ -21,7 +23,9 @@ def ar_generate(
     top_p: float | None = None,
     seed: int | None = None,
     stop_at_eos: bool = True,
+    on_step: Callable[[StepEvent], None] | None = None,
 ) -> GenerationResult:
+    """Greedy/sampled AR decoding. `on_step` gets one StepEvent per new token (the final one done=True)."""
     c = model.config
     if c.attention != "causal":
         raise ValueError(f"AR decoding needs a causal model, this one is {c.attention}")
@@ -44,10 +48,15 @@ def ar_generate(
             finish = "eos"
             break
         out.append(t)
+        if on_step is not None and len(out) < max_new_tokens:
+            on_step(StepEvent("0", len(out), list(out), len(out), changed=[len(out) - 1]))
         if len(out) == max_new_tokens:
             break
         logits = model(tok.view(1, 1), cache=cache, cache_start=pos)
         pos += 1
         nfe += 1
-    return GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=time.perf_counter() - t0,
-                            finish_reason=finish, prompt_tokens=len(prompt_ids))
+    result = GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=time.perf_counter() - t0,
+                              finish_reason=finish, prompt_tokens=len(prompt_ids))
+    if on_step is not None:
+        on_step(StepEvent("0", len(out), list(out), len(out), done=True, result=result))
+    return result

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from unmask.decoding.ar import ar_generate
+from unmask.decoding.engine import Engine
+from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
-from unmask.decoding.reference import reference_result
 from unmask.decoding.result import GenerationResult
 
 if TYPE_CHECKING:
@@ -26,24 +27,16 @@ def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 
 
 def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions,
-                  on_step: Callable | None = None) -> GenerationResult:
+                  on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+    """Diffusion models decode with the engine (streaming StepEvents to `on_step`); causal twins with AR."""
     ids = pipe.encode(prompt) if isinstance(prompt, str) else list(prompt)
     c = pipe.config
     check_context(len(ids), options.max_new_tokens, c.max_seq_len)
     if c.attention == "causal":
         result = ar_generate(pipe.model, ids, options.max_new_tokens, options.temperature, options.top_k,
-                             options.top_p, options.seed)
+                             options.top_p, options.seed, on_step=on_step)
     else:
-        # round the canvas up to whole blocks; the result is cut at EOS / max_new_tokens afterwards
-        block = min(options.block_length, options.max_new_tokens)
-        gen_length = -(-options.max_new_tokens // block) * block
-        n_blocks = gen_length // block
-        steps = options.steps or gen_length
-        steps = max(n_blocks, steps - steps % n_blocks)
-        result = reference_result(pipe.model, ids, gen_length=gen_length, block_length=block, steps=steps,
-                                  temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                                  seed=options.seed)
-        result.tokens = result.tokens[: options.max_new_tokens]
+        result = Engine(pipe.model, max_batch=1).generate(ids, options, on_step=on_step)
     result.text = pipe.tokenizer.decode(result.tokens)
     if options.stop:
         result.text, stopped = apply_stop(result.text, options.stop)

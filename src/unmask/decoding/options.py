@@ -53,6 +53,9 @@ class DecodeOptions:
         need(self.cache in ("none", "prefix", "dual"), f"cache must be none, prefix or dual, got {self.cache!r}")
         need(self.confidence in ("prob", "margin", "entropy", "random"), f"unknown confidence {self.confidence!r}")
         need(self.max_correction_steps >= 0, "max_correction_steps must be >= 0")
+        need(self.policy in ("fixed", "threshold", "factor"), f"policy must be fixed, threshold or factor, got {self.policy!r}")
+        need(self.factor > 0, f"factor must be > 0, got {self.factor}")
+        need(self.cache_refresh >= 0, f"cache_refresh must be >= 0, got {self.cache_refresh}")
 
     def replace(self, **changes: Any) -> "DecodeOptions":
         return dataclasses.replace(self, **changes)

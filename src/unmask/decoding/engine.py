@@ -1,0 +1,405 @@
+"""The decoding engine: a request queue, a batch of active requests, one denoising step at a time.
+
+Contract: the engine works on token ids and knows nothing about text. A request is a *canvas* — prompt,
+masks, optional suffix (or masks anywhere, for edits) — and is decoded block by block: each block is up
+to `block_length` consecutive masked positions (for block_causal models, never crossing a model block, so
+the cache of finished blocks is exact). Every `step()` admits waiting requests into free batch rows, runs
+one forward pass for all active requests together, lets each request's policy commit tokens, and returns
+one StepEvent per active request. Requests finish on their own (all blocks done, or EOS early stop).
+
+Per step and request, in order:
+  1. forward   refresh (whole canvas, rewrites the row's K/V) at a block's first step, every
+               `cache_refresh` steps, or always with cache="none"; otherwise only the block's window
+               against the cached rest (cache.py explains the layout)
+  2. sample    tokens + confidence for the block's positions (temperature / top-k / top-p, seeded)
+  3. correct   (self_correct, after the block's masks are filled) rewrite confident changes, re-mask
+               improbable tokens; at most `max_correction_steps` such steps per block
+  4. commit    the policy picks which masked positions take their proposed token
+  5. report    one host sync per request: the canvas comes back for the event and the bookkeeping
+
+Batched greedy decoding gives the same tokens as decoding each request alone: every row keeps its own
+natural-order positions, its own refresh schedule and its own random generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from unmask.decoding.cache import CacheView, attention_mask, grow_cache
+from unmask.decoding.events import StepEvent
+from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.policies import Policy, confidence, make_policy
+from unmask.decoding.result import GenerationResult
+from unmask.decoding.sampling import filter_logits, sample_tokens
+from unmask.errors import UnmaskError
+from unmask.model.config import ModelConfig
+from unmask.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(UnmaskError):
+    """The engine's waiting queue is at max_queue (the server answers 429)."""
+
+
+def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfig) -> list[list[int]]:
+    """Split masked positions into blocks of at most `block_length` consecutive masked positions.
+    For block_causal models a block never crosses a model block boundary."""
+    blocks: list[list[int]] = []
+    for p in mask_positions:
+        cur = blocks[-1] if blocks else None
+        same_model_block = config.attention != "block_causal" or (cur and cur[0] // config.block_size == p // config.block_size)
+        if cur is not None and len(cur) < block_length and same_model_block:
+            cur.append(p)
+        else:
+            blocks.append([p])
+    return blocks
+
+
+@dataclass
+class Request:
+    """One request's canvas and progress. Engine-internal; callers see StepEvents and GenerationResults."""
+
+    id: str
+    options: DecodeOptions
+    x: torch.Tensor  # [n] canvas on the model's device
+    region: tuple[int, int]  # what events and the result report: x[lo:hi]
+    generated: torch.Tensor  # [n] bool: positions that started masked (only these may be corrected)
+    blocks: list[list[int]]
+    tail_start: int | None  # first position of a masked run reaching the canvas end (early stop applies there)
+    cut_at_eos: bool  # generation: the result ends at the first EOS
+    prompt_tokens: int
+    policy: Policy
+    generator: torch.Generator | None
+    steps_budget: int  # per block, for the fixed policy
+    row: int = -1
+    block: int = 0
+    block_step: int = 0
+    correcting: int = -1  # -1 while filling masks; then the number of correction steps taken
+    steps: int = 0
+    nfe: int = 0
+    steps_per_block: list[int] = field(default_factory=list)
+    t0: float = 0.0
+    stopped_at_eos: bool = False
+    host: list[int] = field(default_factory=list)  # host copy of x after the last step
+    # per-block device tensors, set by Engine._enter_block
+    pos: torch.Tensor | None = None  # the block's positions
+    src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
+    window: tuple[int, int] = (0, 0)  # slots a window step recomputes
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+    def needs_refresh(self) -> bool:
+        o = self.options
+        return o.cache == "none" or self.block_step == 0 or (o.cache_refresh > 0 and self.block_step % o.cache_refresh == 0)
+
+
+class Engine:
+    """Batched, cached masked-diffusion decoding with a request queue.
+
+    model       a Transformer (bidirectional or block_causal; causal twins decode with decoding/ar.py)
+    max_batch   requests decoded together in one forward pass
+    max_queue   waiting requests beyond which submit() raises QueueFull
+    compile     torch.compile the forward passes (True, or a torch.compile mode such as "reduce-overhead");
+                shapes stay static within a block, so CUDA graphs are reused across its steps
+    """
+
+    def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False):
+        if model.config.attention == "causal":
+            raise OptionsError("the diffusion engine needs a bidirectional or block_causal model; "
+                               "causal models decode with ar_generate")
+        if max_batch < 1 or max_queue < 0:
+            raise OptionsError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        self.model = model
+        self.config = model.config
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.device = model.output.weight.device
+        self.cache = None
+        self._waiting: deque[Request] = deque()
+        self._active: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._memo: dict[str, tuple] = {}
+        self._forward: Callable = model
+        if compile:
+            mode = compile if isinstance(compile, str) else None
+            self._forward = torch.compile(model, mode=mode, dynamic=False)
+
+    # ---- queue API -------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
+               suffix_ids: list[int] | None = None) -> str:
+        """Queue a generation: canvas = prompt + max_new_tokens masks (+ suffix: infilling)."""
+        prompt_ids, suffix_ids = list(prompt_ids), list(suffix_ids or [])
+        if self.config.mask_id in prompt_ids or self.config.mask_id in suffix_ids:
+            raise OptionsError("prompt and suffix must not contain the mask token")
+        canvas = prompt_ids + [self.config.mask_id] * options.max_new_tokens + suffix_ids
+        lo = len(prompt_ids)
+        return self.submit_canvas(canvas, options, request_id, region=(lo, lo + options.max_new_tokens),
+                                  cut_at_eos=True)
+
+    def submit_canvas(self, canvas: list[int], options: DecodeOptions, request_id: str | None = None,
+                      region: tuple[int, int] | None = None, cut_at_eos: bool = False) -> str:
+        """Queue any canvas: every mask is filled, everything else is context. Events and the result
+        report canvas[region] (default: the whole canvas)."""
+        c = self.config
+        if len(self._waiting) >= self.max_queue:
+            raise QueueFull(f"queue full: {len(self._waiting)} requests waiting (max_queue {self.max_queue})")
+        if not canvas:
+            raise OptionsError("empty canvas: nothing to decode")
+        if len(canvas) > c.max_seq_len:
+            raise OptionsError(f"canvas of {len(canvas)} tokens exceeds the model context of {c.max_seq_len} tokens")
+        if min(canvas) < 0 or max(canvas) >= c.vocab_size:
+            raise OptionsError(f"token ids must be in [0, {c.vocab_size})")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._active or any(r.id == request_id for r in self._waiting):
+            raise OptionsError(f"request id {request_id!r} is already in use")
+        masks = [i for i, t in enumerate(canvas) if t == c.mask_id]
+        blocks = plan_blocks(masks, options.block_length, c)
+        tail_start = None
+        if masks and masks[-1] == len(canvas) - 1:
+            tail_start = masks[-1]
+            while tail_start - 1 >= 0 and canvas[tail_start - 1] == c.mask_id:
+                tail_start -= 1
+        total_steps = options.steps or len(masks)
+        x = torch.tensor(canvas, device=self.device)
+        req = Request(
+            id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
+            blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos,
+            prompt_tokens=(region or (0, 0))[0], policy=make_policy(options),
+            generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
+            steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
+        )
+        self._waiting.append(req)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request, queued or active. Unknown ids (already finished) are ignored."""
+        self._active.pop(request_id, None)
+        self._waiting = deque(r for r in self._waiting if r.id != request_id)
+
+    # ---- convenience: one request, run to completion -----------------------------------------------------
+    def stream(self, prompt_ids: list[int], options: DecodeOptions,
+               suffix_ids: list[int] | None = None) -> Iterator[StepEvent]:
+        """Submit one generation and yield its StepEvents until the final one (done=True)."""
+        rid = self.submit(prompt_ids, options, suffix_ids=suffix_ids)
+        yield from self.run(rid)
+
+    def generate(self, prompt_ids: list[int], options: DecodeOptions, on_step: Callable[[StepEvent], None] | None = None,
+                 suffix_ids: list[int] | None = None) -> GenerationResult:
+        event = None
+        for event in self.stream(prompt_ids, options, suffix_ids):
+            if on_step is not None:
+                on_step(event)
+        return event.result
+
+    def run(self, request_id: str) -> Iterator[StepEvent]:
+        """Step the engine until `request_id` is done, yielding its events (other requests advance too)."""
+        while True:
+            for ev in self.step():
+                if ev.request_id == request_id:
+                    yield ev
+                    if ev.done:
+                        return
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        self._admit()
+        events = []
+        for r in [r for r in self._active.values() if not r.blocks]:  # nothing masked: done at once
+            events.append(self._finish(r))
+        reqs = sorted(self._active.values(), key=lambda r: r.row)
+        if not reqs:
+            return events
+        C = max(r.n for r in reqs)
+        self.cache = grow_cache(self.model, self.cache, self.max_batch, C + 1)  # +1: scratch slot for padding
+        refresh = [r for r in reqs if r.needs_refresh()]
+        window = [r for r in reqs if not r.needs_refresh()]
+        hidden: dict[str, torch.Tensor] = {}
+        if refresh:
+            hidden.update(self._refresh_forward(refresh, C))
+        if window:
+            hidden.update(self._window_forward(window, C))
+        h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
+        logits = self.model.output(h)
+        for i, r in enumerate(reqs):
+            r.nfe += 1
+            events.append(self._advance(r, logits[i, : r.pos.numel()]))
+        return events
+
+    def _admit(self) -> None:
+        free = sorted(set(range(self.max_batch)) - {r.row for r in self._active.values()})
+        while self._waiting and free:
+            r = self._waiting.popleft()
+            r.row, r.t0 = free.pop(0), time.perf_counter()
+            self._active[r.id] = r
+            if r.blocks:
+                self._enter_block(r)
+
+    def _enter_block(self, r: Request) -> None:
+        c, blk = self.config, r.blocks[r.block]
+        shift = 1 if c.logits_shift else 0
+        r.pos = torch.tensor(blk, device=self.device)
+        r.src = (r.pos - shift).clamp_min(0)
+        lo, hi = blk[0], blk[-1] + 1
+        start = max(lo - shift, 0)  # logits_shift: the block's first logit is the output of the slot before
+        if c.attention == "block_causal":  # the block's model block is bidirectional inside: recompute all of it
+            start = min(start, lo // c.block_size * c.block_size)
+        r.window = (start, r.n if r.options.cache == "prefix" else hi)
+        r.block_step, r.correcting = 0, -1
+        r.policy.start_block(len(blk), r.steps_budget)
+
+    def _rows(self, reqs: list[Request]) -> slice | torch.Tensor:
+        rows = [r.row for r in reqs]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.device)
+
+    def _refresh_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
+        key = ("refresh", C, tuple((r.row, r.n) for r in reqs))
+        if self._memo.get("refresh", (None,))[0] != key:
+            lengths = [r.n for r in reqs]
+            positions = torch.arange(C, device=self.device).expand(len(reqs), -1)
+            q_real = positions < torch.tensor(lengths, device=self.device)[:, None]
+            self._memo["refresh"] = (key, positions, attention_mask(self.config, positions, q_real, lengths, C))
+        _, positions, mask = self._memo["refresh"]
+        if len(reqs) == 1 and reqs[0].n == C:
+            tokens = reqs[0].x[None]
+        else:
+            tokens = torch.stack([F.pad(r.x, (0, C - r.n), value=self.config.pad_id) for r in reqs])
+        view = CacheView(self.cache, self._rows(reqs), None, C)
+        h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
+                          return_hidden=True)
+        return {r.id: h[i, r.src] for i, r in enumerate(reqs)}
+
+    def _window_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
+        key = ("window", C, tuple((r.row, r.n, r.window) for r in reqs))
+        if self._memo.get("window", (None,))[0] != key:
+            W = max(e - s for s, e in (r.window for r in reqs))
+            slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
+            positions = torch.zeros((len(reqs), W), dtype=torch.long, device=self.device)
+            for i, r in enumerate(reqs):
+                s, e = r.window
+                slots[i, : e - s] = positions[i, : e - s] = torch.arange(s, e, device=self.device)
+            q_real = slots < C
+            mask = attention_mask(self.config, positions, q_real, [r.n for r in reqs], C)
+            self._memo["window"] = (key, W, positions, slots, mask)
+        _, W, positions, slots, mask = self._memo["window"]
+        if len(reqs) == 1:
+            s, e = reqs[0].window
+            tokens = reqs[0].x[None, s:e]
+        else:
+            tokens = torch.stack([F.pad(r.x[slice(*r.window)], (0, W - (r.window[1] - r.window[0])),
+                                        value=self.config.pad_id) for r in reqs])
+        view = CacheView(self.cache, self._rows(reqs), slots, C)
+        h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
+                          return_hidden=True)
+        return {r.id: h[i, r.src - r.window[0]] for i, r in enumerate(reqs)}
+
+    def _advance(self, r: Request, logits: torch.Tensor) -> StepEvent:
+        """Sample, correct, commit for one request's block; then bookkeeping on the host copy."""
+        o, c = r.options, self.config
+        cur = r.x[r.pos]
+        masked = cur == c.mask_id
+        tokens, conf = sample_tokens(logits, o.temperature, o.top_k, o.top_p, r.generator)
+        probs = None
+        if o.confidence != "prob" or r.correcting >= 0:
+            probs = filter_logits(logits.double(), o.top_k, o.top_p).softmax(-1)
+        if o.confidence != "prob":
+            conf = confidence(o.confidence, probs, tokens, r.generator)
+        new = cur
+        last_correction = False
+        if r.correcting >= 0:
+            last_correction = r.correcting + 1 >= o.max_correction_steps
+            new = self._correct(r, cur, probs, allow_remask=not last_correction)
+        if last_correction:
+            commit = masked  # the bound: whatever is still masked is committed now
+        else:
+            commit = r.policy.select(conf, masked, r.block_step)
+        new = torch.where(commit, tokens, new)
+        r.x[r.pos] = new
+        r.steps += 1
+        r.block_step += 1
+        if r.correcting >= 0:
+            r.correcting += 1
+
+        # one host sync per request and step
+        before, row = r.host, r.x.tolist()
+        r.host = row
+        blk = r.blocks[r.block]
+        changed = [p for p in blk if row[p] != before[p]]
+        left = sum(row[p] == c.mask_id for p in blk)
+        block_done = False
+        if left == 0:
+            if r.correcting < 0 and o.self_correct and o.max_correction_steps > 0:
+                r.correcting = 0  # masks filled: start the bounded correction post-steps
+            elif r.correcting < 0 or not changed or r.correcting >= o.max_correction_steps:
+                block_done = True
+        if block_done:
+            r.steps_per_block.append(r.block_step)
+            eos_in_tail = r.tail_start is not None and any(row[p] == c.eos_id for p in blk if p >= r.tail_start)
+            if o.early_stop and eos_in_tail and r.block + 1 < len(r.blocks):
+                rest = [p for b in r.blocks[r.block + 1 :] for p in b]
+                r.x[torch.tensor(rest, device=self.device)] = c.eos_id
+                for p in rest:
+                    row[p] = c.eos_id
+                r.stopped_at_eos = True
+                return self._finish(r, changed)
+            r.block += 1
+            if r.block == len(r.blocks):
+                return self._finish(r, changed)
+            self._enter_block(r)
+        lo, hi = r.region
+        return StepEvent(r.id, r.steps, row[lo:hi], sum(t != c.mask_id for t in row[lo:hi]),
+                         changed=[p - lo for p in changed if lo <= p < hi])
+
+    def _correct(self, r: Request, cur: torch.Tensor, probs: torch.Tensor, allow_remask: bool) -> torch.Tensor:
+        """Self-correction on the block's generated tokens: rewrite where the model now prefers another
+        token with probability >= rewrite_above; re-mask where the current token's probability < remask_below."""
+        o, c = r.options, self.config
+        committed = r.generated[r.pos] & (cur != c.mask_id)
+        p_best, best = probs.max(-1)
+        p_cur = probs.gather(-1, cur.clamp(0, probs.shape[-1] - 1)[:, None]).squeeze(-1)
+        rewrite = committed & (best != cur) & (p_best >= o.rewrite_above)
+        new = torch.where(rewrite, best, cur)
+        if allow_remask:
+            remask = committed & ~rewrite & (p_cur < o.remask_below)
+            new = torch.where(remask, torch.full_like(new, c.mask_id), new)
+        return new
+
+    def _finish(self, r: Request, changed: list[int] | None = None) -> StepEvent:
+        self._active.pop(r.id, None)
+        c = self.config
+        lo, hi = r.region
+        region = r.host[lo:hi] if r.host else r.x[lo:hi].tolist()
+        tokens, finish = region, "length"
+        if r.cut_at_eos and c.eos_id in region:
+            tokens, finish = region[: region.index(c.eos_id)], "eos"
+        elif r.stopped_at_eos:
+            finish = "eos"
+        result = GenerationResult(tokens=tokens, nfe=r.nfe, steps=r.steps, steps_per_block=list(r.steps_per_block),
+                                  seconds=time.perf_counter() - r.t0, finish_reason=finish,
+                                  prompt_tokens=r.prompt_tokens)
+        return StepEvent(r.id, r.steps, region, sum(t != c.mask_id for t in region), done=True, result=result,
+                         changed=[p - lo for p in (changed or []) if lo <= p < hi])

@@ -1,0 +1,117 @@
+"""Unmasking policies: which masked positions of the current block to commit at a step (REFERENCE.md §2).
+
+A policy sees one block of one request: the confidence of each position's proposed token and which positions
+are still masked. It returns a boolean commit mask. Policies never sync with the host (no `.item()`): the
+number of tokens to commit is computed as a tensor and applied by ranking.
+
+    fixed      the reference behaviour: the block's mask count split evenly over its step budget
+    threshold  every masked position with confidence >= τ, and always at least the most confident one
+    factor     Fast-dLLM's factor rule: the largest n whose sorted confidences satisfy c_(i) >= 1 - f / (i + 1)
+
+Confidences (options.confidence) are all in [0, 1] so one threshold means the same for each:
+    prob     probability of the proposed token (LLaDA low-confidence remasking, Dream `maskgit_plus`)
+    margin   top-1 minus top-2 probability (Dream `topk_margin`)
+    entropy  exp(-entropy) of the distribution (Dream `entropy`; 1 = certain)
+    random   uniform noise (LLaDA `random` remasking)
+
+A new policy is one small class registered in POLICIES; the engine loop does not change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.decoding.options import DecodeOptions, OptionsError
+
+
+def confidence(kind: str, probs: torch.Tensor, chosen: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Confidence [L] of the proposed tokens `chosen` [L] under `probs` [L, V] (float64 softmax)."""
+    if kind == "prob":
+        return probs.gather(-1, chosen[:, None]).squeeze(-1)
+    if kind == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+    if kind == "entropy":
+        ent = -(probs * probs.clamp_min(1e-300).log()).sum(-1)
+        return torch.exp(-ent)
+    if kind == "random":
+        # CPU generator as in sample_tokens: seeded runs give the same draws on any device
+        return torch.rand(chosen.shape, generator=generator, dtype=torch.float64).to(probs.device)
+    raise OptionsError(f"unknown confidence {kind!r}; use prob, margin, entropy or random")
+
+
+def top_k_mask(conf: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Commit mask: the `k` (a 0-d tensor) most confident candidates. Ties keep the earlier position."""
+    conf = torch.where(candidates, conf, torch.full_like(conf, float("-inf")))
+    order = torch.sort(conf, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return candidates & (rank < k)
+
+
+class Policy:
+    """Base: `select(conf, candidates, step)` -> commit mask over the block's positions."""
+
+    name = "base"
+
+    def __init__(self, options: DecodeOptions):
+        self.options = options
+
+    def start_block(self, n_masks: int, steps_budget: int) -> None:
+        """Called when a block begins; fixed-step policies plan their schedule here."""
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FixedStepsPolicy(Policy):
+    """LLaDA `generate`: commit schedule[step] tokens, the mask count split evenly (remainder first)."""
+
+    name = "fixed"
+
+    def start_block(self, n_masks: int, steps_budget: int) -> None:
+        base, rem = divmod(n_masks, steps_budget)
+        self.schedule = [base + (i < rem) for i in range(steps_budget)]
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        # past the budget (self-correction re-masked something) commit one per step, so it still ends
+        k = self.schedule[step] if step < len(self.schedule) else 1
+        return top_k_mask(conf, candidates, torch.tensor(max(k, 1), device=conf.device))
+
+
+class ThresholdPolicy(Policy):
+    """Fast-dLLM threshold: all candidates with confidence >= τ, at least the top one.
+    τ = 1.0 therefore commits exactly one token per step (confidence never exceeds 1 by much)."""
+
+    name = "threshold"
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        # 1.0 must mean one per step even when a probability rounds to exactly 1.0
+        tau = self.options.threshold
+        sure = candidates & (conf >= tau) if tau < 1.0 else torch.zeros_like(candidates)
+        return sure | top_k_mask(conf, candidates, torch.tensor(1, device=conf.device))
+
+
+class FactorPolicy(Policy):
+    """Fast-dLLM factor: sort confidences descending, commit the largest n with c_(i) >= 1 - f/(i+1)
+    for every i <= n (i counted from 1), at least one."""
+
+    name = "factor"
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        masked = torch.where(candidates, conf, torch.full_like(conf, float("-inf")))
+        ranked = torch.sort(masked, descending=True).values
+        i = torch.arange(1, ranked.numel() + 1, device=conf.device, dtype=ranked.dtype)
+        ok = (ranked >= 1.0 - self.options.factor / (i + 1)).long().cumprod(0)
+        k = ok.sum().clamp_min(1)
+        return top_k_mask(conf, candidates, k)
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedStepsPolicy, ThresholdPolicy, FactorPolicy)}
+
+
+def make_policy(options: DecodeOptions) -> Policy:
+    if options.policy not in POLICIES:
+        raise OptionsError(f"unknown policy {options.policy!r}; use one of {', '.join(POLICIES)}")
+    return POLICIES[options.policy](options)
