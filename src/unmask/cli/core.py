@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 
 from unmask.cli.apps import app
+from rich.text import Text
+
 from unmask.cli.common import console, load_pipeline, out
 
 
@@ -54,3 +56,47 @@ def info(model: Path = typer.Argument(..., help="Model folder.")) -> None:
         if key != "extra":
             table.add_row(key, str(value))
     out.print(table)
+
+
+DEMO_PROMPT = '''def fibonacci(n):
+    """Return the n-th Fibonacci number."""
+'''
+
+
+@app.command()
+def demo(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
+    prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
+    threshold: float = typer.Option(0.7, "--threshold"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    delay: float = typer.Option(0.05, "--delay", help="Seconds to hold each frame so the eye can follow."),
+) -> None:
+    """Complete code with the embedded model, showing the denoising live in the terminal."""
+    import time
+
+    from rich.console import Group
+    from rich.live import Live
+    from rich.panel import Panel
+
+    from unmask.cli.live import render_canvas
+    from unmask.decoding.options import DecodeOptions
+
+    pipe = load_pipeline(model)
+    opts = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature, seed=0)
+    n_prompt = len(pipe.encode(prompt))
+
+    with Live(console=out, refresh_per_second=30, transient=False) as live:
+        def show(event) -> None:
+            region = event.canvas[n_prompt:] if len(event.canvas) > max_new_tokens else event.canvas
+            body = render_canvas(pipe.tokenizer, region, set(i - (len(event.canvas) - len(region)) for i in event.changed))
+            live.update(Panel(Group(Text(prompt.rstrip("\n"), style="dim"), body),
+                              title=f"denoising · step {event.step}", border_style="cyan"))
+            time.sleep(delay)
+
+        result = pipe.generate(prompt, opts, on_step=show)
+        live.update(Panel(Group(Text(prompt.rstrip("\n"), style="dim"), Text(result.text, style="bold")),
+                          title="done", border_style="green"))
+    console.print(f"{len(result.tokens)} tokens in {result.steps} steps ({result.tokens_per_step:.2f} tokens/step), "
+                  f"NFE {result.nfe}, {result.tokens_per_second:.1f} tokens/s (including {delay * result.steps:.1f} s "
+                  f"of display delay: --delay 0 for raw speed)")
