@@ -1,0 +1,455 @@
+"""The OpenAI-compatible HTTP server: a thin translation of requests into engine calls (vLLM's split).
+
+`create_app(pipeline)` returns a FastAPI app with
+  GET  /v1/models, POST /v1/completions (with `suffix` = infilling), POST /v1/chat/completions,
+  POST /v1/edits (Instant Edit), GET /health, GET /metrics (Prometheus), and the demo page at `/`.
+
+Streaming (`stream: true`) is Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`.
+Deltas carry the committed prefix of the text as it grows. With `diffusing: true` every chunk instead
+carries the WHOLE current text, each still-masked position shown as MASK_PLACEHOLDER ("░"), plus a
+`diffusion` object per choice (step, masked count, per-position pieces) — each chunk replaces the last.
+`usage` adds our figures to OpenAI's token counts: nfe, steps, tokens_per_step, seconds.
+
+All model work runs on one worker thread (serve/worker.py); a client that disconnects cancels its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from unmask.decoding.events import StepEvent
+from unmask.decoding.options import DecodeOptions
+from unmask.errors import UnmaskError
+from unmask.serve.metrics import Metrics
+from unmask.serve.schema import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DecodingFields,
+    EditRequest,
+    ServerLimits,
+    check_limits,
+)
+from unmask.serve.text import MASK_PLACEHOLDER, DeltaStream, final_text, render_canvas
+from unmask.serve.worker import JobDone, Worker
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+
+
+class ClientGone(Exception):
+    pass
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _is_queue_full(e: BaseException) -> bool:
+    return type(e).__name__ == "QueueFull"
+
+
+class Server:
+    """State behind one app: pipeline, worker, limits, metrics; the handlers are its methods."""
+
+    def __init__(self, pipeline: Any, engine: Any, model_name: str, limits: ServerLimits,
+                 defaults: DecodeOptions, max_edit_queue: int):
+        self.pipeline = pipeline
+        self.tokenizer = pipeline.tokenizer
+        self.config = pipeline.config
+        self.model_name = model_name
+        self.limits = limits
+        self.defaults = defaults
+        self.worker = Worker(engine, max_jobs=max_edit_queue)
+        self.metrics = Metrics(lambda: self.worker.num_waiting, lambda: self.worker.num_active)
+        self.created = int(time.time())
+        # EOS/pad inside an edited span are absorbed (dropped) by the edit: show them as nothing
+        self.absorbed = frozenset(i for i in (self.config.eos_id, self.config.pad_id) if i is not None)
+
+    # --- request checks ----------------------------------------------------------------------------
+    def check_model(self, req: DecodingFields) -> None:
+        if req.model not in (None, "", self.model_name):
+            raise ApiError(f"model: '{req.model}' does not exist; this server serves '{self.model_name}'", 404,
+                           "model", type="not_found_error")
+
+    def encode(self, text: str, param: str) -> list[int]:
+        if len(text) > self.limits.max_prompt_chars:
+            raise ApiError(f"{param}: {len(text)} characters is above the limit of {self.limits.max_prompt_chars}",
+                           400, param)
+        ids = self.tokenizer.encode(text)
+        self.check_ids(ids, param)
+        return ids
+
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ApiError(f"{param}: token id {bad} is outside the vocabulary (0..{vocab - 1})", 400, param)
+        if self.config.mask_id in ids:
+            raise ApiError(f"{param}: contains the mask token; use `suffix` to infill or /v1/edits to edit", 400,
+                           param)
+
+    def options(self, req: DecodingFields, n_context: int) -> DecodeOptions:
+        ctx = self.config.max_seq_len
+        check_limits(req, self.limits, ctx)
+        try:
+            opts = req.decode_options(self.defaults)
+        except UnmaskError as e:
+            raise ApiError(str(e), 400) from None
+        if n_context + opts.max_new_tokens > ctx:
+            raise ApiError(f"max_tokens: {n_context} prompt tokens + {opts.max_new_tokens} new tokens exceed the "
+                           f"model context of {ctx} tokens", 400, "max_tokens")
+        return opts
+
+    # --- completions and chat ----------------------------------------------------------------------
+    async def completion(self, request: Request, req: CompletionRequest) -> Response:
+        self.check_model(req)
+        if isinstance(req.prompt, str):
+            prompt_ids = self.encode(req.prompt, "prompt")
+        else:
+            prompt_ids = list(req.prompt)
+            self.check_ids(prompt_ids, "prompt")
+        suffix_ids = self.encode(req.suffix, "suffix") if req.suffix else None
+        if not prompt_ids and not suffix_ids:
+            raise ApiError("prompt: empty; give some text (or a suffix to infill before)", 400, "prompt")
+        if suffix_ids is not None and self.config.attention == "causal":
+            raise ApiError("suffix: infilling needs a diffusion model; this one is autoregressive", 400, "suffix")
+        opts = self.options(req, len(prompt_ids) + len(suffix_ids or []))
+        return await self.run(request, req, "/v1/completions", prompt_ids, suffix_ids, opts, chat=False)
+
+    async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
+        self.check_model(req)
+        if len(req.messages) > self.limits.max_messages:
+            raise ApiError(f"messages: at most {self.limits.max_messages} messages", 400, "messages")
+        chars = sum(len(m.content) for m in req.messages)
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(f"messages: {chars} characters is above the limit of {self.limits.max_prompt_chars}",
+                           400, "messages")
+        try:
+            prompt = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
+                                                        add_generation_prompt=True)
+        except UnmaskError as e:
+            raise ApiError(f"messages: {e}", 400, "messages") from None
+        prompt_ids = self.tokenizer.encode(prompt)
+        self.check_ids(prompt_ids, "messages")
+        opts = self.options(req, len(prompt_ids))
+        return await self.run(request, req, "/v1/chat/completions", prompt_ids, None, opts, chat=True)
+
+    async def run(self, request: Request, req: DecodingFields, endpoint: str, prompt_ids: list[int],
+                  suffix_ids: list[int] | None, opts: DecodeOptions, chat: bool) -> Response:
+        t0 = time.perf_counter()
+        ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream)
+        n_prompt = len(prompt_ids) + len(suffix_ids or [])
+        meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                "model": self.model_name}
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = self.stream(ticket, opts, meta, chat, req.diffusing, include_usage, endpoint, n_prompt, t0)
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            ev = await self.wait_final(request, ticket)
+        except ClientGone:
+            self.worker.cancel(ticket.request_id)
+            self.metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
+        text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, self.config.eos_id, opts.stop)
+        usage = self.usage(n_prompt, len(tokens), ev.result, t0)
+        self.record(endpoint, t0, usage)
+        finish = self.finish_reason(ev.result, stopped)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+            return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage})
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": usage})
+
+    async def wait_final(self, request: Request, ticket) -> Any:
+        """The request's last event; raises ClientGone if the client disconnects first."""
+        while True:
+            try:
+                item = await asyncio.wait_for(ticket.next(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone from None
+                continue
+            if isinstance(item, JobDone) or (isinstance(item, StepEvent) and item.done):
+                return item
+
+    async def stream(self, ticket, opts: DecodeOptions, meta: dict, chat: bool, diffusing: bool,
+                     include_usage: bool, endpoint: str, n_prompt: int, t0: float) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        eos, mask = self.config.eos_id, self.config.mask_id
+        deltas = DeltaStream(self.tokenizer, mask, eos, opts.stop, live=not opts.self_correct)
+
+        def chunk(text: str | None, finish: str | None = None, extra: dict | None = None, role: bool = False) -> str:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                if role:
+                    delta = {"role": "assistant", **delta}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if extra:
+                choice.update(extra)
+            return sse({**meta, "object": obj, "choices": [choice]})
+
+        done = False
+        try:
+            if chat:
+                yield chunk("", role=True)
+            while True:
+                ev: StepEvent = await ticket.next()
+                if not ev.done:
+                    if diffusing:
+                        text, pieces = render_canvas(self.tokenizer, ev.canvas, mask, eos)
+                        yield chunk(text, extra={"diffusion": self.diffusion_info(ev, pieces)})
+                    else:
+                        delta = deltas.update(ev.canvas)
+                        if delta:
+                            yield chunk(delta)
+                    continue
+                text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, eos, opts.stop)
+                finish = self.finish_reason(ev.result, stopped)
+                usage = self.usage(n_prompt, len(tokens), ev.result, t0)
+                if diffusing:
+                    _, pieces = render_canvas(self.tokenizer, tokens, mask, eos)
+                    yield chunk(text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
+                else:
+                    delta = deltas.finish(text)
+                    if delta:
+                        yield chunk(delta)
+                    yield chunk(None if chat else "", finish)
+                if include_usage:
+                    yield sse({**meta, "object": obj, "choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
+                done = True
+                self.record(endpoint, t0, usage)
+                return
+        except Exception as e:  # the engine refused or failed mid-way: tell the client in-band
+            done = True
+            self.metrics.requests.labels(endpoint, "error").inc()
+            yield sse(error_body(str(e), "server_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # client went away (the response task was cancelled) or an unexpected error
+                self.worker.cancel(ticket.request_id)
+                self.metrics.requests.labels(endpoint, "cancelled").inc()
+                log.info("request %s cancelled: client disconnected", ticket.request_id)
+
+    @staticmethod
+    def diffusion_info(ev: StepEvent, pieces: list[str | None], final: bool = False) -> dict:
+        masked = sum(p is None for p in pieces)
+        return {"step": ev.step, "masked": masked, "total": len(pieces), "pieces": pieces,
+                "changed": [i for i in ev.changed if i < len(pieces)], "final": final}
+
+    @staticmethod
+    def finish_reason(result: Any, stopped: bool) -> str:
+        return "stop" if stopped or result.finish_reason in ("eos", "stop") else "length"
+
+    @staticmethod
+    def usage(n_prompt: int, n_completion: int, result: Any, t0: float) -> dict:
+        steps = int(getattr(result, "steps", 0))
+        seconds = float(getattr(result, "seconds", 0.0)) or (time.perf_counter() - t0)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
+                "nfe": int(getattr(result, "nfe", 0)), "steps": steps,
+                "tokens_per_step": round(n_completion / max(steps, 1), 4), "seconds": round(seconds, 6)}
+
+    def record(self, endpoint: str, t0: float, usage: dict) -> None:
+        self.metrics.finished(endpoint, time.perf_counter() - t0, usage["prompt_tokens"], usage["completion_tokens"],
+                              usage["nfe"], usage["steps"])
+
+    # --- Instant Edit ------------------------------------------------------------------------------
+    async def edit(self, request: Request, req: EditRequest) -> Response:
+        from unmask.serve.edits import check_edit, edit_job
+
+        self.check_model(req)
+        if len(req.input) > self.limits.max_prompt_chars:
+            raise ApiError(f"input: {len(req.input)} characters is above the limit of {self.limits.max_prompt_chars}",
+                           400, "input")
+        if not req.input:
+            raise ApiError("input: empty; paste the text to edit", 400, "input")
+        mode = req.resolved_mode()
+        if mode == "instruction" and not req.instruction:
+            raise ApiError("instruction: required in instruction mode", 400, "instruction")
+        if mode == "spans" and not req.spans:
+            raise ApiError("spans: give at least one [start, end) character range in spans mode", 400, "spans")
+        check_edit(req, mode)
+        opts = self.options(req, 0)
+        t0 = time.perf_counter()
+        ticket = await self.worker.run_job(edit_job(self.pipeline, req, mode, opts), every_step=req.stream)
+        meta = {"id": f"edit-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
+        if req.stream:
+            return StreamingResponse(self.stream_edit(ticket, meta, req.diffusing, t0), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            done = await self.wait_final(request, ticket)
+        except ClientGone:
+            self.worker.cancel(ticket.request_id)
+            self.metrics.requests.labels("/v1/edits", "cancelled").inc()
+            return Response(status_code=499)
+        from unmask.serve.edits import edit_response_fields
+
+        text, fields, usage = edit_response_fields(self.tokenizer, done.value, t0)
+        self.record("/v1/edits", t0, usage)
+        return JSONResponse({**meta, "object": "edit", "choices": [{"index": 0, "text": text, **fields}],
+                             "usage": usage})
+
+    async def stream_edit(self, ticket, meta: dict, diffusing: bool, t0: float) -> AsyncIterator[str]:
+        from unmask.serve.edits import edit_response_fields
+
+        done = False
+        try:
+            while True:
+                item = await ticket.next()
+                if isinstance(item, JobDone):
+                    text, fields, usage = edit_response_fields(self.tokenizer, item.value, t0)
+                    yield sse({**meta, "object": "edit.chunk",
+                               "choices": [{"index": 0, "text": text, "finish_reason": "stop", **fields}],
+                               "usage": usage})
+                    yield "data: [DONE]\n\n"
+                    done = True
+                    self.record("/v1/edits", t0, usage)
+                    return
+                if diffusing:  # intermediate edit states: the whole document, masks shown
+                    text, pieces = render_canvas(self.tokenizer, item.canvas, self.config.mask_id, None,
+                                                 hide=self.absorbed)
+                    yield sse({**meta, "object": "edit.chunk",
+                               "choices": [{"index": 0, "text": text, "finish_reason": None,
+                                            "diffusion": self.diffusion_info(item, pieces)}]})
+        except Exception as e:  # bad spans, edit failures: tell the client in-band
+            done = True
+            self.metrics.requests.labels("/v1/edits", "error").inc()
+            yield sse(error_body(str(e)))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:
+                self.worker.cancel(ticket.request_id)
+                self.metrics.requests.labels("/v1/edits", "cancelled").inc()
+
+
+class BodyLimit:
+    """413 for a declared Content-Length above the limit, before the body is read. A plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would hide client disconnects from the handlers."""
+
+    def __init__(self, app: Any, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = dict(scope["headers"]).get(b"content-length", b"")
+            if size.isdigit() and int(size) > self.max_bytes:
+                body = error_body(f"body: {int(size)} bytes is above the limit of {self.max_bytes} bytes")
+                await JSONResponse(body, status_code=413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8, max_queue: int = 64,
+               limits: ServerLimits | None = None, defaults: DecodeOptions | None = None, engine: Any = None,
+               max_edit_queue: int = 16) -> FastAPI:
+    """The FastAPI app serving `pipeline`. `engine` defaults to Engine(pipeline.model, max_batch, max_queue)."""
+    if engine is None:
+        from unmask.decoding.engine import Engine
+
+        engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue)
+    name = model_name or (Path(pipeline.path).name if getattr(pipeline, "path", None) else "unmask")
+    srv = Server(pipeline, engine, name, limits or ServerLimits(), defaults or DecodeOptions(max_new_tokens=128),
+                 max_edit_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        srv.worker.start()
+        yield
+        await asyncio.to_thread(srv.worker.stop)
+
+    app = FastAPI(title="unmask", summary="OpenAI-compatible server for diffusion language models",
+                  lifespan=lifespan)
+    app.state.server = srv
+
+    app.add_middleware(BodyLimit, max_bytes=srv.limits.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        srv.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return JSONResponse(error_body(str(e), e.type, e.param), status_code=e.status, headers=headers)
+
+    @app.exception_handler(UnmaskError)
+    async def unmask_error(request: Request, e: UnmaskError):
+        status = 429 if _is_queue_full(e) else 400
+        srv.metrics.requests.labels(request.url.path, str(status)).inc()
+        headers = {"Retry-After": "1"} if status == 429 else None
+        kind = "rate_limit_error" if status == 429 else "invalid_request_error"
+        return JSONResponse(error_body(str(e), kind), status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        msgs, param = [], None
+        for err in e.errors():
+            loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+            field = ".".join(loc) or "body"
+            param = param or field
+            msgs.append(f"{field}: {err.get('msg', 'invalid')}")
+        srv.metrics.requests.labels(request.url.path, "422").inc()
+        return JSONResponse(error_body("; ".join(msgs), param=param), status_code=422)
+
+    @app.get("/health")
+    async def health():
+        w = srv.worker
+        ok = w.alive or w.steps == 0  # not started yet is fine: it starts on the first request
+        return JSONResponse({"status": "ok" if ok else "worker stopped", "model": srv.model_name,
+                             "queue_depth": w.num_waiting, "active": w.num_active, "engine_steps": w.steps,
+                             "last_error": w.last_error}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(srv.metrics.render(), media_type=srv.metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models():
+        c = srv.config
+        return {"object": "list", "data": [{
+            "id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "unmask",
+            "max_model_len": c.max_seq_len, "attention": c.attention, "mask_placeholder": MASK_PLACEHOLDER,
+            "max_tokens_limit": min(srv.limits.max_tokens, c.max_seq_len),
+            "defaults": {"max_tokens": srv.defaults.max_new_tokens, "block_length": srv.defaults.block_length,
+                         "policy": srv.defaults.policy, "threshold": srv.defaults.threshold},
+        }]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest):
+        return await srv.completion(request, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        return await srv.chat(request, body)
+
+    @app.post("/v1/edits")
+    async def edits(request: Request, body: EditRequest):
+        return await srv.edit(request, body)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

@@ -1,0 +1,49 @@
+"""`POST /v1/edits`: Instant Edit requests turned into jobs for the worker thread, and results into JSON.
+
+The body follows OpenAI's retired edits endpoint (`input`, `instruction` -> `choices[0].text`) and adds
+our modes: `spans` (rewrite [start, end) character ranges, or <<< >>> markers in the text), `auto`
+(re-mask improbable tokens and denoise, in rounds) and `instruction` (SDEdit-style re-noising).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from unmask.decoding.events import StepEvent
+from unmask.decoding.options import DecodeOptions
+from unmask.edit.editor import EditResult, edit_text, resolve_regions
+from unmask.serve.schema import EditRequest
+
+
+def check_edit(req: EditRequest, mode: str) -> None:
+    """Fail fast on bad spans (EditError -> 400) instead of after the job was queued."""
+    resolve_regions(req.input, req.spans, None, markers=True, required=mode == "spans")
+
+
+def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> Callable:
+    kwargs: dict[str, Any] = {"mode": mode, "spans": req.spans, "instruction": req.instruction, "options": options}
+    for ours, theirs in (("strength", "strength"), ("threshold", "flag_below"), ("max_rounds", "max_rounds"),
+                         ("length", "length")):
+        value = getattr(req, theirs)
+        if value is not None:
+            kwargs[ours] = value
+
+    def job(on_step: Callable[[StepEvent], None]) -> EditResult:
+        # the edit's own final event (done=True, no canvas) is replaced by the job's return value
+        return edit_text(pipeline, req.input, on_step=lambda ev: None if ev.done else on_step(ev), **kwargs)
+
+    return job
+
+
+def edit_response_fields(tokenizer: Any, result: EditResult, t0: float) -> tuple[str, dict, dict]:
+    """(edited text, extra choice fields, usage) for a finished edit."""
+    fields = {"mode": result.mode, "spans": [list(s) for s in result.spans], "replacements": result.replacements,
+              "changed": result.changed, "rounds": result.rounds}
+    n_prompt = len(tokenizer.encode(result.original))
+    n_new = sum(len(tokenizer.encode(r)) for r in result.replacements)
+    seconds = result.seconds or (time.perf_counter() - t0)
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new,
+             "nfe": result.nfe, "steps": result.steps, "tokens_per_step": round(n_new / max(result.steps, 1), 4),
+             "seconds": round(seconds, 6)}
+    return result.text, fields, usage

@@ -1,0 +1,47 @@
+"""Prometheus metrics of one server (`GET /metrics`): requests, tokens, forward passes, queue, latency.
+
+Each app gets its own CollectorRegistry so several apps (tests, `unmask bench serve`) can live in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+prometheus_client.disable_created_metrics()  # the *_created series only add noise to a scrape
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, queue_depth: Callable[[], float], active: Callable[[], float]):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("unmask_requests", "HTTP API requests by endpoint and outcome",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("unmask_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.completion_tokens = Counter("unmask_completion_tokens", "tokens generated for clients", registry=r)
+        self.nfe = Counter("unmask_nfe", "network forward passes (function evaluations)", registry=r)
+        self.steps = Counter("unmask_denoising_steps", "denoising steps of finished requests", registry=r)
+        self.latency = Histogram("unmask_request_latency_seconds", "time from request to last byte",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("unmask_queue_depth", "requests waiting for a batch slot (and queued edits)",
+              registry=r).set_function(queue_depth)
+        Gauge("unmask_active_requests", "requests being denoised in the current batch",
+              registry=r).set_function(active)
+
+    def finished(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int, nfe: int,
+                 steps: int, status: str = "200") -> None:
+        self.requests.labels(endpoint, status).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        self.nfe.inc(nfe)
+        self.steps.inc(steps)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,165 @@
+"""Request and response bodies of the OpenAI-compatible API, plus our decoding extensions.
+
+Field names follow OpenAI (`max_tokens`, `stop`, `top_p`, `seed`, `stream`, `stream_options`); the
+diffusion-specific knobs (`steps`, `block_length`, `threshold`, `policy`, `diffusing`, ...) are extra
+top-level fields, the way OpenAI clients pass them (`extra_body=` in the Python client).
+
+Unknown fields are rejected (422 naming the field) so a typo such as `temprature` is not silently ignored;
+OpenAI fields we cannot honour (`n > 1`, `logprobs`, `echo`, penalties) get a 400 saying so.
+Limits that depend on the model or the server (context length, max tokens/steps) are checked in
+`check_limits`, also naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from unmask.decoding.options import DecodeOptions
+from unmask.errors import UnmaskError
+
+
+class ApiError(UnmaskError):
+    """An error the HTTP layer turns into an OpenAI error body: {"error": {"message", "type", "param"}}."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.type = status, param, type
+
+
+@dataclass
+class ServerLimits:
+    """Per-request bounds; a request outside them gets a 400 naming the field."""
+
+    max_tokens: int = 1024  # also capped by the model context
+    max_steps: int = 4096
+    max_prompt_chars: int = 200_000
+    max_messages: int = 256
+    max_stop: int = 4  # as OpenAI
+    max_stop_chars: int = 64
+    max_body_bytes: int = 2_000_000  # whole HTTP body; larger -> 413
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class DecodingFields(BaseModel):
+    """Decoding options shared by every endpoint (OpenAI names where OpenAI has one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1, description="new tokens to generate (default 128)")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # diffusion decoding
+    steps: int | None = Field(None, ge=1, description="total denoising steps; implies policy 'fixed' unless set")
+    block_length: int | None = Field(None, ge=1)
+    policy: Literal["fixed", "threshold", "factor"] | None = None
+    threshold: float | None = Field(None, gt=0.0, le=1.0)
+    factor: float | None = Field(None, gt=0.0)
+    confidence: Literal["prob", "margin", "entropy", "random"] | None = None
+    cache: Literal["none", "prefix", "dual"] | None = None
+    self_correct: bool | None = None
+    diffusing: bool = Field(False, description="stream every denoising state (whole text, masks shown) instead of deltas")
+    # OpenAI fields accepted for compatibility; only their neutral values are allowed
+    n: int = 1
+    logprobs: Any = None
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def decode_options(self, base: DecodeOptions) -> DecodeOptions:
+        """The request's DecodeOptions on top of the server defaults (raises OptionsError on bad combos)."""
+        changes: dict[str, Any] = {}
+        for ours, theirs in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"),
+                             ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"), ("steps", "steps"),
+                             ("block_length", "block_length"), ("policy", "policy"), ("threshold", "threshold"),
+                             ("factor", "factor"), ("confidence", "confidence"), ("cache", "cache"),
+                             ("self_correct", "self_correct")):
+            value = getattr(self, theirs)
+            if value is not None:
+                changes[ours] = value
+        # a step count only means something to the fixed-step schedule
+        if self.steps is not None and self.policy is None:
+            changes["policy"] = "fixed"
+        changes["stop"] = self.stop_list()
+        return base.replace(**changes)
+
+
+class CompletionRequest(DecodingFields):
+    prompt: str | list[int] = Field(..., description="text, or token ids")
+    suffix: str | None = Field(None, description="text after the gap: the model fills the middle (infilling)")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ... are passed to the template as-is
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(DecodingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+
+
+class EditRequest(DecodingFields):
+    """Instant Edit. `spans` are [start, end) character ranges of `input` to rewrite."""
+
+    input: str
+    mode: Literal["spans", "auto", "instruction"] | None = None  # default: spans if given, else instruction if given, else auto
+    spans: list[tuple[int, int]] | None = None
+    instruction: str | None = None
+    strength: float | None = Field(None, ge=0.0, le=1.0, description="instruction mode: share of the text re-noised")
+    flag_below: float | None = Field(None, gt=0.0, lt=1.0, description="auto mode: re-mask tokens with p below this")
+    max_rounds: int | None = Field(None, ge=1, le=16, description="auto mode: correction rounds")
+    length: Literal["absorb", "search", "fixed"] | None = Field(None, description="how a span's new length is chosen")
+
+    def resolved_mode(self) -> str:
+        if self.mode:
+            return self.mode
+        if self.spans:
+            return "spans"
+        return "instruction" if self.instruction else "auto"
+
+
+def check_limits(req: DecodingFields, limits: ServerLimits, context: int) -> None:
+    """Bounds that pydantic cannot know: the server's limits and the model's context."""
+
+    def need(ok: bool, message: str, param: str) -> None:
+        if not ok:
+            raise ApiError(message, 400, param)
+
+    need(req.n == 1, "n: only n=1 is supported; send several requests instead", "n")
+    need(req.logprobs in (None, False, 0), "logprobs: not supported by this server", "logprobs")
+    need(not req.echo, "echo: not supported by this server", "echo")
+    need(req.presence_penalty == 0 and req.frequency_penalty == 0,
+         "presence_penalty/frequency_penalty: penalties are not supported by diffusion decoding", "presence_penalty")
+    need(not req.logit_bias, "logit_bias: not supported by this server", "logit_bias")
+    max_tokens = min(limits.max_tokens, context)
+    need(req.max_tokens is None or req.max_tokens <= max_tokens,
+         f"max_tokens: {req.max_tokens} is above this server's limit of {max_tokens}", "max_tokens")
+    need(req.steps is None or req.steps <= limits.max_steps,
+         f"steps: {req.steps} is above this server's limit of {limits.max_steps}", "steps")
+    stops = req.stop_list()
+    need(len(stops) <= limits.max_stop, f"stop: at most {limits.max_stop} stop sequences", "stop")
+    need(all(0 < len(s) <= limits.max_stop_chars for s in stops),
+         f"stop: each stop sequence must have 1 to {limits.max_stop_chars} characters", "stop")
+    if req.diffusing and not req.stream:
+        raise ApiError("diffusing: needs stream=true (it streams every denoising state)", 400, "diffusing")

@@ -1,0 +1,120 @@
+"""Turning denoising states into text for clients: masked canvases, OpenAI-style deltas, stop strings.
+
+Diffusion commits tokens out of order, but OpenAI streaming appends text left to right. `DeltaStream`
+therefore sends only the committed prefix of the canvas (up to the first mask), holding back a partial
+UTF-8 character and anything that could be the start of a stop string, so the concatenated deltas always
+equal the final text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from unmask.decoding.generate import apply_stop
+from unmask.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MASK_PLACEHOLDER = "░"  # how a still-masked position is shown in `diffusing` streams and on the page
+REPLACEMENT = "\ufffd"  # what a byte-level decoder prints for an incomplete UTF-8 character
+
+
+def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
+    tokens = list(tokens)
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def render_canvas(tokenizer: Tokenizer, canvas: Sequence[int], mask_id: int, eos_id: int | None,
+                  placeholder: str = MASK_PLACEHOLDER, hide: frozenset[int] = frozenset()) -> tuple[str, list[str | None]]:
+    """(text with one placeholder per masked position, per-position pieces with None for a mask).
+
+    Rendering stops at the first committed `eos_id` (None: never): everything after it is cut from the final
+    answer anyway. Tokens in `hide` (an edit's absorbed EOS/pad) render as "". Runs of committed tokens are
+    decoded together so multi-token characters come out whole."""
+    canvas = list(canvas)
+    if eos_id is not None and eos_id in canvas:
+        canvas = canvas[: canvas.index(eos_id)]
+    parts: list[str] = []
+    run: list[int] = []
+    for t in canvas:
+        if t in hide:
+            continue
+        if t == mask_id:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(placeholder)
+        else:
+            run.append(t)
+    if run:
+        parts.append(tokenizer.decode(run))
+    pieces = [None if t == mask_id else "" if t in hide else tokenizer.decode([t]) for t in canvas]
+    return "".join(parts), pieces
+
+
+def tokens_for_text(tokenizer: Tokenizer, tokens: Sequence[int], text: str) -> int:
+    """How many leading `tokens` it takes to produce `text` (a stop string may have cut the text mid-way)."""
+    tokens = list(tokens)
+    if tokenizer.decode(tokens) == text:
+        return len(tokens)
+    lo, hi = 0, len(tokens)  # smallest k whose decoded prefix covers text
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(tokens[:mid]).rstrip(REPLACEMENT)) >= len(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def final_text(tokenizer: Tokenizer, tokens: Sequence[int], eos_id: int, stop: list[str]) -> tuple[str, list[int], bool]:
+    """(text, the tokens that make it, stopped by a stop string) for a finished request."""
+    tokens = cut_at_eos(tokens, eos_id)
+    text = tokenizer.decode(tokens)
+    if not stop:
+        return text, tokens, False
+    text, stopped = apply_stop(text, stop)
+    if stopped:
+        tokens = tokens[: tokens_for_text(tokenizer, tokens, text)]
+    return text, tokens, stopped
+
+
+class DeltaStream:
+    """OpenAI-style text deltas from successive canvases of one request.
+
+    `live=False` (used with self-correction, which may rewrite committed tokens) sends everything at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, mask_id: int, eos_id: int, stop: list[str], live: bool = True):
+        self.tokenizer, self.mask_id, self.eos_id, self.stop, self.live = tokenizer, mask_id, eos_id, stop, live
+        self.sent = ""
+
+    def _stable_text(self, canvas: Sequence[int]) -> str:
+        prefix: list[int] = []
+        for t in canvas:
+            if t == self.mask_id or t == self.eos_id:
+                break
+            prefix.append(t)
+        text = self.tokenizer.decode(prefix).rstrip(REPLACEMENT)
+        if self.stop:
+            text, stopped = apply_stop(text, self.stop)
+            if not stopped:  # hold back a tail that may grow into a stop string
+                hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                text = text[: len(text) - hold]
+        return text
+
+    def update(self, canvas: Sequence[int]) -> str:
+        if not self.live:
+            return ""
+        text = self._stable_text(canvas)
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            delta, self.sent = text[len(self.sent):], text
+            return delta
+        return ""
+
+    def finish(self, text: str) -> str:
+        if not text.startswith(self.sent):  # cannot happen without rewrites; a stream cannot take text back
+            log.warning("final text does not extend the streamed text; sending nothing more")
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

@@ -1,0 +1,291 @@
+"""The OpenAI-compatible server against a tiny random model: formats, usage, limits, queueing, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from unmask.decoding.engine import Engine
+from unmask.decoding.options import DecodeOptions
+from unmask.serve.app import create_app
+from unmask.serve.runner import BackgroundServer
+from unmask.serve.text import MASK_PLACEHOLDER
+
+# small, fast requests: 8 new tokens in 4 fixed steps
+FAST = {"max_tokens": 8, "steps": 4, "block_length": 8}
+
+
+@pytest.fixture
+def client(tiny_pipeline):
+    with TestClient(create_app(tiny_pipeline, model_name="tiny")) as c:
+        yield c
+
+
+def parse_sse(text: str) -> list:
+    """OpenAI SSE: `data: <json>` events separated by blank lines, ending with `data: [DONE]`."""
+    assert text.endswith("\n\n"), "an SSE stream ends with a blank line"
+    events = text[:-2].split("\n\n")
+    assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def direct(pipe, prompt_ids, body, suffix_ids=None):
+    """What the engine alone gives for the same request (greedy decoding is deterministic)."""
+    opts = DecodeOptions(max_new_tokens=body["max_tokens"], steps=body.get("steps"), block_length=body["block_length"],
+                         policy="fixed" if body.get("steps") else "threshold")
+    return Engine(pipe.model).generate(prompt_ids, opts, suffix_ids=suffix_ids)
+
+
+def slow_down(pipe, seconds: float):
+    """Make every forward pass take a while, so requests are still running when the test acts."""
+    return pipe.model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+
+
+def test_models_health_metrics(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
+    assert models["data"][0]["max_model_len"] == 256
+    assert client.get("/health").json()["status"] == "ok"
+    client.post("/v1/completions", json={"prompt": "def f(x):", **FAST}).raise_for_status()
+    metrics = client.get("/metrics").text
+    for name in ("unmask_requests_total", "unmask_completion_tokens_total", "unmask_nfe_total",
+                 "unmask_queue_depth", "unmask_request_latency_seconds_bucket"):
+        assert name in metrics
+    assert 'unmask_requests_total{endpoint="/v1/completions",status="200"} 1.0' in metrics
+    assert "unmask_nfe_total 4.0" in metrics  # 4 fixed steps = 4 forward passes
+    page = client.get("/")
+    assert page.status_code == 200 and "Instant Edit" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_completion_usage_matches_engine(client, tiny_pipeline):
+    prompt = "import os\ndef main(argv):"
+    r = client.post("/v1/completions", json={"prompt": prompt, **FAST, "model": "tiny"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    ids = tiny_pipeline.encode(prompt)
+    want = direct(tiny_pipeline, ids, FAST)
+    choice, usage = body["choices"][0], body["usage"]
+    assert choice["text"] == tiny_pipeline.tokenizer.decode(want.tokens)
+    assert usage["prompt_tokens"] == len(ids)
+    assert usage["completion_tokens"] == len(want.tokens)
+    assert usage["total_tokens"] == len(ids) + len(want.tokens)
+    assert usage["nfe"] == want.nfe and usage["steps"] == want.steps == 4
+    assert usage["tokens_per_step"] == pytest.approx(len(want.tokens) / 4, abs=1e-3)
+    assert usage["seconds"] > 0
+    assert choice["finish_reason"] == ("stop" if want.finish_reason == "eos" else "length")
+    # token ids as the prompt give the same answer
+    r2 = client.post("/v1/completions", json={"prompt": ids, **FAST})
+    assert r2.json()["choices"][0]["text"] == choice["text"]
+
+
+def test_stream_is_openai_sse_and_adds_up(client):
+    req = {"prompt": "class Parser:\n    def", **FAST}
+    full = client.post("/v1/completions", json=req).json()
+    r = client.post("/v1/completions", json={**req, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    chunks = parse_sse(r.text)
+    assert len({c["id"] for c in chunks}) == 1 and all(c["object"] == "text_completion" for c in chunks)
+    *content, usage_chunk = chunks
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == full["usage"]["completion_tokens"]
+    assert "".join(c["choices"][0]["text"] for c in content) == full["choices"][0]["text"]
+    finishes = [c["choices"][0]["finish_reason"] for c in content]
+    assert finishes[-1] == full["choices"][0]["finish_reason"] and not any(finishes[:-1])
+    # without include_usage there is no usage chunk
+    plain = parse_sse(client.post("/v1/completions", json={**req, "stream": True}).text)
+    assert all(c["choices"] for c in plain)
+
+
+def test_chat_completion_and_stream(client, tiny_pipeline):
+    req = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort a list"}], **FAST}
+    full = client.post("/v1/chat/completions", json=req).json()
+    assert full["object"] == "chat.completion"
+    message = full["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    prompt = tiny_pipeline.tokenizer.apply_chat_template([m for m in req["messages"]], add_generation_prompt=True)
+    assert full["usage"]["prompt_tokens"] == len(tiny_pipeline.encode(prompt))
+    chunks = parse_sse(client.post("/v1/chat/completions", json={**req, "stream": True}).text)
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == message["content"]
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"]
+
+
+def test_diffusing_streams_every_state(client):
+    req = {"prompt": "def area(r):", "max_tokens": 12, "steps": 6, "block_length": 12}
+    full = client.post("/v1/completions", json=req).json()
+    chunks = parse_sse(client.post("/v1/completions", json={**req, "stream": True, "diffusing": True}).text)
+    states = [c["choices"][0] for c in chunks]
+    infos = [s["diffusion"] for s in states]
+    assert [i["step"] for i in infos] == list(range(1, 7))  # one state per denoising step
+    masked = [i["masked"] for i in infos]
+    assert masked[0] > 0 and masked == sorted(masked, reverse=True) and masked[-1] == 0
+    for s, i in zip(states[:-1], infos[:-1]):
+        assert len(i["pieces"]) == 12 and i["total"] == 12
+        assert sum(p is None for p in i["pieces"]) == i["masked"] == s["text"].count(MASK_PLACEHOLDER)
+        assert s["finish_reason"] is None
+    assert states[-1]["text"] == full["choices"][0]["text"] and states[-1]["finish_reason"]
+    assert infos[-1]["final"] and MASK_PLACEHOLDER not in states[-1]["text"]
+
+
+def test_stop_sequences_cut_text_and_tokens(client, tiny_pipeline):
+    req = {"prompt": "def main():\n    return", "max_tokens": 16, "steps": 8, "block_length": 16}
+    free = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    assert len(free) >= 8, free
+    stop = free[4:7]
+    cut = free[: free.find(stop)]
+    r = client.post("/v1/completions", json={**req, "stop": [stop, "never-appears"]}).json()
+    assert r["choices"][0]["text"] == cut and r["choices"][0]["finish_reason"] == "stop"
+    n = r["usage"]["completion_tokens"]
+    # the counted tokens are exactly those that produce the returned text
+    tokens = direct(tiny_pipeline, tiny_pipeline.encode(req["prompt"]), req).tokens
+    assert tiny_pipeline.tokenizer.decode(tokens[:n]).startswith(cut)
+    assert not tiny_pipeline.tokenizer.decode(tokens[: n - 1]).startswith(cut) or n == 0
+    streamed = parse_sse(client.post("/v1/completions", json={**req, "stop": stop, "stream": True}).text)
+    assert "".join(c["choices"][0]["text"] for c in streamed) == cut
+
+
+def test_suffix_infills_between(client, tiny_pipeline):
+    req = {"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", **FAST}
+    r = client.post("/v1/completions", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    pre, suf = tiny_pipeline.encode(req["prompt"]), tiny_pipeline.encode(req["suffix"])
+    want = direct(tiny_pipeline, pre, FAST, suffix_ids=suf)
+    assert body["choices"][0]["text"] == tiny_pipeline.tokenizer.decode(want.tokens)
+    assert body["usage"]["prompt_tokens"] == len(pre) + len(suf)
+
+
+BAD_REQUESTS = [
+    # (endpoint, body, expected status, text the error message must contain)
+    ("/v1/completions", {"max_tokens": 4}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 422, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 422, "top_p"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "threshold": 1.5}, 422, "threshold"),
+    ("/v1/completions", {"prompt": "x", "policy": "best"}, 422, "policy"),
+    ("/v1/completions", {"prompt": "x", "temprature": 0.5}, 422, "temprature"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x " * 200, "max_tokens": 200}, 400, "max_tokens"),  # exceeds the context
+    ("/v1/completions", {"prompt": "x", "steps": 10**7}, 400, "steps"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "fill <|mask|> here"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "diffusing": True}, 400, "diffusing"),
+    ("/v1/completions", {"prompt": "x", "block_length": 0}, 422, "block_length"),
+    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "role"),
+    ("/v1/edits", {"input": "abc", "spans": [[2, 10]]}, 400, "span"),
+    ("/v1/edits", {"input": "abc", "mode": "spans"}, 400, "spans"),
+    ("/v1/edits", {"input": "abc", "mode": "instruction"}, 400, "instruction"),
+    ("/v1/edits", {"input": "", "mode": "auto"}, 400, "input"),
+]
+
+
+def test_bad_requests_get_a_reason_and_server_keeps_serving(client):
+    for endpoint, body, status, needle in BAD_REQUESTS:
+        r = client.post(endpoint, json=body)
+        assert r.status_code == status, (endpoint, body, r.status_code, r.text)
+        message = r.json()["error"]["message"]
+        assert needle in message, (body, message)
+    r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b"x" * 3_000_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "body" in r.json()["error"]["message"]
+    ok = client.post("/v1/completions", json={"prompt": "still alive?", **FAST})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 0
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_queue_full_answers_429_then_recovers(tiny_pipeline):
+    hook = slow_down(tiny_pipeline, 0.03)
+    app = create_app(tiny_pipeline, engine=Engine(tiny_pipeline.model, max_batch=1, max_queue=1))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as http:
+            rs = await asyncio.gather(*[http.post("/v1/completions", json={"prompt": f"p{i}", **FAST})
+                                        for i in range(5)])
+            after = await http.post("/v1/completions", json={"prompt": "after", **FAST})
+            metrics = (await http.get("/metrics")).text
+        return rs, after, metrics
+
+    try:
+        rs, after, metrics = asyncio.run(burst())
+    finally:
+        hook.remove()
+        app.state.server.worker.stop()
+    codes = sorted(r.status_code for r in rs)
+    assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
+    rejected = [r for r in rs if r.status_code == 429]
+    assert all("queue full" in r.json()["error"]["message"] and r.headers["retry-after"] for r in rejected)
+    assert after.status_code == 200
+    assert f'unmask_requests_total{{endpoint="/v1/completions",status="429"}} {len(rejected)}.0' in metrics
+
+
+def test_client_disconnect_cancels_the_request(tiny_pipeline):
+    hook = slow_down(tiny_pipeline, 0.05)
+    app = create_app(tiny_pipeline)
+    worker = app.state.server.worker
+    long = {"prompt": "def long():", "max_tokens": 64, "steps": 64, "block_length": 64}  # ≥ 3 s when slowed
+    try:
+        with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+            # streaming: read one chunk, then hang up
+            with http.stream("POST", "/v1/completions", json={**long, "stream": True, "diffusing": True}) as r:
+                first = next(r.iter_lines())
+                assert first.startswith("data: ")
+            t0 = time.monotonic()
+            while worker.num_active and time.monotonic() - t0 < 2.0:
+                time.sleep(0.02)
+            assert worker.num_active == 0, "the engine kept decoding for a client that left"
+            steps_at_cancel = worker.steps
+            # non-streaming: the client times out and closes the connection
+            with pytest.raises(httpx.ReadTimeout):
+                http.post("/v1/completions", json=long, timeout=0.3)
+            t0 = time.monotonic()
+            while worker.num_active and time.monotonic() - t0 < 3.0:
+                time.sleep(0.02)
+            assert worker.num_active == 0
+            assert worker.steps - steps_at_cancel < 60, "the abandoned request ran to the end"
+            metrics = http.get("/metrics").text
+            assert 'unmask_requests_total{endpoint="/v1/completions",status="cancelled"} 2.0' in metrics
+            assert 'status="200"' not in metrics  # neither request finished
+            hook.remove()
+            assert http.post("/v1/completions", json={"prompt": "next", **FAST}).status_code == 200
+    finally:
+        hook.remove()
+
+
+def test_edits_keep_text_outside_the_span(client):
+    text = "def average(values):\n    total = sum(values)\n    return total / len(vaules)\n"
+    start = text.index("vaules")
+    span = [start, start + len("vaules")]
+    r = client.post("/v1/edits", json={"input": text, "spans": [span], "max_tokens": 8, "steps": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "edit"
+    new = body["choices"][0]["text"]
+    assert new.startswith(text[: span[0]]) and new.endswith(text[span[1]:])
+    assert body["choices"][0]["spans"] == [span]
+    assert new == text[: span[0]] + body["choices"][0]["replacements"][0] + text[span[1]:]
+    assert body["usage"]["nfe"] >= 1 and body["usage"]["steps"] >= 1
+
+    chunks = parse_sse(client.post("/v1/edits", json={"input": text, "spans": [span], "max_tokens": 8, "steps": 4,
+                                                      "stream": True, "diffusing": True}).text)
+    states, last = chunks[:-1], chunks[-1]
+    assert states and MASK_PLACEHOLDER in states[0]["choices"][0]["text"]
+    assert all(s["object"] == "edit.chunk" for s in chunks)
+    assert last["choices"][0]["text"] == new and last["choices"][0]["finish_reason"] == "stop"
