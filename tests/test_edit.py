@@ -1,0 +1,304 @@
+"""Instant Edit: bytes outside the regions never change, length choice, modes, errors, CLI, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import unmask.edit.fill as fill_mod
+from conftest import tiny_model
+from unmask.cli.main import main
+from unmask.edit import EditError, edit_text, write_in_place
+from unmask.edit.spans import check_spans, extract_markers, line_span
+from unmask.errors import UnmaskError
+from unmask.pipeline import Pipeline
+
+
+# decoding quality does not matter where only the bytes around the regions are checked: 2 steps per block
+FAST = dict(policy="fixed", steps=2)
+
+
+@pytest.fixture(scope="module")
+def pipe(tokenizer) -> Pipeline:
+    return Pipeline(tiny_model(tokenizer, seed=3), tokenizer)
+
+
+def outside_matches(original: str, spans, edited: str) -> bool:
+    """True if `edited` is the original with only the span contents replaced (by anything)."""
+    pattern, pos = [], 0
+    for s, e in sorted(spans):
+        pattern.append(re.escape(original[pos:s]))
+        pattern.append("(.*?)")
+        pos = e
+    pattern.append(re.escape(original[pos:]))
+    return re.fullmatch("".join(pattern), edited, flags=re.DOTALL) is not None
+
+
+@pytest.fixture
+def prefer(pipe):
+    """Add a large bonus to one token's logit (a model with a known preference), removed afterwards."""
+    handles = []
+
+    def _prefer(token_id: int, bonus: float = 100.0):
+        def hook(module, args, output):
+            output = output.clone()
+            output[..., token_id] += bonus
+            return output
+
+        handles.append(pipe.model.output.register_forward_hook(hook))
+
+    yield _prefer
+    for h in handles:
+        h.remove()
+
+
+# --- the core guarantee -------------------------------------------------------------------------------
+
+TEXT_ALPHABET = st.sampled_from(["a", "b", " ", "x = 1", "\n", "\r\n", "\r", "é", "日本", "€", "\t", "def", "(",
+                                 ")", "<|mask|>", "<|endoftext|>", "🙂"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_bytes_outside_spans_unchanged(pipe, data):
+    text = "".join(data.draw(st.lists(TEXT_ALPHABET, min_size=1, max_size=25)))
+    n_spans = data.draw(st.integers(1, 3))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), min_size=2 * n_spans, max_size=2 * n_spans,
+                                     unique=True)) if len(text) + 1 >= 2 * n_spans else [0, len(text)])
+    spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts), 2)]
+    # spans at the very start and end are reached by the draw (cuts 0 and len(text)) and forced now and then
+    if data.draw(st.booleans()):
+        spans[0] = (0, spans[0][1])
+    result = edit_text(pipe, text, spans=spans, extra_tokens=data.draw(st.integers(0, 3)), **FAST)
+    assert outside_matches(text, spans, result.text)
+    # the same in bytes, checked directly at both ends (CRLF, lone CR, non-ASCII survive encoding)
+    out = result.text.encode("utf-8")
+    head, tail = text[: spans[0][0]].encode(), text[spans[-1][1] :].encode()
+    assert out.startswith(head) and out.endswith(tail) and len(out) >= len(head) + len(tail)
+    assert result.original == text and len(result.replacements) == len(check_spans(text, spans))
+
+
+def test_spans_at_start_and_end_and_special_strings_stay_text(pipe):
+    text = "<|mask|> héllo\r\nwörld <|endoftext|>\r\n"
+    for spans in ([(0, 3)], [(len(text) - 4, len(text))], [(0, 0)], [(len(text), len(text))], [(0, len(text))]):
+        r = edit_text(pipe, text, spans=spans, **FAST)
+        assert outside_matches(text, spans, r.text), spans
+    # the literal "<|mask|>" in the context was not turned into a mask: it is still in the output
+    r = edit_text(pipe, text, spans=[(9, 14)], **FAST)
+    assert r.text.startswith("<|mask|> ") and r.text.endswith("wörld <|endoftext|>\r\n")
+
+
+def test_markers_and_lines(pipe):
+    r = edit_text(pipe, "keep <<<this>>> and <<<that>>> too", **FAST)
+    assert r.original == "keep this and that too"
+    assert r.spans == [(5, 9), (14, 18)]
+    assert outside_matches(r.original, r.spans, r.text)
+    assert "<<<" not in r.text and ">>>" not in r.text
+    text = "one\r\ntwo\r\nthree\r\n"
+    assert line_span(text, "2") == (5, 8)
+    assert line_span(text, "2-3") == (5, 15)
+    r = edit_text(pipe, text, lines=["2"], **FAST)
+    assert r.text.startswith("one\r\n") and r.text.endswith("\r\nthree\r\n")
+
+
+# --- length: pad absorption, fixed, search ------------------------------------------------------------
+
+def test_pad_absorption_lets_a_span_shrink_to_nothing(pipe, prefer):
+    text = "alpha beta gamma"
+    prefer(pipe.config.eos_id)  # a model that thinks nothing belongs in the span
+    r = edit_text(pipe, text, spans=[(5, 10)], extra_tokens=3)
+    assert r.text == "alpha gamma"
+    assert r.lengths == [len(pipe.encode(" beta")) + 3]
+    # with EOS forbidden (fixed length) the span is filled with exactly its budget of real tokens
+    r = edit_text(pipe, text, spans=[(5, 10)], extra_tokens=0, length="fixed")
+    assert r.text != "alpha gamma"
+    assert len(pipe.tokenizer.encode(r.replacements[0])) >= 1
+
+
+def test_span_grows_into_its_budget(pipe, prefer):
+    word = pipe.encode(" return")
+    assert len(word) == 1
+    prefer(word[0])
+    r = edit_text(pipe, "x = 1\ny = 2\n", spans=[(6, 11)], extra_tokens=4)
+    n = len(pipe.encode("y = 2")) + 4
+    assert r.replacements == [" return" * n]
+    assert r.text == "x = 1\n" + " return" * n + "\n"
+
+
+def test_length_search_picks_the_lowest_scored_candidate(pipe, monkeypatch):
+    tail = len(pipe.encode(" tail"))
+    for sign in (1, -1):  # prefer the shortest, then the longest candidate
+        seen = []
+
+        def fake_score(model, ids, start, n_samples=8, seed=0):
+            n = len(ids) - start - tail  # tokens in the region
+            seen.append(n)
+            return sign * n
+
+        monkeypatch.setattr(fill_mod, "continuation_nll", fake_score)
+        r = edit_text(pipe, "head body tail", spans=[(4, 9)], extra_tokens=4, length="search", **FAST)
+        assert len(set(seen)) >= 3
+        assert r.lengths == [min(seen) if sign == 1 else max(seen)]
+
+
+# --- instruction mode ---------------------------------------------------------------------------------
+
+def test_instruction_mode_renoises_a_strength_fraction(pipe, monkeypatch):
+    canvases = []
+    real = fill_mod.denoise
+
+    def spy(model, canvas, options, on_step=None, request_id="0"):
+        canvases.append(list(canvas))
+        return real(model, canvas, options, on_step, request_id)
+
+    monkeypatch.setattr(fill_mod, "denoise", spy)
+    text = "def add(a, b):\n    return a + b\n"
+    n = len(pipe.encode(text))
+    mask = pipe.config.mask_id
+    for strength in (0.0, 0.5, 1.0):
+        r = edit_text(pipe, text, mode="instruction", instruction="add a docstring", strength=strength,
+                      extra_tokens=2, seed=1, **FAST)
+        assert canvases[-1].count(mask) == round(strength * n) + 2
+        prompt = pipe.encode(pipe.tokenizer.apply_chat_template([{"role": "user", "content": "add a docstring"}]))
+        assert canvases[-1][: len(prompt)] == prompt
+        if strength == 0.0:  # nothing re-noised: the original stays, only the room after it is written
+            assert r.text.startswith(text)
+
+
+def test_instruction_mode_keeps_text_outside_spans(pipe):
+    text = "x = 1\r\ny = 2\r\nz = 3\r\n"
+    r = edit_text(pipe, text, mode="instruction", instruction="change y", strength=1.0, lines=["2"], **FAST)
+    assert r.text.startswith("x = 1\r\n") and r.text.endswith("\r\nz = 3\r\n")
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+def test_edit_streams_step_events(pipe):
+    events = []
+    r = edit_text(pipe, "a <<<b c d>>> e", on_step=events.append, request_id="r1")
+    assert len(events) >= 2 and events[-1].done and not any(e.done for e in events[:-1])
+    assert all(e.request_id == "r1" for e in events)
+    steps = [e.step for e in events[:-1]]
+    assert steps == sorted(steps) and steps[-1] == r.steps
+    assert events[-1].result.text == r.text
+    assert events[0].canvas.count(pipe.config.mask_id) > events[-2].canvas.count(pipe.config.mask_id) == 0
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,kw,msg", [
+    ("abc", dict(spans=["0:10"]), "out of range"),
+    ("abcdef", dict(spans=["0:4", "2:5"]), "overlap"),
+    ("abcdef", dict(spans=["1:1", "1:1"]), "overlap"),
+    ("", dict(spans=["0:0"]), "empty"),
+    ("abc", dict(spans=["2:1"]), "START is after END"),
+    ("abc", dict(spans=["x:1"]), "START:END"),
+    ("abc", dict(lines=["3-1"]), "line range"),
+    ("a\nb", dict(lines=["2-5"]), "out of range"),
+    ("abc", dict(), "no region"),
+    ("a <<<b c", dict(), "never closed"),
+    ("a b>>> c", dict(), "no matching"),
+    ("a <<<b <<<c>>> d>>>", dict(), "nest"),
+    ("abc", dict(mode="nope"), "mode"),
+    ("abc", dict(mode="instruction"), "instruction"),
+    ("abc", dict(spans=["0:1"], length="longest"), "length"),
+])
+def test_bad_requests_give_clear_errors(pipe, text, kw, msg):
+    with pytest.raises(UnmaskError, match=msg):
+        edit_text(pipe, text, **kw)
+
+
+def test_edit_needs_a_diffusion_model(tokenizer):
+    ar = Pipeline(tiny_model(tokenizer, attention="causal"), tokenizer)
+    with pytest.raises(EditError, match="causal"):
+        ar.edit("abc", spans=["0:1"])
+
+
+def test_extract_markers_positions():
+    assert extract_markers("<<<>>>x<<<y>>>") == ("xy", [(0, 0), (1, 2)])
+
+
+# --- files and the CLI --------------------------------------------------------------------------------
+
+def test_in_place_write_is_atomic(tmp_path, monkeypatch):
+    f = tmp_path / "code.py"
+    original = b"print('hi')\r\n"
+    f.write_bytes(original)
+    real_replace = os.replace
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("unmask.io.os.replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_in_place(f, "print('bye')\r\n", backup=False)
+    assert f.read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]  # no temp file left behind
+    # a failure after the backup was written: the original is still intact
+    calls = []
+
+    def fail_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("crash mid-way")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("unmask.io.os.replace", fail_second)
+    with pytest.raises(OSError, match="crash mid-way"):
+        write_in_place(f, "print('bye')\r\n", backup=True)
+    assert f.read_bytes() == original
+    assert (tmp_path / "code.py.bak").read_bytes() == original
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_cli_edit_diff_in_place_and_errors(saved_model_dir, tmp_path, capsys, monkeypatch):
+    tmp_path = tmp_path / "work"
+    tmp_path.mkdir()
+    f = tmp_path / "code.py"
+    original = "def f(x):\r\n    return x + 1\r\n\r\nprint(f(2))\r\n"
+    f.write_bytes(original.encode())
+    model = str(saved_model_dir)
+    fast = ["--policy", "fixed", "--steps", "2"]
+
+    assert main(["edit", str(f), "-m", model, "--lines", "2", "--diff", *fast]) == 0
+    diff = capsys.readouterr().out
+    assert diff.startswith("--- a/code.py\n+++ b/code.py\n@@ ")
+    assert "-    return x + 1\r\n" in diff
+
+    assert main(["edit", str(f), "-m", model, "--span", "0:3", *fast]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith("(x):\r\n    return x + 1\r\n\r\nprint(f(2))\r\n")
+    assert f.read_bytes() == original.encode()  # printing never touches the file
+
+    assert main(["edit", str(f), "-m", model, "--lines", "2", "--in-place", *fast]) == 0
+    new = f.read_bytes()
+    assert new.startswith(b"def f(x):\r\n") and new.endswith(b"\r\n\r\nprint(f(2))\r\n")
+    assert (tmp_path / "code.py.bak").read_bytes() == original.encode()
+
+    # in-place failing mid-way through the CLI: original intact, no temp files, non-zero exit
+    f.write_bytes(original.encode())
+    (tmp_path / "code.py.bak").unlink()
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("unmask.io.os.replace", boom)
+    with pytest.raises(OSError):
+        main(["edit", str(f), "-m", model, "--lines", "2", "--in-place", "--no-backup", *fast])
+    monkeypatch.undo()
+    assert f.read_bytes() == original.encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]
+
+    capsys.readouterr()
+    assert main(["edit", str(f), "-m", model, "--span", "3:99"]) == 2
+    err = capsys.readouterr().err
+    assert "out of range" in err and len(err.strip().splitlines()) == 1
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["edit", str(empty), "-m", model, "--span", "0:0"]) == 2
+    assert "empty" in capsys.readouterr().err
