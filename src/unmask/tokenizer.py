@@ -170,10 +170,14 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        import jinja2
+        import datetime
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        # templates ship inside downloaded checkpoints: render them sandboxed, with the globals HF provides
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         tmpl = env.from_string(self.chat_template)
         return tmpl.render(
             messages=messages,

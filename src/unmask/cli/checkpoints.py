@@ -1,3 +1,132 @@
-"""CLI commands (filled in by their issue)."""
+"""`unmask chat MODEL` (chat with a checkpoint, in its own template) and `unmask eval humaneval MODEL`."""
 
-from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from unmask.cli.apps import app, eval_app
+from unmask.cli.common import console, load_pipeline, out
+
+
+def _options(max_new_tokens, block_length, steps, policy, threshold, temperature, top_p, seed, cache):
+    from unmask.decoding.options import DecodeOptions
+
+    return DecodeOptions(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
+                         threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
+
+
+def _stats(result) -> str:
+    return (f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
+            f"{result.tokens_per_second:.1f} tokens/s[/dim]")
+
+
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help="Model folder (ours, LLaDA, Dream or a block-diffusion Qwen)."),
+    message: Optional[str] = typer.Option(None, "--message", help="Send one message, print the reply and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    block_length: int = typer.Option(32, "--block-length"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total denoising steps (fixed policy)."),
+    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    cache: str = typer.Option("prefix", "--cache", help="none | prefix | dual"),
+    show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each formatted prompt (to stderr)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+) -> None:
+    """Chat with a model, prompts formatted with the checkpoint's chat template. /reset clears, /exit quits."""
+    from rich.prompt import Prompt
+
+    from unmask.chat import ChatSession
+    from unmask.errors import UnmaskError
+
+    options = _options(max_new_tokens, block_length, steps, policy, threshold, temperature, top_p, seed, cache)
+    pipe = load_pipeline(model, device, dtype)
+    session = ChatSession(pipe, options, system=system)
+
+    def turn(text: str) -> None:
+        with console.status("denoising …"):
+            reply = session.send(text)
+        if show_prompt:
+            console.print(reply.prompt, markup=False, highlight=False, style="dim")
+        out.print(reply.reply, markup=False, highlight=False)
+        console.print(_stats(reply.result))
+
+    if message is not None:
+        turn(message)
+        return
+    console.print(f"[bold]{model}[/bold] · /reset clears the conversation, /exit (or Ctrl-D) quits")
+    while True:
+        try:
+            text = Prompt.ask("[bold cyan]you[/bold cyan]", console=console)
+        except EOFError:
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            session.reset()
+            console.print("[dim]conversation cleared[/dim]")
+            continue
+        if not text.strip():
+            continue
+        try:
+            turn(text)
+        except UnmaskError as e:  # e.g. the conversation no longer fits the context: say so, keep the REPL
+            console.print(f"[red]error:[/red] {e} (try /reset)")
+
+
+@eval_app.command("humaneval")
+def humaneval(
+    model: Path = typer.Argument(..., help="Model folder."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    block_length: int = typer.Option(32, "--block-length"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total denoising steps (fixed policy)."),
+    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    temperature: float = typer.Option(0.0, "--temperature"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    seed: Optional[int] = typer.Option(0, "--seed"),
+    cache: str = typer.Option("prefix", "--cache", help="none | prefix | dual"),
+    chat_format: bool = typer.Option(False, "--chat", help="Ask in the chat template (instruct models)."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per program in the sandbox."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per problem."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+) -> None:
+    """HumanEval pass@1 with tokens/s and NFE per problem (generated code runs in a sandboxed subprocess)."""
+    from rich.table import Table
+
+    from unmask.eval.humaneval import load_problems, run_humaneval
+
+    options = _options(max_new_tokens, block_length, steps, policy, threshold, temperature, top_p, seed, cache)
+    problems = load_problems(limit)
+    pipe = load_pipeline(model, device, dtype)
+    table = Table(title=f"HumanEval · {model}")
+    for col in ("task", "result", "tokens", "NFE", "tokens/s", "detail"):
+        table.add_column(col, justify="right" if col in ("tokens", "NFE", "tokens/s") else "left")
+    done = [0]
+
+    def progress(r) -> None:
+        done[0] += 1
+        mark = "[green]pass[/green]" if r.passed else f"[red]{r.result}[/red]"
+        console.print(f"[dim]{done[0]}/{len(problems)}[/dim] {r.task_id} {mark} · {r.new_tokens} tokens · "
+                      f"NFE {r.nfe} · {r.tokens_per_second:.1f} tokens/s")
+        table.add_row(r.task_id, "pass" if r.passed else r.result, str(r.new_tokens), str(r.nfe),
+                      f"{r.tokens_per_second:.1f}", r.detail[:40])
+
+    report = run_humaneval(pipe, options, problems=problems, chat=chat_format, timeout=timeout, on_result=progress,
+                           out=out_file)
+    s = report.summary()
+    out.print(table)
+    out.print(f"pass@1 {s['pass@1']:.3f} ({s['passed']}/{s['problems']}) · {s['tokens_per_second']:.1f} tokens/s · "
+              f"mean NFE {s['mean_nfe']:.1f} · mean {s['mean_new_tokens']:.1f} new tokens")
+    if out_file is not None:
+        console.print(f"[dim]per-problem results: {out_file}[/dim]")
