@@ -108,6 +108,7 @@ def bench_serve(
 ) -> None:
     """N concurrent clients against the server on loopback: requests/s, p50/p99 latency, failures;
     batched (max_batch = clients) against one-at-a-time (max_batch = 1)."""
+    import httpx
     from rich.table import Table
 
     from unmask.decoding.engine import Engine
@@ -128,7 +129,7 @@ def bench_serve(
         web = create_app(pipe, engine=engine)
         with BackgroundServer(web) as srv:
             with console.status(f"max_batch={b}: {clients} clients for {seconds:g}s …"):
-                _load_clients(srv.url, 1, min(seconds, 2.0), body)  # warm-up (allocator, first-call costs)
+                httpx.post(srv.url + "/v1/completions", json=body, timeout=600)  # warm-up: first-call costs
                 rows.append((b, _load_clients(srv.url, clients, seconds, body)))
 
     table = Table(title=f"unmask bench serve · {clients} clients · {seconds:g}s each · {max_tokens} tokens/request")

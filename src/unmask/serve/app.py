@@ -48,6 +48,8 @@ from unmask.serve.worker import JobDone, Worker
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+# special tokens that end an assistant turn in common chat templates (ours, LLaDA, Qwen/Dream, Phi)
+TURN_END_TOKENS = ("<|user|>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
 class ClientGone(Exception):
@@ -151,6 +153,9 @@ class Server:
         prompt_ids = self.tokenizer.encode(prompt)
         self.check_ids(prompt_ids, "messages")
         opts = self.options(req, len(prompt_ids))
+        # a model may close its turn with an end-of-turn token or open the next turn: both end the answer
+        turn_ends = [t for t in TURN_END_TOKENS if self.tokenizer.token_to_id(t) is not None and t not in opts.stop]
+        opts = opts.replace(stop=opts.stop + turn_ends)
         return await self.run(request, req, "/v1/chat/completions", prompt_ids, None, opts, chat=True)
 
     async def run(self, request: Request, req: DecodingFields, endpoint: str, prompt_ids: list[int],

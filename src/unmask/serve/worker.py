@@ -120,7 +120,11 @@ class Worker:
         ticket = Ticket(f"req-{uuid.uuid4().hex[:16]}", loop)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.put(("submit", ticket, every_step, prompt_ids, options, suffix_ids, accepted))
-        await asyncio.wrap_future(accepted)
+        try:
+            await asyncio.wrap_future(accepted)
+        except asyncio.CancelledError:  # the client left while the worker was busy: drop the request
+            self.cancel(ticket.request_id)
+            raise
         return ticket
 
     async def run_job(self, job: Callable[[Callable[[StepEvent], None]], Any], every_step: bool = True) -> Ticket:

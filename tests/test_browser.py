@@ -1,0 +1,92 @@
+"""The demo page in headless Chromium: a prompt is submitted, the denoising animation shows masked states
+turning into text, the final text appears; then an Instant Edit of a selected region.
+
+Needs Debian's chromium (`apt-get install -y chromium`) and the `playwright` package (dev extras); Playwright
+never downloads a browser here, it drives /usr/bin/chromium.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import pytest
+
+from unmask.serve.app import create_app
+from unmask.serve.runner import BackgroundServer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                       reason=f"{CHROMIUM} is absent; install it with `apt-get install -y chromium`"),
+]
+
+
+def test_page_animates_denoising_and_edits(tiny_pipeline, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    # slow each forward pass a little so the page receives its states over time, as with a real model
+    hook = tiny_pipeline.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    app = create_app(tiny_pipeline, model_name="tiny")
+    try:
+        with BackgroundServer(app) as srv, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1366, "height": 820})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(srv.url + "/")
+            page.wait_for_selector("#server-status.ok", timeout=15_000)
+            assert "tiny" in page.inner_text("#model")
+
+            # --- generate: fixed policy, 24 tokens in 12 steps -> 12 animated states
+            page.fill("#prompt", "def parse_header(line):\n")
+            page.fill("#max_tokens", "24")
+            page.select_option("#policy", "fixed")
+            page.fill("#steps", "12")
+            page.fill("#block_length", "24")
+            page.fill("#frame_delay", "30")
+            page.click("#go")
+            page.wait_for_function("window.unmaskLog.some(f => f.panel === 'generate' && f.masked > 0)",
+                                   timeout=60_000)
+            page.screenshot(path=str(tmp_path / "denoising.png"))
+            page.wait_for_selector("#gen-output[data-state=done]", timeout=60_000)
+            log = page.evaluate("window.unmaskLog.filter(f => f.panel === 'generate')")
+            assert len(log) == 12, log
+            middle = [f for f in log if 0 < f["masked"] < f["total"]]
+            assert middle, "no intermediate masked state was drawn"
+            assert log[0]["masked"] > log[-1]["masked"] == 0
+            assert [f["step"] for f in log] == sorted(f["step"] for f in log)
+
+            # the final text on the page is the API's answer for the same request
+            api = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "prompt": "def parse_header(line):\n", "max_tokens": 24, "steps": 12, "block_length": 24,
+                "policy": "fixed", "threshold": 0.9, "temperature": 0}).json()
+            final = api["choices"][0]["text"]
+            assert page.inner_text("#canvas") == final.replace("\r\n", "\n") or page.text_content("#canvas") == final
+            assert page.locator("#canvas .tok.masked").count() == 0
+            assert page.inner_text("#c-nfe") == "12" and page.inner_text("#c-tps") not in ("–", "")
+            page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
+
+            # --- Instant Edit: select a region of the text and rewrite it
+            text = page.input_value("#edit-input")
+            start = text.index("vaules")
+            page.evaluate(f"(() => {{ const t = document.getElementById('edit-input'); t.focus();"
+                          f" t.setSelectionRange({start}, {start + 6}); t.dispatchEvent(new Event('select')); }})()")
+            assert "selection" in page.inner_text("#selection")
+            page.click("#edit-span")
+            page.wait_for_selector("#edit-output[data-state=done]", timeout=60_000)
+            edit_log = page.evaluate("window.unmaskLog.filter(f => f.panel === 'edit')")
+            assert edit_log and any(f["masked"] > 0 for f in edit_log)
+            edited = page.text_content("#edit-canvas")
+            assert edited.startswith(text[:start]) and edited.endswith(text[start + 6:])
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            assert not errors, errors
+            browser.close()
+    finally:
+        hook.remove()
+    assert (tmp_path / "page.png").stat().st_size > 10_000
