@@ -48,7 +48,7 @@ def ar_generate(
             finish = "eos"
             break
         out.append(t)
-        if on_step is not None and len(out) < max_new_tokens:
+        if on_step is not None:
             on_step(StepEvent("0", len(out), list(out), len(out), changed=[len(out) - 1]))
         if len(out) == max_new_tokens:
             break

@@ -265,7 +265,9 @@ class Engine:
         lo, hi = blk[0], blk[-1] + 1
         start = max(lo - shift, 0)  # logits_shift: the block's first logit is the output of the slot before
         if c.attention == "block_causal":  # the block's model block is bidirectional inside: recompute all of it
-            start = min(start, lo // c.block_size * c.block_size)
+            bs = c.block_size
+            start = min(start, lo // bs * bs)
+            hi = min(r.n, max(hi, (blk[-1] // bs + 1) * bs))
         r.window = (start, r.n if r.options.cache == "prefix" else hi)
         r.block_step, r.correcting = 0, -1
         r.policy.start_block(len(blk), r.steps_budget)

@@ -1,0 +1,255 @@
+"""Decoding engine: cache exactness, batching == alone, early stop, self-correction, queue, streaming."""
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from engine_helpers import ScriptedModel, sharp_model
+from unmask.decoding.cache import CacheView, attention_mask
+from unmask.decoding.denoise import denoise
+from unmask.decoding.engine import Engine, QueueFull
+from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.reference import reference_generate
+
+PROMPTS = ["def main(args):\n    return", "import os", "class Parser(object):\n    def parse(self, text):"]
+
+
+def opts(**kw):
+    base = dict(max_new_tokens=24, block_length=8, policy="threshold", threshold=0.6, early_stop=False)
+    return DecodeOptions(**{**base, **kw})
+
+
+def test_fixed_uncached_equals_reference_sampler(tokenizer):
+    model = sharp_model(tokenizer)
+    prompt = tokenizer.encode(PROMPTS[0])
+    ref, ref_nfe = reference_generate(model, torch.tensor([prompt]), gen_length=32, block_length=8, steps=16)
+    r = Engine(model).generate(prompt, opts(max_new_tokens=32, policy="fixed", steps=16, cache="none"))
+    assert r.tokens == ref[0, len(prompt):].tolist()
+    assert r.nfe == ref_nfe == 16 and r.steps_per_block == [4, 4, 4, 4]
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refreshed_every_step_equals_uncached(tokenizer, cache):
+    model = sharp_model(tokenizer)
+    prompt = tokenizer.encode(PROMPTS[2])
+    plain = Engine(model).generate(prompt, opts(cache="none"))
+    cached = Engine(model).generate(prompt, opts(cache=cache, cache_refresh=1))
+    assert cached.tokens == plain.tokens and cached.nfe == plain.nfe
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_block_causal_cache_is_exact(tokenizer, cache, shift):
+    # prompt of 9 tokens: the first decode block shares its model block (size 8) with the prompt's tail
+    model = sharp_model(tokenizer, attention="block_causal", block_size=8, logits_shift=shift)
+    prompt = tokenizer.encode(PROMPTS[0])
+    assert len(prompt) % 8
+    plain = Engine(model).generate(prompt, opts(cache="none"))
+    cached = Engine(model).generate(prompt, opts(cache=cache))
+    assert cached.tokens == plain.tokens
+    assert len(set(plain.tokens)) > 2  # the model is context-sensitive, not a constant
+    assert plain.steps_per_block[0] <= 8 - len(prompt) % 8  # decode blocks follow model blocks
+
+
+def test_dual_cache_is_an_approximation_on_bidirectional_models(tokenizer):
+    # guards the test above: with a stale cache a bidirectional model *does* decode differently
+    model = sharp_model(tokenizer)
+    prompt = tokenizer.encode(PROMPTS[0])
+    a = Engine(model).generate(prompt, opts(max_new_tokens=32, cache="none"))
+    b = Engine(model).generate(prompt, opts(max_new_tokens=32, cache="dual"))
+    assert a.tokens != b.tokens
+
+
+def test_window_step_reads_and_writes_the_cache_in_place(tokenizer):
+    """Two rows of different lengths, windows at different slots: same logits as full forwards.
+    One layer, so the K/V outside the window do not depend on the changed tokens and stay exact."""
+    model = tiny_model(tokenizer, n_layers=1)
+    c = model.config
+    seqs = [torch.randint(10, 500, (20,)), torch.randint(10, 500, (13,))]
+    C = 20
+    cache = model.new_cache(2, C + 1)
+    tokens = torch.stack([torch.nn.functional.pad(s, (0, C - len(s)), value=c.pad_id) for s in seqs])
+    pos = torch.arange(C).expand(2, -1)
+    with torch.no_grad():
+        mask = attention_mask(c, pos, pos < torch.tensor([[20], [13]]), [20, 13], C)
+        model(tokens, positions=pos, cache=CacheView(cache, slice(0, 2), None, C), kv_len=C, attn_mask=mask)
+        # change a few tokens in each row's window, then run only the windows [5, 9) and [9, 12)
+        new = [s.clone() for s in seqs]
+        new[0][5:9] = torch.randint(10, 500, (4,))
+        new[1][9:12] = torch.randint(10, 500, (3,))
+        slots = torch.tensor([[5, 6, 7, 8], [9, 10, 11, C]])
+        win = torch.stack([new[0][5:9], torch.cat([new[1][9:12], torch.tensor([c.pad_id])])])
+        qpos = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+        wmask = attention_mask(c, qpos, slots < C, [20, 13], C)
+        out = model(win, positions=qpos, cache=CacheView(cache, slice(0, 2), slots, C), kv_len=C, attn_mask=wmask)
+        full0 = model(new[0][None])
+        full1 = model(new[1][None])
+    # the window's K/V replaced the stale ones in place; keys outside the window are unchanged,
+    # so the window's logits equal a full forward of the new sequence
+    assert torch.allclose(out[0], full0[0, 5:9], atol=1e-4)
+    assert torch.allclose(out[1, :3], full1[0, 9:12], atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "block_causal"])
+def test_batched_prompts_of_different_lengths_equal_each_alone(tokenizer, attention):
+    model = sharp_model(tokenizer, attention=attention)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) == 3
+    # different options per request: cache modes, policies, lengths, an infill suffix
+    options = [opts(cache="dual"), opts(cache="prefix", policy="fixed", max_new_tokens=16),
+               opts(cache="none", block_length=4, max_new_tokens=12)]
+    suffixes = [None, tokenizer.encode("\n    pass\n"), None]
+    alone = [Engine(model).generate(p, o, suffix_ids=s) for p, o, s in zip(prompts, options, suffixes)]
+    # max_batch 2: the third request joins when the first finishes, mid-way through the second
+    engine = Engine(model, max_batch=2)
+    ids = [engine.submit(p, o, suffix_ids=s) for p, o, s in zip(prompts, options, suffixes)]
+    results, sizes = {}, []
+    while engine.has_work():
+        events = engine.step()
+        sizes.append(len(events))
+        results.update({e.request_id: e.result for e in events if e.done})
+    assert max(sizes) == 2
+    for rid, solo in zip(ids, alone):
+        assert results[rid].tokens == solo.tokens
+        assert results[rid].nfe == solo.nfe
+
+
+def eos_model(tokenizer, eos_at: int, prompt_len: int):
+    """Predicts token 100 + position everywhere, EOS at generated index `eos_at`; confident left to right."""
+    eos = tokenizer.eos_id
+
+    def rule(pos, cur):
+        i = pos - prompt_len
+        return (eos, 0.9) if i == eos_at else (100 + pos, 0.9 - 0.001 * i)
+
+    return ScriptedModel(tokenizer, rule)
+
+
+def test_early_stop_stops_after_eos_and_never_before(tokenizer):
+    prompt = [5, 6, 7, 8]
+    model = eos_model(tokenizer, eos_at=11, prompt_len=len(prompt))
+    o = opts(max_new_tokens=40, threshold=0.99, early_stop=True)
+    stopped = Engine(model).generate(prompt, o)
+    full = Engine(model).generate(prompt, o.replace(early_stop=False))
+    assert stopped.tokens == full.tokens == [100 + len(prompt) + i for i in range(11)]
+    assert stopped.finish_reason == "eos"
+    assert len(stopped.steps_per_block) == 2 < len(full.steps_per_block) == 5  # EOS in block 2: stop there
+    assert stopped.nfe == 16 < full.nfe
+
+
+def test_early_stop_does_not_fire_without_eos(tokenizer):
+    prompt = [5, 6, 7, 8]
+    model = eos_model(tokenizer, eos_at=10_000, prompt_len=len(prompt))
+    r = Engine(model).generate(prompt, opts(max_new_tokens=20, early_stop=True))
+    assert len(r.tokens) == 20 and r.finish_reason == "length"
+
+
+def test_early_stop_fills_the_rest_with_eos_in_denoise(tokenizer):
+    prompt = [5, 6, 7, 8]
+    model = eos_model(tokenizer, eos_at=3, prompt_len=len(prompt))
+    out = denoise(model, prompt + [tokenizer.mask_id] * 24, opts(early_stop=True))
+    assert out.stopped_at_eos and out.canvas[len(prompt) + 3] == tokenizer.eos_id
+    assert out.canvas[len(prompt) + 8 :] == [tokenizer.eos_id] * 16  # the blocks after the EOS block
+    assert out.steps_per_block == [1]  # threshold 0.6: the confident block commits at once
+
+
+def test_self_correction_terminates_within_its_bound(tokenizer):
+    # a model that always wants the *next* token id at 0.95: every rewrite invites another one
+    model = ScriptedModel(tokenizer, lambda pos, cur: ((cur + 1) % 400 if cur != tokenizer.mask_id else 50, 0.95))
+    prompt = [5, 6, 7]
+    o = opts(max_new_tokens=16, threshold=0.9, self_correct=True, max_correction_steps=3)
+    r = Engine(model).generate(prompt, o)
+    assert r.steps_per_block == [1 + 3, 1 + 3]  # one step fills the block, then exactly the bound
+    assert r.tokens == [50 + 3] * 16  # three rewrites happened: 50 -> 51 -> 52 -> 53
+    plain = Engine(model).generate(prompt, o.replace(self_correct=False))
+    assert plain.tokens == [50] * 16 and plain.steps_per_block == [1, 1]
+
+
+def test_self_correction_remasks_improbable_tokens_and_stops_when_stable(tokenizer):
+    # the first proposal is weak (p 0.3 < remask_below); after a re-mask the model is sure of token 60
+    seen = set()
+
+    def rule(pos, cur):
+        if cur == tokenizer.mask_id:
+            first = pos not in seen
+            seen.add(pos)
+            return (40, 0.3) if first else (60, 0.99)
+        return (cur, 0.3 if cur == 40 else 0.99)
+
+    model = ScriptedModel(tokenizer, rule)
+    o = opts(max_new_tokens=8, threshold=0.2, self_correct=True, max_correction_steps=5)
+    r = Engine(model).generate([5, 6, 7], o)
+    assert r.tokens == [60] * 8
+    assert r.steps_per_block == [4]  # fill (40s), re-mask, refill (60s), stable
+
+
+def test_threshold_one_commits_one_token_per_step(tokenizer):
+    model = sharp_model(tokenizer)
+    r = Engine(model).generate(tokenizer.encode(PROMPTS[1]), opts(threshold=1.0, max_new_tokens=20))
+    assert r.steps == r.nfe == 20 and r.steps_per_block == [8, 8, 4]
+
+
+def test_denoise_fills_interior_masks_and_keeps_context(tokenizer):
+    model = sharp_model(tokenizer, attention="block_causal")
+    M = tokenizer.mask_id
+    text = tokenizer.encode(PROMPTS[2])
+    canvas = text[:3] + [M] * 5 + text[3:8] + [M] * 6 + text[8:]
+    outs = [denoise(model, canvas, opts(cache=c, block_length=4)) for c in ("none", "prefix", "dual")]
+    for out in outs:
+        assert M not in out.canvas
+        assert [t for t, c in zip(out.canvas, canvas) if c != M] == [c for c in canvas if c != M]
+        assert out.canvas == outs[0].canvas  # block_causal: caches exact with context on both sides
+
+
+def test_queue_full_cancel_and_counts(tokenizer):
+    model = tiny_model(tokenizer)
+    engine = Engine(model, max_batch=1, max_queue=2)
+    a = engine.submit([5, 6], opts(max_new_tokens=8))
+    b = engine.submit([5, 6], opts(max_new_tokens=8), request_id="b")
+    with pytest.raises(QueueFull, match="queue full"):
+        engine.submit([5, 6], opts())
+    engine.step()  # admits a; b waits for the single batch row
+    with pytest.raises(OptionsError, match="already in use"):
+        engine.submit([7], opts(), request_id="b")
+    assert engine.num_active == 1 and engine.num_waiting == 1
+    engine.cancel(a)  # active
+    assert engine.num_active == 0 and engine.has_work()
+    events = engine.step()
+    assert [e.request_id for e in events] == ["b"]
+    engine.cancel("b")
+    engine.cancel("unknown")  # already gone: ignored
+    assert not engine.has_work() and engine.step() == []
+
+
+def test_bad_requests_are_clear_errors(tokenizer):
+    engine = Engine(tiny_model(tokenizer, max_seq_len=64))
+    with pytest.raises(OptionsError, match="exceeds the model context"):
+        engine.submit([5] * 60, opts(max_new_tokens=8))
+    with pytest.raises(OptionsError, match="mask token"):
+        engine.submit([5, tokenizer.mask_id], opts())
+    with pytest.raises(OptionsError, match="causal"):
+        Engine(tiny_model(tokenizer, attention="causal"))
+
+
+def test_streaming_shows_text_emerging_and_ends_with_the_result(tiny_pipeline):
+    events = []
+    result = tiny_pipeline.generate("def f(x):", on_step=events.append, max_new_tokens=16, block_length=8,
+                                    policy="fixed", steps=8, early_stop=False)
+    committed = [e.committed for e in events]
+    assert committed == sorted(committed) and committed[0] >= 1 and len(events) == result.steps == 8
+    assert all(len(e.canvas) == 16 for e in events)
+    assert events[0].canvas.count(tiny_pipeline.tokenizer.mask_id) == 14  # 2 tokens per step
+    assert events[-1].done and events[-1].result is result
+    assert events[-1].canvas[: len(result.tokens)] == result.tokens
+    assert [e.done for e in events[:-1]] == [False] * 7
+    assert all(len(e.changed) == 2 for e in events)
+
+
+def test_ar_twin_streams_tokens(tokenizer):
+    from unmask.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_model(tokenizer, attention="causal"), tokenizer)
+    events = []
+    result = pipe.generate("import os", on_step=events.append, max_new_tokens=6)
+    assert events[-1].done and events[-1].result is result
+    assert [e.committed for e in events[:-1]] == list(range(1, len(result.tokens) + 1))
