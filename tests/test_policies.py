@@ -1,0 +1,83 @@
+"""Unmasking policies and confidence measures, on hand-made confidences and a scripted model."""
+
+import math
+
+import pytest
+import torch
+
+from engine_helpers import ScriptedModel
+from unmask.decoding.engine import Engine
+from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.policies import confidence, make_policy
+
+CONF = torch.tensor([0.95, 0.20, 0.99, 0.50, 0.91, 0.30], dtype=torch.float64)
+ALL = torch.ones(6, dtype=torch.bool)
+
+
+def chosen(mask):
+    return mask.nonzero().flatten().tolist()
+
+
+def test_fixed_policy_follows_the_even_schedule_most_confident_first():
+    p = make_policy(DecodeOptions(policy="fixed"))
+    p.start_block(n_masks=6, steps_budget=4)  # 2, 2, 1, 1
+    assert p.schedule == [2, 2, 1, 1]
+    assert chosen(p.select(CONF, ALL, 0)) == [0, 2]
+    left = ALL.clone()
+    left[[0, 2]] = False
+    assert chosen(p.select(CONF, left, 1)) == [3, 4]
+
+
+def test_threshold_commits_all_confident_and_at_least_one():
+    p = make_policy(DecodeOptions(policy="threshold", threshold=0.9))
+    assert chosen(p.select(CONF, ALL, 0)) == [0, 2, 4]
+    low = torch.tensor([0.1, 0.3, 0.2], dtype=torch.float64)
+    assert chosen(p.select(low, torch.ones(3, dtype=torch.bool), 0)) == [1]
+    only = torch.tensor([False, False, True, True, False, False])  # non-candidates never commit
+    assert chosen(p.select(CONF, only, 0)) == [2]
+
+
+def test_threshold_one_commits_exactly_one_even_when_certain():
+    p = make_policy(DecodeOptions(policy="threshold", threshold=1.0))
+    certain = torch.ones(5, dtype=torch.float64)
+    assert chosen(p.select(certain, torch.ones(5, dtype=torch.bool), 0)) == [0]
+
+
+def test_factor_rule():
+    # sorted: 0.99, 0.95, 0.91, 0.5 ...; f = 0.3: thresholds 1 - 0.3/(i+1) = 0.85, 0.9, 0.925, 0.94
+    p = make_policy(DecodeOptions(policy="factor", factor=0.3))
+    assert chosen(p.select(CONF, ALL, 0)) == [0, 2]  # 0.91 < 0.925 stops the run at two
+    p = make_policy(DecodeOptions(policy="factor", factor=1.0))  # 0.5, 0.667, 0.75, 0.8, 0.833
+    assert chosen(p.select(CONF, ALL, 0)) == [0, 2, 4]
+    p = make_policy(DecodeOptions(policy="factor", factor=0.01))
+    assert chosen(p.select(CONF, ALL, 0)) == [2]  # at least one
+
+
+def test_confidence_measures():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]], dtype=torch.float64)
+    tok = torch.tensor([0, 1])
+    assert torch.allclose(confidence("prob", probs, tok), torch.tensor([0.7, 0.4], dtype=torch.float64))
+    assert torch.allclose(confidence("margin", probs, tok), torch.tensor([0.5, 0.0], dtype=torch.float64))
+    h = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
+    assert confidence("entropy", probs, tok)[0].item() == pytest.approx(math.exp(-h))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    r1, r2 = confidence("random", probs, tok, g1), confidence("random", probs, tok, g2)
+    assert torch.equal(r1, r2) and ((0 <= r1) & (r1 < 1)).all()
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(OptionsError, match="policy must be"):
+        DecodeOptions(policy="greedy-ish")
+
+
+@pytest.mark.parametrize("kind, steps", [("prob", 5), ("margin", 5), ("entropy", 8)])
+def test_threshold_policy_in_the_engine_uses_the_confidence_measure(tokenizer, kind, steps):
+    # position p is predicted at probability 0.97 for even p and 0.6 for odd p
+    model = ScriptedModel(tokenizer, lambda pos, cur: (100 + pos, 0.97 if pos % 2 == 0 else 0.6))
+    o = DecodeOptions(max_new_tokens=8, block_length=8, policy="threshold", threshold=0.9, confidence=kind,
+                      early_stop=False)
+    r = Engine(model).generate([5, 6], o)
+    assert r.tokens == [102 + i for i in range(8)]
+    # prob/margin: the 4 sure positions at once, then the unsure ones one by one; exp(-entropy) of a
+    # 0.97 peak over 512 tokens is only ~0.72, so under entropy nothing clears 0.9: one per step
+    assert r.steps_per_block == [steps]
