@@ -1,3 +1,87 @@
-"""CLI commands (filled in by their issue)."""
+"""`unmask bench decode`: decoding speed of the reference sampler, the engine's caches/policies, the AR twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
 
 from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
+from unmask.cli.common import console, load_pipeline, out
+
+PROMPT = 'def parse_config(path):\n    """Read a JSON config file and return it as a dict."""\n'
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (trained weights)."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Random weights of a named shape: tiny, small-34m, "
+                                        "llada-8b, dream-7b (used when --model is not given)."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="'ar': add the causal twin with a KV cache."),
+    ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Trained AR twin (default: random weights "
+                                            "of the same shape)."),
+    prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt tokens (random ids; with --model: a code "
+                                   "prompt, repeated to this length)."),
+    new_tokens: int = typer.Option(256, "--new-tokens", "-n"),
+    block_length: int = typer.Option(32, "--block-length"),
+    threshold: float = typer.Option(0.9, "--threshold"),
+    repeats: int = typer.Option(1, "--repeats", help="Best of N timed runs (after one warm-up)."),
+    device: Optional[str] = typer.Option(None, "--device"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 (default: bf16 on CUDA)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's forward passes."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Print ms per denoising step, NFE, tokens/step and tokens/s for each decoder."""
+    import dataclasses
+
+    import torch
+    from rich.table import Table
+
+    from unmask.bench.decode import bench_decode, random_model
+    from unmask.errors import UnmaskError
+    from unmask.model.config import shape_config
+    from unmask.pipeline import parse_dtype
+
+    if compare not in (None, "ar"):
+        raise UnmaskError(f"--compare must be 'ar', got {compare!r}")
+    if model is not None and shape is not None:
+        raise UnmaskError("give --model or --shape, not both")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if model is not None:
+        pipe = load_pipeline(model, str(dev), dtype)
+        net = pipe.model.to(dt)
+        ids = pipe.encode(PROMPT)
+        prompt = (ids * (prompt_len // max(len(ids), 1) + 1))[:prompt_len]
+        label = str(model)
+    else:
+        config = shape_config(shape or "tiny")
+        with console.status(f"building a random {shape or 'tiny'} model on {dev} …"):
+            net = random_model(config, dev, dt, seed)
+        gen = torch.Generator().manual_seed(seed)
+        special = {config.mask_id, config.eos_id, config.pad_id}
+        prompt = [t for t in torch.randint(0, config.vocab_size, (prompt_len + 8,), generator=gen).tolist()
+                  if t not in special][:prompt_len]
+        label = f"random {shape or 'tiny'}"
+    if len(prompt) + new_tokens > net.config.max_seq_len:
+        raise UnmaskError(f"prompt {len(prompt)} + {new_tokens} new tokens exceeds the context of "
+                          f"{net.config.max_seq_len}")
+    twin = None
+    if compare == "ar":
+        if ar_model is not None:
+            twin = load_pipeline(ar_model, str(dev), dtype).model.to(dt)
+            if twin.config.attention != "causal":
+                raise UnmaskError(f"--ar-model {ar_model} is not a causal model")
+        else:
+            twin = random_model(dataclasses.replace(net.config, attention="causal"), dev, dt, seed + 1)
+    with console.status("timing decoders …"):
+        rows = bench_decode(net, prompt, new_tokens, block_length, threshold, twin, repeats, compile)
+    c = net.config
+    table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {str(dt)[6:]}, "
+                        f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}")
+    for col in ("decoder", "ms / step", "NFE", "tokens / step", "tokens / s"):
+        table.add_column(col, justify="left" if col == "decoder" else "right")
+    for r in rows:
+        table.add_row(r.name, f"{r.ms_per_step:.2f}", str(r.nfe), f"{r.tokens_per_step:.2f}", f"{r.tokens_per_second:.1f}")
+    out.print(table)

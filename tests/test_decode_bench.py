@@ -1,0 +1,24 @@
+"""`unmask bench decode` runs end to end on a random tiny model and prints every decoder's row."""
+
+from unmask.cli.main import main
+
+
+def test_bench_decode_prints_all_decoders(capsys):
+    rc = main(["bench", "decode", "--shape", "tiny", "--new-tokens", "16", "--block-length", "8",
+               "--prompt-len", "8", "--compare", "ar"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    names = ["reference sampler", "engine, no cache", "prefix cache", "dual cache", "threshold 0.9", "AR twin"]
+    lines = {n: next(line for line in text.splitlines() if n in line) for n in names}
+    for name, line in lines.items():
+        cells = [c.strip() for c in line.split("│") if c.strip()]
+        assert float(cells[1]) > 0  # ms / step
+        assert int(cells[2]) >= 2  # NFE: at least one forward per block (AR: one per token)
+    ref = [c.strip() for c in lines["reference sampler"].split("│") if c.strip()]
+    assert ref[2] == "16" and ref[3] == "1.00"  # one token per step, one forward per step
+
+
+def test_bench_decode_rejects_bad_arguments(capsys):
+    assert main(["bench", "decode", "--shape", "tiny", "--compare", "gpt"]) == 2
+    assert "--compare must be 'ar'" in capsys.readouterr().err
+    assert main(["bench", "decode", "--shape", "nope"]) == 2
