@@ -94,3 +94,10 @@ def test_cli_repl(llada_dir, capsys, monkeypatch):
     # after /reset the second prompt holds only the new message
     assert err.count("user<|end_header_id|>") == 2 and "hello<|eot_id|>" in err
     assert err.count("NFE") == 2
+
+
+def test_checkpoint_special_tokens_are_skipped_on_request(llada_dir):
+    tok = unmask.load(llada_dir, device="cpu").tokenizer
+    ids = tok.encode("hello<|eot_id|><|start_header_id|>")
+    assert "<|eot_id|>" in tok.decode(ids)
+    assert tok.decode(ids, skip_special=True) == "hello"

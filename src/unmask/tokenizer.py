@@ -123,7 +123,7 @@ class Tokenizer:
         return cls(hf, mask_id=mask, eos_id=eos, pad_id=pick(pad_id, "pad_token", ids[PAD]),
                    bos_id=pick(bos_id, "bos_token", None),
                    chat_template=template if template is not None else (DEFAULT_CHAT_TEMPLATE if ids[USER] is not None else None),
-                   extra_special={t: i for t, i in ids.items() if i is not None})
+                   extra_special={**_added_special(hf), **{t: i for t, i in ids.items() if i is not None}})
 
     def save(self, path: str | Path) -> None:
         from unmask.io import atomic_write_text
@@ -185,6 +185,11 @@ class Tokenizer:
             bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
             eos_token=self.hf.id_to_token(self.eos_id),
         )
+
+
+def _added_special(hf: HFTokenizer) -> dict[str, int]:
+    """A checkpoint's own special tokens (`<|eot_id|>`, `<|im_end|>`, ...), so skip_special drops them too."""
+    return {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
 
 
 def _raise_template_error(message: str):

@@ -106,7 +106,15 @@ def _parse(value: Any) -> Any:
     return value
 
 
-@register_model("unmask")
+def _register(cls):
+    try:
+        return register_model("unmask")(cls)
+    except ValueError:  # already registered: this module was reloaded
+        log.debug("lm-eval model 'unmask' is already registered")
+        return cls
+
+
+@_register
 class UnmaskLM(_Base):
     """`pretrained`: a model folder (or pass `pipeline=` a loaded Pipeline). Decoding options for generation
     (block_length, steps, policy, threshold, temperature, cache ...) are accepted as model_args."""
