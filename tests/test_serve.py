@@ -289,3 +289,28 @@ def test_edits_keep_text_outside_the_span(client):
     assert states and MASK_PLACEHOLDER in states[0]["choices"][0]["text"]
     assert all(s["object"] == "edit.chunk" for s in chunks)
     assert last["choices"][0]["text"] == new and last["choices"][0]["finish_reason"] == "stop"
+
+
+def test_delta_stream_never_sends_text_it_must_take_back(tokenizer):
+    """Tokens committed in random order (as diffusion does): deltas only grow the text, and their sum is the
+    final text, cut at EOS and stop strings, even where a stop string or a UTF-8 character spans tokens."""
+    import random
+
+    from unmask.serve.text import DeltaStream, final_text
+
+    mask, eos = tokenizer.mask_id, tokenizer.eos_id
+    text = "naïve café → done; return x  # ok 🙂\n    return y\n"
+    target = tokenizer.encode(text) + [eos, eos]
+    for seed in range(20):
+        rng = random.Random(seed)
+        stop = rng.choice([[], ["return y"], ["e; r", "→"], ["🙂"], ["zzz"]])
+        canvas = [mask] * len(target)
+        deltas = DeltaStream(tokenizer, mask, eos, stop)
+        sent = []
+        for i in rng.sample(range(len(target)), len(target)):
+            canvas[i] = target[i]
+            sent.append(deltas.update(canvas))
+        want, _, _ = final_text(tokenizer, target, eos, stop)
+        sent.append(deltas.finish(want))
+        assert "".join(sent) == want, (seed, stop)
+        assert "\ufffd" not in "".join(sent[:-1])

@@ -133,7 +133,7 @@ def bench_serve(
                 rows.append((b, _load_clients(srv.url, clients, seconds, body)))
 
     table = Table(title=f"unmask bench serve · {clients} clients · {seconds:g}s each · {max_tokens} tokens/request")
-    for col in ("max_batch", "requests", "failed", "requests/s", "tokens/s", "p50 latency s", "p99 latency s"):
+    for col in ("max_batch", "requests", "failed", "req/s", "tokens/s", "p50 s", "p99 s"):
         table.add_column(col, justify="right")
     for b, r in rows:
         table.add_row(str(b), str(r["requests"]), str(r["failed"]), f"{r['rps']:.2f}", f"{r['tps']:.1f}",

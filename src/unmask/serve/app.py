@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from unmask.chat import end_of_turn_strings
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.errors import UnmaskError
@@ -44,12 +45,11 @@ from unmask.serve.schema import (
 )
 from unmask.serve.text import MASK_PLACEHOLDER, DeltaStream, final_text, render_canvas
 from unmask.serve.worker import JobDone, Worker
+from unmask.tokenizer import USER
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-# special tokens that end an assistant turn in common chat templates (ours, LLaDA, Qwen/Dream, Phi)
-TURN_END_TOKENS = ("<|user|>", "<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
 class ClientGone(Exception):
@@ -66,7 +66,9 @@ def sse(data: Any) -> str:
 
 
 def _is_queue_full(e: BaseException) -> bool:
-    return type(e).__name__ == "QueueFull"
+    from unmask.decoding.engine import QueueFull
+
+    return isinstance(e, QueueFull)
 
 
 class Server:
@@ -83,6 +85,10 @@ class Server:
         self.worker = Worker(engine, max_jobs=max_edit_queue)
         self.metrics = Metrics(lambda: self.worker.num_waiting, lambda: self.worker.num_active)
         self.created = int(time.time())
+        # strings that end an assistant turn: the checkpoint's end-of-turn tokens, or the start of a new turn
+        self.turn_ends = end_of_turn_strings(pipeline)
+        if self.tokenizer.token_to_id(USER) is not None:
+            self.turn_ends.append(USER)
         # EOS/pad inside an edited span are absorbed (dropped) by the edit: show them as nothing
         self.absorbed = frozenset(i for i in (self.config.eos_id, self.config.pad_id) if i is not None)
 
@@ -154,8 +160,7 @@ class Server:
         self.check_ids(prompt_ids, "messages")
         opts = self.options(req, len(prompt_ids))
         # a model may close its turn with an end-of-turn token or open the next turn: both end the answer
-        turn_ends = [t for t in TURN_END_TOKENS if self.tokenizer.token_to_id(t) is not None and t not in opts.stop]
-        opts = opts.replace(stop=opts.stop + turn_ends)
+        opts = opts.replace(stop=opts.stop + [t for t in self.turn_ends if t not in opts.stop])
         return await self.run(request, req, "/v1/chat/completions", prompt_ids, None, opts, chat=True)
 
     async def run(self, request: Request, req: DecodingFields, endpoint: str, prompt_ids: list[int],
