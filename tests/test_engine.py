@@ -253,3 +253,9 @@ def test_ar_twin_streams_tokens(tokenizer):
     result = pipe.generate("import os", on_step=events.append, max_new_tokens=6)
     assert events[-1].done and events[-1].result is result
     assert [e.committed for e in events[:-1]] == list(range(1, len(result.tokens) + 1))
+
+
+def test_a_model_that_prefers_the_mask_token_still_finishes(tokenizer):
+    model = ScriptedModel(tokenizer, lambda pos, cur: (tokenizer.mask_id, 0.9))
+    out = denoise(model, [5, 6] + [tokenizer.mask_id] * 8, opts())
+    assert tokenizer.mask_id not in out.canvas and out.steps <= 8

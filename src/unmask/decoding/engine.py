@@ -243,6 +243,7 @@ class Engine:
             hidden.update(self._window_forward(window, C))
         h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
         logits = self.model.output(h)
+        logits[..., self.config.mask_id] = float("-inf")  # a committed [MASK] would never finish its block
         for i, r in enumerate(reqs):
             r.nfe += 1
             events.append(self._advance(r, logits[i, : r.pos.numel()]))
