@@ -53,12 +53,21 @@ def denoiser_logits(model: Transformer, x_t: torch.Tensor, x0: torch.Tensor) -> 
     c = model.config
     if c.attention != "block_causal":
         return model(x_t)
-    if c.logits_shift:
-        raise NotImplementedError("block-diffusion training of a logits_shift model is not supported")
     B, L = x_t.shape
     positions = torch.arange(L, device=x_t.device).repeat(2).expand(B, -1)
     mask = block_diffusion_mask(L, c.block_size, device=x_t.device)
-    return model(torch.cat([x_t, x0], dim=1), positions=positions, attn_mask=mask)[:, :L]
+    x = torch.cat([x_t, x0], dim=1)
+    if not c.logits_shift:
+        return model(x, positions=positions, attn_mask=mask)[:, :L]
+    # Shifted (AR-initialised) model: token i is read from output i-1. Inside a block that is the noisy
+    # copy's output; for a block's first token it is the *clean* previous token's output, which is what the
+    # decoder has at inference (the last committed token of the previous block).
+    raw = model.output(model(x, positions=positions, attn_mask=mask, return_hidden=True))
+    noisy, clean = raw[:, :L], raw[:, L:]
+    prev = torch.cat([noisy[:, :1], noisy[:, :-1]], dim=1)
+    prev_clean = torch.cat([clean[:, :1], clean[:, :-1]], dim=1)
+    first = (torch.arange(L, device=x.device) % c.block_size == 0) & (torch.arange(L, device=x.device) > 0)
+    return torch.where(first[None, :, None], prev_clean, prev)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

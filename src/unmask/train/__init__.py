@@ -1,0 +1,1 @@
+"""Training: typed config (config.py), the loop (trainer.py), LR schedules, distributed setup, throughput bench."""

@@ -1,0 +1,151 @@
+"""Trainer: loss goes down in every attention mode, the ELBO improves, resume is exact, init_from and SFT work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from unmask.eval.elbo import evaluate_bits_per_byte, token_stream
+from unmask.train.config import load_config
+from unmask.train.trainer import Trainer
+
+TINY_MODEL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, block_size=8)
+
+
+def make_corpus(root: Path, texts: list[str], tokenizer, n_train: int = 16, n_val: int = 2) -> Path:
+    """A corpus folder as `unmask corpus` + `unmask tokenizer` would write it."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, chunk in (("train", texts[:n_train]), ("val", texts[n_train : n_train + n_val])):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for t in chunk:
+                f.write(json.dumps({"text": t}) + "\n")
+    tokenizer.save(root / "tokenizer")
+    return root
+
+
+def tiny_train_config(corpus: Path, out: Path, **over):
+    base = {"out_dir": str(out), "data": {"corpus": str(corpus)}, "model": dict(TINY_MODEL), "seq_len": 32,
+            "batch_size": 8, "steps": 30, "eval_interval": 0, "eval_sequences": 8, "eval_samples": 2,
+            "checkpoint_interval": 0, "log_interval": 1, "device": "cpu",
+            "optim": {"lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.0}}
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return load_config(base=base)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CI box they lose a lot to contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, corpus_texts, tokenizer) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"), corpus_texts, tokenizer)
+
+
+def losses(trainer: Trainer) -> list[float]:
+    return [row["loss"] for row in trainer.history if "loss" in row]
+
+
+@pytest.mark.parametrize("mode,attention", [("diffusion", "bidirectional"), ("diffusion", "block_causal"),
+                                            ("ar", "causal")])
+def test_loss_decreases_in_every_attention_mode(tmp_path, corpus_dir, mode, attention):
+    model = {"attention": attention, "max_seq_len": 64}
+    cfg = tiny_train_config(corpus_dir, tmp_path / "run", mode=mode, model=model, steps=40)
+    trainer = Trainer(cfg, progress=False)
+    trainer.fit()
+    ls = losses(trainer)
+    assert len(ls) == 40
+    first, last = np.mean(ls[:5]), np.mean(ls[-5:])
+    assert last < first - 0.5, (first, last)
+
+
+def test_trained_elbo_beats_untrained_and_output_loads(tmp_path, corpus_dir, corpus_texts, tokenizer):
+    import unmask
+
+    cfg = tiny_train_config(corpus_dir, tmp_path / "run", steps=60, eval_interval=30)
+    trainer = Trainer(cfg, progress=False)
+    metrics = trainer.fit()
+    evals = [r["val_bpb"] for r in trainer.history if "val_bpb" in r]
+    assert len(evals) == 2 and metrics["val_bpb"] == evals[-1]
+
+    pipe = unmask.load(tmp_path / "run", device="cpu")  # the output folder is a model folder
+    assert pipe.config.attention == "bidirectional" and pipe.tokenizer.vocab_size == tokenizer.vocab_size
+    x = torch.randint(10, 500, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(pipe.model(x), trainer.model.eval()(x), atol=1e-5)
+
+    stream = token_stream(corpus_texts[16:18], tokenizer)
+    kw = dict(seq_len=32, n_samples=2, max_windows=16, seed=0)
+    trained = evaluate_bits_per_byte(pipe.model, tokenizer, stream, **kw)
+    untrained = evaluate_bits_per_byte(tiny_model(tokenizer, seed=1, **TINY_MODEL), tokenizer, stream, **kw)
+    assert trained.bits_per_byte < untrained.bits_per_byte - 0.5, (trained, untrained)
+
+
+def test_resume_continues_with_identical_losses(tmp_path, corpus_dir):
+    cfg = tiny_train_config(corpus_dir, tmp_path / "run", steps=6, checkpoint_interval=3, keep_checkpoints=3,
+                            micro_batch_size=4)  # grad accumulation too
+    full = Trainer(cfg, progress=False)
+    full.fit()
+    expected = losses(full)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert (ckpt / "trainer.pt").exists() and (ckpt / "config.json").exists()
+
+    # a new trainer (as after a kill) resumes from step 3 and takes exactly the same steps 4..6
+    resumed = Trainer(tiny_train_config(corpus_dir, tmp_path / "run", steps=6, checkpoint_interval=3,
+                                        micro_batch_size=4), resume=ckpt, progress=False)
+    assert resumed.step == 3
+    resumed.fit()
+    assert losses(resumed)[3:] == expected[3:]
+
+
+def test_resume_latest_and_no_checkpoint(tmp_path, corpus_dir):
+    cfg = tiny_train_config(corpus_dir, tmp_path / "run", steps=4, checkpoint_interval=2, keep_checkpoints=1)
+    Trainer(cfg, progress=False).fit()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004"]
+    again = Trainer(cfg, resume=True, progress=False)
+    assert again.step == 4
+    assert Trainer(tiny_train_config(corpus_dir, tmp_path / "other", steps=4), resume=True, progress=False).step == 0
+
+
+def test_init_from_ar_twin_adapts_to_diffusion(tmp_path, corpus_dir):
+    ar = Trainer(tiny_train_config(corpus_dir, tmp_path / "ar", mode="ar", model={"attention": "causal"}, steps=3),
+                 progress=False)
+    ar.fit()
+    cfg = tiny_train_config(corpus_dir, tmp_path / "dllm", steps=3, init_from=str(tmp_path / "ar"),
+                            model={"attention": "block_causal", "logits_shift": True, "block_size": 8})
+    cfg.model.pop("dim")  # shape comes from the source model; only the listed keys change
+    adapted = Trainer(cfg, progress=False)
+    assert adapted.model.config.attention == "block_causal" and adapted.model.config.logits_shift
+    for (name, a), b in zip(ar.model.state_dict().items(), adapted.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    adapted.fit()
+    assert all(np.isfinite(losses(adapted)))
+
+
+def test_sft_mode_trains_on_prompt_answer_pairs(tmp_path, tokenizer):
+    rows = [{"prompt": f"def add_{i}(a, b):\n", "answer": f"    return a + b + {i}\n"} for i in range(24)]
+    rows += [{"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]}]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tokenizer.save(tmp_path / "tok")
+    cfg = tiny_train_config(tmp_path, tmp_path / "run", mode="sft", steps=25,
+                            data={"corpus": None, "train": str(data), "val": str(data), "tokenizer": str(tmp_path / "tok")})
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.train_data.n == 25
+    first = trainer.evaluate()["val_loss"]
+    trainer.fit()
+    assert trainer.evaluate()["val_loss"] < first
