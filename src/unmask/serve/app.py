@@ -411,6 +411,12 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
         return JSONResponse(error_body(str(e), kind), status_code=status, headers=headers)
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        srv.metrics.requests.labels(request.url.path, "500").inc()
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         msgs, param = [], None
