@@ -1,3 +1,119 @@
-"""CLI commands (filled in by their issue)."""
+"""`unmask distill` (step distillation) and `unmask eval speed-quality`."""
 
-from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from unmask.cli.apps import app, eval_app
+from unmask.cli.common import console, load_pipeline, out
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher model folder (the student starts as a copy)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder: the distilled model + checkpoints."),
+    method: str = typer.Option("sdtt", "--method", help="sdtt | trajectory"),
+    data: Path = typer.Option(..., "--data", help="Corpus folder (from `unmask corpus`) or a .jsonl/.txt file."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training YAML for batch/lr/etc. (optional)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a training key: --set optim.lr=1e-4"),
+    rounds: int = typer.Option(3, "--rounds", help="sdtt: rounds, each halving the steps."),
+    steps_per_round: int = typer.Option(500, "--steps-per-round"),
+    teacher_steps: int = typer.Option(64, "--teacher-steps", help="sdtt: the first teacher's steps per window."),
+    divergence: str = typer.Option("reverse_kl", "--divergence", help="sdtt: kl | reverse_kl"),
+    prompts: int = typer.Option(256, "--prompts", help="trajectory: prompts the teacher answers."),
+    answer_tokens: int = typer.Option(64, "--answer-tokens"),
+    entropy_weight: float = typer.Option(0.5, "--entropy-weight"),
+    steps: int = typer.Option(500, "--steps", help="trajectory: optimizer steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
+) -> None:
+    """Distil a model into one that needs far fewer denoising steps."""
+    from unmask.data.corpus import iter_corpus_texts
+    from unmask.train.config import load_config
+    from unmask.train.distill import DistillConfig, Distiller, collect_trajectories, distill_config
+
+    dcfg = DistillConfig(method=method, rounds=rounds, steps_per_round=steps_per_round, teacher_steps=teacher_steps,
+                         divergence=divergence, prompts=prompts, answer_tokens=answer_tokens,
+                         entropy_weight=entropy_weight)
+    dcfg.validate()
+    base = load_config(config, [f"steps={steps}", *overrides], base={"data": {"train": str(data)}})
+    train_data = str(data)
+    if method == "trajectory":
+        traj = out_dir / "trajectories.jsonl"
+        if not (resume and traj.exists()):
+            n = collect_trajectories(teacher, iter_corpus_texts(data), dcfg, traj, seed=base.seed)
+            console.print(f"teacher answered {n} prompts -> {traj}")
+        train_data = str(traj)
+    cfg = distill_config(teacher, out_dir, train_data, dcfg, base)
+    trainer = Distiller(cfg, dcfg, resume=resume)
+    before = trainer.few_step_loss()
+    metrics = trainer.fit()
+    after = trainer.few_step_loss()
+    console.print(f"few-step loss of the last round: {before:.4f} -> {after:.4f}; model in {out_dir}")
+    if metrics:
+        console.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+@eval_app.command("speed-quality")
+def speed_quality(
+    models: List[Path] = typer.Argument(..., help="Model folders to compare."),
+    data: Path = typer.Option(..., "--data", help="Held-out code: corpus folder (val split) or a .jsonl/.txt/.py dir."),
+    ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="AR twin for the generative NLL column."),
+    steps: str = typer.Option("256,64,32,16", "--steps", help="Fixed step budgets (comma separated)."),
+    thresholds: str = typer.Option("0.9,0.7,0.5", "--thresholds", help="Confidence thresholds (comma separated)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    block_length: int = typer.Option(32, "--block-length"),
+    n_prompts: int = typer.Option(16, "--prompts", help="Held-out function prompts."),
+    elbo_tokens: int = typer.Option(20000, "--elbo-tokens", help="Held-out tokens for the ELBO column (0: skip)."),
+    plot_path: Path = typer.Option(Path("speed_quality.png"), "--plot"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Quality vs NFE for each model and decoding budget: one table and one plot."""
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from unmask.data.corpus import iter_corpus_texts
+    from unmask.eval.elbo import evaluate_bits_per_byte, token_stream
+    from unmask.eval.quality import function_prompts
+    from unmask.eval.speed_quality import evaluate, plot, settings
+
+    texts = list(iter_corpus_texts(data, split="val")) if data.is_dir() and (data / "val.jsonl").exists() \
+        else list(iter_corpus_texts(data))
+    prompts = function_prompts(texts, limit=n_prompts)
+    if not prompts:
+        raise typer.BadParameter(f"no function with a docstring found in {data}", param_hint="--data")
+    pipes = {str(m): load_pipeline(m, device) for m in models}
+    elbo = {}
+    if elbo_tokens:
+        for name, pipe in pipes.items():
+            tokens = token_stream(texts, pipe.tokenizer)[:elbo_tokens]
+            elbo[name] = evaluate_bits_per_byte(pipe.model, pipe.tokenizer, tokens, seq_len=min(256, pipe.config.max_seq_len)).bits_per_byte
+    ar = load_pipeline(ar_model, device) if ar_model else None
+    grid = settings(max_new_tokens, block_length, _ints(steps), _floats(thresholds))
+    with Progress(console=console) as bar:
+        task = bar.add_task("speed-quality", total=len(pipes) * len(grid))
+        rows = evaluate(pipes, prompts, grid, ar, elbo or None, progress=lambda: bar.advance(task))
+    table = Table(title=f"speed vs quality · {len(prompts)} held-out function prompts · {max_new_tokens} new tokens")
+    cols = ["model", "setting", "nfe_per_256", "tokens_per_step", "tokens_per_second", "parse_rate",
+            "repetition_rate", "elbo_bpb", "gen_bpb"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("model", "setting") else "right")
+    for r in rows:
+        table.add_row(*[(f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "–"))) for c in cols])
+    out.print(table)
+    plot(rows, plot_path)
+    console.print(f"plot: {plot_path}")
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))

@@ -1,0 +1,107 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from unmask.diffusion.objective import masked_diffusion_loss
+from unmask.pipeline import Pipeline
+from unmask.train.config import TrainConfig, TrainConfigError
+from unmask.train.distill import DistillConfig, Distiller, certainty_forcing_loss, distill_config, divergence
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tokenizer, corpus_texts):
+    """A teacher with real context dependence: 80 masked-diffusion steps on stdlib source."""
+    model = tiny_model(tokenizer, seed=3).train()
+    ids = torch.tensor([i for t in corpus_texts[:10] for i in tokenizer.encode(t)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(80):
+        starts = torch.randint(0, len(ids) - 64, (8,), generator=gen)
+        loss = masked_diffusion_loss(model, torch.stack([ids[s : s + 64] for s in starts]), generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture
+def teacher_and_data(tmp_path, tokenizer, corpus_texts, trained_teacher):
+    teacher = tmp_path / "teacher"
+    Pipeline(trained_teacher, tokenizer).save(teacher)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[:20]))
+    return teacher, data
+
+
+def make(tmp_path, teacher, data, dcfg, out="student", **over):
+    base = TrainConfig(seq_len=64, batch_size=8, eval_interval=0, checkpoint_interval=0, log_interval=1, seed=0)
+    base.optim.lr = 1e-3
+    base.optim.warmup_steps = 2
+    for k, v in over.items():
+        setattr(base, k, v)
+    return distill_config(teacher, tmp_path / out, str(data), dcfg, base)
+
+
+def test_sdtt_round_lowers_the_few_step_loss(tmp_path, teacher_and_data):
+    teacher, data = teacher_and_data
+    dcfg = DistillConfig(method="sdtt", rounds=1, steps_per_round=40, teacher_steps=2)
+    d = Distiller(make(tmp_path, teacher, data, dcfg), dcfg, progress=False)
+    before = d.few_step_loss()
+    d.fit()
+    after = d.few_step_loss()
+    assert after < 0.9 * before, (before, after)
+    assert (tmp_path / "student" / "rounds" / "round_0" / "config.json").exists()
+    assert (tmp_path / "student" / "config.json").exists()
+
+
+def test_sdtt_next_round_uses_the_previous_student_as_teacher(tmp_path, teacher_and_data):
+    teacher, data = teacher_and_data
+    dcfg = DistillConfig(method="sdtt", rounds=2, steps_per_round=3, teacher_steps=8)
+    d = Distiller(make(tmp_path, teacher, data, dcfg), dcfg, progress=False)
+    for _ in range(3):
+        d.train_step()
+    assert d.round == 1 and d.teacher_steps(1) == 4
+    t = d.teacher()
+    for a, b in zip(t.parameters(), d.model.parameters()):
+        assert torch.equal(a, b)  # the round-0 student, frozen
+
+
+def test_distill_resume_continues_exactly(tmp_path, teacher_and_data):
+    teacher, data = teacher_and_data
+    dcfg = DistillConfig(method="sdtt", rounds=2, steps_per_round=3, teacher_steps=8)
+    straight = Distiller(make(tmp_path, teacher, data, dcfg, out="a"), dcfg, progress=False)
+    losses = [straight.train_step() for _ in range(5)]
+    first = Distiller(make(tmp_path, teacher, data, dcfg, out="b"), dcfg, progress=False)
+    for _ in range(4):
+        first.train_step()
+    first.save_checkpoint()
+    del first
+    resumed = Distiller(make(tmp_path, teacher, data, dcfg, out="b"), dcfg, resume=True, progress=False)
+    assert resumed.step == 4 and resumed.round == 1
+    assert resumed.train_step() == pytest.approx(losses[4], rel=1e-5)
+
+
+def test_certainty_forcing_only_counts_answer_tokens(tokenizer):
+    model = tiny_model(tokenizer)
+    x = torch.randint(10, 500, (2, 24))
+    prompt_len = torch.tensor([24, 24])  # no answer at all: nothing to learn
+    assert float(certainty_forcing_loss(model, x, prompt_len, 0.5, torch.Generator().manual_seed(0))) == 0.0
+    loss = certainty_forcing_loss(model, x, torch.tensor([8, 12]), 0.5, torch.Generator().manual_seed(0))
+    assert float(loss) > 0
+
+
+def test_divergences_are_zero_only_for_equal_distributions():
+    logits = torch.randn(1, 3, 7)
+    p = logits.softmax(-1)
+    for kind in ("kl", "reverse_kl"):
+        assert divergence(logits, p, kind).abs().max() < 1e-5
+        assert (divergence(logits, torch.roll(p, 1, -1), kind) > 1e-3).all()
+
+
+def test_bad_distill_settings_are_clear():
+    with pytest.raises(TrainConfigError, match="method"):
+        DistillConfig(method="magic").validate()
+    with pytest.raises(TrainConfigError, match="below 1"):
+        DistillConfig(rounds=5, teacher_steps=8).validate()
