@@ -69,6 +69,8 @@ def corpus(
     out.print(f"{out_dir}: {manifest['documents']['train']} train / {manifest['documents']['val']} val documents, "
               f"{manifest['bytes']['train']:,} / {manifest['bytes']['val']:,} bytes, "
               f"{manifest['duplicates']} duplicates dropped")
+    if spec.val_fraction > 0 and not manifest["documents"]["val"]:
+        console.print("[yellow]warning: the validation split is empty (too few documents for --val-fraction)")
     if vocab_size:
         _train_tokenizer(Path(out_dir), vocab_size, Path(out_dir) / "tokenizer")
 

@@ -74,6 +74,8 @@ def elbo(
         tokens = shard.tokens
     else:
         tokens = token_stream(iter_corpus_texts(data, split), pipe.tokenizer)
+    if len(tokens) < 2:
+        raise ShardError(f"no text to score in {data}" + (f" ({split} split)" if data.is_dir() else ""))
     autocast = None
     if pipe.device.type == "cuda":
         import torch

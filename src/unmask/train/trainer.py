@@ -137,6 +137,9 @@ class Trainer:
     # --- setup -------------------------------------------------------------------------------------
     def _load_tokenizer(self) -> Tokenizer:
         d = self.cfg.data
+        for source in (d.corpus, d.train):
+            if source and not Path(source).exists():
+                raise TrainConfigError(f"training data not found: {source} (build a corpus with `unmask corpus`)")
         folder = d.tokenizer
         if folder is None and self.cfg.init_from:
             folder = self.cfg.init_from

@@ -1,0 +1,95 @@
+"""The data / train / eval CLI end to end, and its errors as one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from test_train import TINY_MODEL, one_thread  # noqa: F401
+from unmask.cli.main import main
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(rc, err, text):
+    assert rc == 2, err
+    assert err.startswith("error:") and err.strip().count("\n") == 0, err
+    assert text in err, err
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    cfg = {"out_dir": str(tmp_path / "run"), "model": dict(TINY_MODEL), "data": {"corpus": str(tmp_path / "corpus")},
+           "corpus": {"packages": ["json", "textwrap", "email"], "val_fraction": 0.2, "vocab_size": 400},
+           "seq_len": 32, "batch_size": 4, "steps": 3, "eval_interval": 0, "eval_sequences": 4, "eval_samples": 1,
+           "checkpoint_interval": 0, "device": "cpu"}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_corpus_tokenizer_train_eval_from_the_command_line(tmp_path, capsys, recipe):
+    rc, out, err = run(capsys, "corpus", "--recipe", recipe)
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert {r["name"] for r in manifest["sources"]} == {"json", "textwrap", "email"}
+    assert (tmp_path / "corpus" / "tokenizer" / "tokenizer.json").exists()
+
+    rc, out, err = run(capsys, "tokenizer", tmp_path / "corpus", "--vocab-size", 320, "--out", tmp_path / "tok320")
+    assert rc == 0 and "320 tokens" in out
+    rc, out, err = run(capsys, "shards", tmp_path / "corpus")
+    assert rc == 0 and (tmp_path / "corpus" / "tokens" / "train.bin").exists() and "uint16" in out
+
+    rc, out, err = run(capsys, "train", "--config", recipe, "--set", "optim.lr=1e-3", "--quiet")
+    assert rc == 0, err
+    assert "step 3" in out and (tmp_path / "run" / "model.safetensors").exists()
+    assert yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["optim"]["lr"] == 1e-3
+
+    rc, out, err = run(capsys, "eval", "elbo", tmp_path / "run", "--data", tmp_path / "corpus", "--seq-len", 32,
+                       "--samples", 1, "--max-windows", 4, "--json")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["bits_per_byte"] > 0 and result["bytes"] > 0 and not result["exact"]
+    rc, out, err = run(capsys, "eval", "elbo", tmp_path / "run", "--data", tmp_path / "run" / "data" / "val.bin",
+                       "--seq-len", 32, "--samples", 1, "--max-windows", 2)
+    assert rc == 0 and "bits/byte" in out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, recipe):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrr: 0.1\n")
+    one_line_error(*run(capsys, "train", "--config", bad)[::2], "unknown config key 'optim.lrr'")
+    one_line_error(*run(capsys, "train", "--config", recipe, "--set", "steps=many")[::2],
+                   "config key 'steps' must be int")
+    one_line_error(*run(capsys, "train", "--config", recipe, "--set", "model.widht=3")[::2],
+                   "unknown config key 'model.widht'")
+    one_line_error(*run(capsys, "train", "--config", recipe)[::2], "training data not found")
+    one_line_error(*run(capsys, "train", "--config", tmp_path / "nope.yaml")[::2], "no such config file")
+    bad.write_text("steps: [1,\n")
+    one_line_error(*run(capsys, "train", "--config", bad)[::2], "not valid YAML")
+    one_line_error(*run(capsys, "corpus", tmp_path / "c", "--dir", tmp_path / "missing")[::2], "not a directory")
+    one_line_error(*run(capsys, "corpus", tmp_path / "c", "--package", "no_such_pkg_xyz")[::2], "not installed")
+
+
+def test_eval_elbo_rejects_a_corrupt_shard(tmp_path, capsys, saved_model_dir, tokenizer):
+    from unmask.data.shards import write_shard
+
+    write_shard(["x = 1\n" * 50], tokenizer, tmp_path / "v.bin")
+    (tmp_path / "v.bin").write_bytes((tmp_path / "v.bin").read_bytes()[:-3])
+    one_line_error(*run(capsys, "eval", "elbo", saved_model_dir, "--data", tmp_path / "v.bin")[::2],
+                   "corrupt token shard")
+    one_line_error(*run(capsys, "eval", "elbo", saved_model_dir, "--data", tmp_path / "none.jsonl")[::2],
+                   "no such data")
+
+
+def test_bench_train_prints_tokens_per_second(capsys):
+    rc, out, err = run(capsys, "bench", "train", "--shape", "tiny", "--steps", 2, "--warmup", 1,
+                       "--batch-size", 2, "--seq-len", 32, "--device", "cpu", "--peak-tflops", 1)
+    assert rc == 0, err
+    assert "tokens/s" in out and "MFU" in out and "%" in out
