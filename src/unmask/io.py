@@ -24,6 +24,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if path.exists():
             # keep the original permission bits on rewrite (an edited script stays executable)
             os.chmod(tmp_path, path.stat().st_mode & 0o7777)
+        else:
+            # mkstemp creates 0600; a new file gets the permissions open() would have given it
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
