@@ -51,11 +51,11 @@ def _license(meta) -> str:
 
 
 def _distribution(name: str, search_path: list[str] | None):
+    """The distribution from `search_path` first (a pip --target folder), else from this environment."""
     if search_path:
         for dist in md.distributions(path=search_path):
             if _norm(dist.metadata["Name"] or "") == _norm(name):
                 return dist
-        return None
     try:
         return md.distribution(name)
     except md.PackageNotFoundError:
