@@ -36,7 +36,10 @@ def sample_tokens(
     if temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device="cpu").to(logits.device)
+        # draw where the generator lives (a seeded CPU generator keeps results device-independent);
+        # unseeded sampling on a GPU draws on the GPU and avoids a host->device copy every step
+        device = generator.device if generator is not None else logits.device
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=device).to(logits.device)
         gumbel = (-torch.log(u.clamp_min(1e-300))) ** temperature
         tokens = (logits.exp() / gumbel).argmax(-1)
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
