@@ -63,7 +63,7 @@ TEXT_ALPHABET = st.sampled_from(["a", "b", " ", "x = 1", "\n", "\r\n", "\r", "é
                                  ")", "<|mask|>", "<|endoftext|>", "🙂"])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_bytes_outside_spans_unchanged(pipe, data):
     text = "".join(data.draw(st.lists(TEXT_ALPHABET, min_size=1, max_size=25)))

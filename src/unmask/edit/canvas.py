@@ -65,12 +65,16 @@ def build_canvas(tokenizer: Tokenizer, pieces: list[Piece], max_len: int, prompt
     prompt = list(prompt_ids or [])
     body: list[int] = []
     regions: list[Span] = []
+    context = ""  # consecutive context pieces are tokenized as one string, as the model saw text in training
     for p in pieces:
         if p.editable:
+            body += encode_literal(tokenizer, context)
+            context = ""
             regions.append((len(body), len(body) + len(p.init)))
             body += p.init
         else:
-            body += encode_literal(tokenizer, p.text)
+            context += p.text
+    body += encode_literal(tokenizer, context)
     room = max_len - len(prompt)
     left = 0
     if len(body) > room:

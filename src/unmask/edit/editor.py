@@ -97,15 +97,32 @@ def resolve_regions(text: str, spans: Iterable[Any] | None, lines: Iterable[Any]
     return text, check_spans(text, spans)
 
 
-def _changed_spans(before: str, after: str) -> tuple[list[Span], list[str]]:
-    """Regions of `before` that differ in `after`, and what they became (for auto mode's report)."""
-    sm = difflib.SequenceMatcher(None, before, after, autojunk=False)
-    spans, repl = [], []
-    for op, i1, i2, j1, j2 in sm.get_opcodes():
-        if op != "equal":
-            spans.append((i1, i2))
-            repl.append(after[j1:j2])
-    return spans, repl
+class OriginMap:
+    """For each character of the current text, the index of the original character it still is (-1 once
+    the model wrote it), so auto mode can report which regions of the original its rounds rewrote."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.origin = list(range(len(text)))
+
+    def apply(self, edits: list[tuple[int, int, str]]) -> None:
+        """Replace [s, e) of the current text by new text; edits sorted, non-overlapping."""
+        for s, e, new in reversed(edits):
+            self.text = self.text[:s] + new + self.text[e:]
+            self.origin[s:e] = [-1] * len(new)
+
+    def changes(self, original: str) -> tuple[list[Span], list[str]]:
+        """Regions of `original` that differ, and their new text (an identical rewrite is no change)."""
+        spans, repl, pos, new = [], [], 0, []
+        for ch, o in list(zip(self.text, self.origin)) + [("", len(original))]:
+            if o < 0:
+                new.append(ch)
+                continue
+            if (o != pos or new) and original[pos:o] != "".join(new):
+                spans.append((pos, o))
+                repl.append("".join(new))
+            pos, new = o + 1, []
+        return spans, repl
 
 
 # --- the three modes --------------------------------------------------------------------------------
@@ -258,6 +275,7 @@ def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_roun
     # `outer` keeps the caller's regions apart from the context for the whole loop: each round edits
     # inside the editable pieces only, so the context stays the original characters.
     outer = split_pieces(text, regions)
+    origin = OriginMap(text)
     nfe = steps = rounds = 0
     lengths: list[int] = []
     for rounds in range(1, max_rounds + 1):
@@ -311,14 +329,23 @@ def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_roun
         lengths = out.lengths
         new_texts = iter(out.texts)
         rebuilt = ["" for _ in outer]
+        edits, pos = [], 0
         for q, k in zip(inner, owners):
-            rebuilt[k] += next(new_texts) if q.editable else q.text
+            if q.editable:
+                new = next(new_texts)
+                edits.append((pos, pos + len(q.text), new))
+                rebuilt[k] += new
+            else:
+                rebuilt[k] += q.text
+            pos += len(q.text)
+        origin.apply(edits)
         outer = [Piece(r, p.editable) for r, p in zip(rebuilt, outer)]
         after = "".join(p.text for p in outer)
+        assert after == origin.text, "auto edit bookkeeping"
         if after == before or (max_steps is not None and steps >= max_steps):
             break
     final = "".join(p.text for p in outer)
-    changed, repl = _changed_spans(text, final)
+    changed, repl = origin.changes(text)
     return EditResult(text=final, original=text, spans=changed, replacements=repl, mode="auto", nfe=nfe,
                       steps=steps, rounds=rounds, lengths=lengths)
 
