@@ -8,14 +8,8 @@ from typing import Optional
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import console, load_pipeline, out
-
-
-def _options(max_new_tokens, block_length, steps, policy, threshold, temperature, top_p, seed, cache):
-    from unmask.decoding.options import DecodeOptions
-
-    return DecodeOptions(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                         threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Seed, Steps, Temperature,
+                               Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
 def _stats(result) -> str:
@@ -28,18 +22,18 @@ def chat(
     model: Path = typer.Argument(..., help="Model folder (ours, LLaDA, Dream or a block-diffusion Qwen)."),
     message: Optional[str] = typer.Option(None, "--message", help="Send one message, print the reply and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
-    block_length: int = typer.Option(32, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total denoising steps (fixed policy)."),
-    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
-    threshold: float = typer.Option(0.9, "--threshold"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    cache: str = typer.Option("prefix", "--cache", help="none | prefix | dual"),
+    max_new_tokens: MaxNewTokens = 256,
+    block_length: BlockLength = 32,
+    steps: Steps = None,
+    policy: Policy = "threshold",
+    threshold: Threshold = 0.9,
+    temperature: Temperature = 0.0,
+    top_p: TopP = None,
+    seed: Seed = None,
+    cache: Cache = "prefix",
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each formatted prompt (to stderr)."),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """Chat with a model, prompts formatted with the checkpoint's chat template. /reset clears, /exit quits."""
     from rich.prompt import Prompt
@@ -47,7 +41,8 @@ def chat(
     from unmask.chat import ChatSession
     from unmask.errors import UnmaskError
 
-    options = _options(max_new_tokens, block_length, steps, policy, threshold, temperature, top_p, seed, cache)
+    options = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
+                             threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
     session = ChatSession(pipe, options, system=system)
 
@@ -86,27 +81,28 @@ def chat(
 def humaneval(
     model: Path = typer.Argument(..., help="Model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
-    block_length: int = typer.Option(32, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total denoising steps (fixed policy)."),
-    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
-    threshold: float = typer.Option(0.9, "--threshold"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    seed: Optional[int] = typer.Option(0, "--seed"),
-    cache: str = typer.Option("prefix", "--cache", help="none | prefix | dual"),
+    max_new_tokens: MaxNewTokens = 256,
+    block_length: BlockLength = 32,
+    steps: Steps = None,
+    policy: Policy = "threshold",
+    threshold: Threshold = 0.9,
+    temperature: Temperature = 0.0,
+    top_p: TopP = None,
+    seed: Seed = 0,
+    cache: Cache = "prefix",
     chat_format: bool = typer.Option(False, "--chat", help="Ask in the chat template (instruct models)."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds per program in the sandbox."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per problem."),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """HumanEval pass@1 with tokens/s and NFE per problem (generated code runs in a sandboxed subprocess)."""
     from rich.table import Table
 
     from unmask.eval.humaneval import load_problems, run_humaneval
 
-    options = _options(max_new_tokens, block_length, steps, policy, threshold, temperature, top_p, seed, cache)
+    options = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
+                             threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
     problems = load_problems(limit)
     pipe = load_pipeline(model, device, dtype)
     table = Table(title=f"HumanEval · {model}")

@@ -15,3 +15,28 @@ def load_pipeline(model: Path | None, device: str | None = None, dtype: str | No
 
     with console.status(f"loading {model or 'default model'} …"):
         return unmask.load(model, device=device, dtype=dtype)
+
+
+# Decoding options shared by every command that decodes (generate, chat, humaneval, edit, infill).
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="New tokens (masked positions).")]
+BlockLength = Annotated[int, typer.Option("--block-length", help="Masked positions decoded together.")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Total denoising steps (fixed policy).")]
+Policy = Annotated[str, typer.Option("--policy", help="fixed | threshold | factor")]
+Threshold = Annotated[float, typer.Option("--threshold", help="Confidence threshold of the threshold policy.")]
+Temperature = Annotated[float, typer.Option("--temperature")]
+TopP = Annotated[Optional[float], typer.Option("--top-p")]
+Seed = Annotated[Optional[int], typer.Option("--seed")]
+Cache = Annotated[str, typer.Option("--cache", help="none | prefix | dual")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | cuda:1 … (default: cuda if present)")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16")]
+
+
+def decode_options(**values):
+    """DecodeOptions from the shared CLI options (None steps/seed stay None)."""
+    from unmask.decoding.options import DecodeOptions
+
+    return DecodeOptions(**values)

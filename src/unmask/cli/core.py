@@ -10,29 +10,29 @@ import typer
 from unmask.cli.apps import app
 from rich.text import Text
 
-from unmask.cli.common import console, load_pipeline, out
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Seed, Steps, Temperature,
+                               Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n"),
-    block_length: int = typer.Option(32, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total denoising steps (fixed policy)."),
-    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
-    threshold: float = typer.Option(0.9, "--threshold"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    max_new_tokens: MaxNewTokens = 128,
+    block_length: BlockLength = 32,
+    steps: Steps = None,
+    policy: Policy = "threshold",
+    threshold: Threshold = 0.9,
+    temperature: Temperature = 0.0,
+    top_p: TopP = None,
+    seed: Seed = None,
+    cache: Cache = "prefix",
+    device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """Continue a prompt with a diffusion model (or AR-decode a causal twin)."""
-    from unmask.decoding.options import DecodeOptions
-
-    opts = DecodeOptions(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                         threshold=threshold, temperature=temperature, top_p=top_p, seed=seed)
+    opts = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
+                          threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
     result = pipe.generate(prompt, opts)
     out.print(prompt + result.text, markup=False, highlight=False)
