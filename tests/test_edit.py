@@ -302,3 +302,26 @@ def test_cli_edit_diff_in_place_and_errors(saved_model_dir, tmp_path, capsys, mo
     empty.write_text("")
     assert main(["edit", str(empty), "-m", model, "--span", "0:0"]) == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_long_text_is_edited_through_a_context_window(pipe):
+    line = "value = compute(alpha, beta)  # ünïcode\r\n"
+    text = line * 60  # far more tokens than the 256-token context of the tiny model
+    assert len(pipe.encode(text)) > 2 * pipe.config.max_seq_len
+    mid = len(line) * 30
+    spans = [(mid + 8, mid + 15)]
+    r = edit_text(pipe, text, spans=spans, **FAST)
+    assert outside_matches(text, spans, r.text)
+    r = edit_text(pipe, text, mode="auto", max_rounds=1, max_fraction=0.01, probe_stride=4, **FAST)
+    assert r.rounds == 1 and r.text != text
+    for (s, e), new in zip(r.spans, r.replacements):  # the report describes exactly what changed
+        assert text[s:e] != new
+    with pytest.raises(EditError, match="more than"):
+        edit_text(pipe, text, spans=[(0, len(text))], **FAST)
+
+
+def test_single_span_and_line_specs(pipe):
+    assert edit_text(pipe, "abcdef", spans=(1, 3), **FAST).spans == [(1, 3)]
+    assert edit_text(pipe, "a\nb\nc", lines="2", **FAST).spans == [(2, 3)]
+    with pytest.raises(EditError, match="bad span"):
+        edit_text(pipe, "abc", spans=[5])

@@ -77,11 +77,21 @@ def unified_diff(before: str, after: str, name: str = "text", context: int = 3) 
 
 # --- choosing the regions ---------------------------------------------------------------------------
 
+def _as_list(specs) -> list:
+    """Accept one spec ("3:8", "2-4", (3, 8), 5) or a list of them."""
+    if specs is None:
+        return []
+    if isinstance(specs, (str, int)) or (isinstance(specs, tuple) and len(specs) == 2
+                                          and all(isinstance(x, int) for x in specs)):
+        return [specs]
+    return list(specs)
+
+
 def resolve_regions(text: str, spans: Iterable[Any] | None, lines: Iterable[Any] | None,
                     markers: bool = True, required: bool = True) -> tuple[str, list[Span]]:
     """(text without markers, sorted checked spans) from spans, line ranges and/or <<< >>> markers."""
-    spans = list(spans or [])
-    lines = list(lines or [])
+    spans = _as_list(spans)
+    lines = _as_list(lines)
     if markers and has_markers(text):
         if spans or lines:
             raise EditError("give either <<< >>> markers in the text or spans/line ranges, not both")

@@ -27,7 +27,7 @@ import torch
 from unmask.decoding.denoise import denoise
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
-from unmask.edit.canvas import Canvas, Piece, build_canvas, region_tokens
+from unmask.edit.canvas import Canvas, Piece, build_canvas, encode_literal, region_tokens
 from unmask.edit.probe import continuation_nll
 from unmask.edit.spans import EditError
 
@@ -115,10 +115,58 @@ def fill(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids: list[int
 
     candidates  for length="search": mask counts to try, one list per candidate with one count per
                 editable piece; default: every piece's budget scaled by SEARCH_SCALES together.
+
+    Regions too far apart for one context window are filled window by window, left to right; regions
+    filled earlier are context (with their new text) for later windows.
     """
     if length not in LENGTH_MODES:
         raise EditError(f"length must be one of {', '.join(LENGTH_MODES)}, got {length!r}")
     relay = relay or StepRelay(on_step, request_id)
+    room = pipe.config.max_seq_len - len(prompt_ids or [])
+    groups = plan_windows(pipe.tokenizer, pieces, room)
+    if len(groups) == 1:
+        return _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, search_n_samples)
+    if length == "search":
+        raise EditError("length search needs every region within one context window; edit fewer regions at once")
+    done: dict[int, tuple[str, list[int], int]] = {}
+    out = FillOutput(texts=[], tokens=[])
+    for group in groups:
+        sub = [p if i in group or not p.editable else Piece(done[i][0] if i in done else p.text)
+               for i, p in enumerate(pieces)]
+        part = _fill_window(pipe, sub, options, prompt_ids, relay, length, None, search_n_samples)
+        for i, text, tokens, n in zip(sorted(group), part.texts, part.tokens, part.lengths):
+            done[i] = (text, tokens, n)
+        out.nfe += part.nfe
+        out.steps += part.steps
+        out.seconds += part.seconds
+        out.canvas = part.canvas
+    order = [i for i, p in enumerate(pieces) if p.editable]
+    out.texts = [done[i][0] for i in order]
+    out.tokens = [done[i][1] for i in order]
+    out.lengths = [done[i][2] for i in order]
+    return out
+
+
+def plan_windows(tokenizer, pieces: list[Piece], room: int) -> list[set[int]]:
+    """Group the editable pieces (by index) so each group spans at most half a context window, leaving
+    the other half for context around it. One group when everything fits."""
+    sizes = [len(p.init) if p.editable else len(encode_literal(tokenizer, p.text)) for p in pieces]
+    if sum(sizes) <= room:
+        return [{i for i, p in enumerate(pieces) if p.editable}]
+    groups: list[set[int]] = []
+    pos, start = 0, None
+    for i, (p, n) in enumerate(zip(pieces, sizes)):
+        if p.editable:
+            if groups and start is not None and pos + n - start <= room // 2:
+                groups[-1].add(i)
+            else:
+                groups.append({i})
+                start = pos
+        pos += n
+    return groups
+
+
+def _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, search_n_samples) -> FillOutput:
     c = pipe.config
     drop = {c.eos_id, c.pad_id}
     out = FillOutput(texts=[], tokens=[])

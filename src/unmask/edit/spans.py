@@ -32,9 +32,10 @@ def parse_span(spec: str | Sequence[int]) -> Span:
             raise EditError(f"bad span {spec!r}: expected START:END in characters, e.g. 10:42")
         start, end = int(m.group(1)), int(m.group(2))
     else:
-        if len(spec) != 2:
-            raise EditError(f"bad span {tuple(spec)!r}: expected (start, end)")
-        start, end = int(spec[0]), int(spec[1])
+        try:
+            start, end = (int(x) for x in spec)
+        except (TypeError, ValueError):
+            raise EditError(f"bad span {spec!r}: expected (start, end) or 'START:END'") from None
     if start > end:
         raise EditError(f"bad span {start}:{end}: START is after END")
     if start < 0:
