@@ -9,17 +9,12 @@ from typing import Optional
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import console, load_pipeline, out
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Policy, Seed, Steps, Temperature, Threshold,
+                               console, decode_options, load_pipeline, out)
 
 MODEL = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model).")
 
 
-def _options(block_length: int, steps: Optional[int], policy: str, threshold: float, temperature: float,
-             seed: Optional[int]):
-    from unmask.decoding.options import DecodeOptions
-
-    return DecodeOptions(block_length=block_length, steps=steps, policy=policy, threshold=threshold,
-                         temperature=temperature, seed=seed)
 
 
 def _read(file: Path) -> str:
@@ -62,14 +57,15 @@ def edit(
     in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
     no_backup: bool = typer.Option(False, "--no-backup", help="With --in-place: do not keep FILE.bak."),
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
-    block_length: int = typer.Option(32, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (fixed policy)."),
-    policy: str = typer.Option("threshold", "--policy", help="fixed | threshold | factor"),
-    threshold: float = typer.Option(0.9, "--threshold", help="Confidence threshold of the threshold policy."),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    block_length: BlockLength = 32,
+    steps: Steps = None,
+    policy: Policy = "threshold",
+    threshold: Threshold = 0.9,
+    temperature: Temperature = 0.0,
+    seed: Seed = None,
+    cache: Cache = "prefix",
+    device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """Rewrite parts of a file in place: marked spans / lines, improbable tokens (auto), or by instruction.
 
@@ -80,7 +76,8 @@ def edit(
     if in_place and str(file) == "-":
         raise EditError("--in-place needs a file, not stdin")
     text = _read(file)
-    opts = _options(block_length, steps, policy, threshold, temperature, seed)
+    opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold,
+                          temperature=temperature, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
     result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
                        threshold=remask_below, neighbors=neighbors, max_rounds=rounds, extra_tokens=extra_tokens,
@@ -110,14 +107,15 @@ def infill(
     in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
     no_backup: bool = typer.Option(False, "--no-backup"),
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
-    block_length: int = typer.Option(32, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    policy: str = typer.Option("threshold", "--policy"),
-    threshold: float = typer.Option(0.9, "--threshold"),
-    temperature: float = typer.Option(0.0, "--temperature"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    block_length: BlockLength = 32,
+    steps: Steps = None,
+    policy: Policy = "threshold",
+    threshold: Threshold = 0.9,
+    temperature: Temperature = 0.0,
+    seed: Seed = None,
+    cache: Cache = "prefix",
+    device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """Fill the gap between a prefix and a suffix; the model picks the length (up to --max-new-tokens)."""
     from unmask.edit import EditError, write_in_place
@@ -133,7 +131,8 @@ def infill(
         raise EditError("give FILE with a marker, or --prefix and/or --suffix")
     if in_place and (file is None or str(file) == "-"):
         raise EditError("--in-place needs FILE")
-    opts = _options(block_length, steps, policy, threshold, temperature, seed)
+    opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold,
+                          temperature=temperature, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
     result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length, options=opts,
                          on_step=_stream_printer() if stream else None)
@@ -159,18 +158,20 @@ def eval_infill(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Budget for the middle (absorb/search, AR)."),
     context_lines: int = typer.Option(40, "--context-lines", help="Lines of prefix and of suffix kept."),
     pattern: str = typer.Option("*.py", "--pattern", help="Files to read from a folder."),
-    seed: int = typer.Option(0, "--seed"),
-    block_length: int = typer.Option(32, "--block-length"),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    policy: str = typer.Option("threshold", "--policy"),
-    threshold: float = typer.Option(0.9, "--threshold"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    seed: int = typer.Option(0, "--seed", help="Picks the lines (and seeds sampling)."),
+    block_length: BlockLength = 32,
+    steps: Steps = None,
+    policy: Policy = "threshold",
+    threshold: Threshold = 0.9,
+    cache: Cache = "prefix",
+    device: Device = None,
+    dtype: Dtype = None,
 ) -> None:
     """Mask one random line of held-out code, infill it; exact match and token accuracy vs the AR twin."""
     from unmask.eval.infill import infill_table, make_samples, run_infill_eval
 
-    opts = _options(block_length, steps, policy, threshold, 0.0, seed)
+    opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold, seed=seed,
+                          cache=cache)
     pipe = load_pipeline(model, device, dtype)
     ar_pipe = load_pipeline(ar_model, device, dtype) if ar_model is not None else None
     samples = make_samples(data, limit, seed=seed, context_lines=context_lines, pattern=pattern)
