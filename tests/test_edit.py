@@ -207,6 +207,7 @@ def test_edit_streams_step_events(pipe):
     ("abc", dict(mode="nope"), "mode"),
     ("abc", dict(mode="instruction"), "instruction"),
     ("abc", dict(spans=["0:1"], length="longest"), "length"),
+    ("abc", dict(spans=["0:1"], stepz=3), "unknown option"),
 ])
 def test_bad_requests_give_clear_errors(pipe, text, kw, msg):
     with pytest.raises(UnmaskError, match=msg):

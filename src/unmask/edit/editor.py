@@ -137,6 +137,14 @@ class OriginMap:
 
 # --- the three modes --------------------------------------------------------------------------------
 
+def _decode_options(pipe, options: DecodeOptions | None, overrides: dict[str, Any]) -> DecodeOptions:
+    unknown = sorted(set(overrides) - DecodeOptions.fields())
+    if unknown:
+        raise EditError(f"unknown option(s) {', '.join(unknown)}; decoding options are "
+                        f"{', '.join(sorted(DecodeOptions.fields()))}")
+    return pipe.options(options, **overrides)
+
+
 def _check_model(pipe) -> None:
     if pipe.config.attention == "causal":
         raise EditError("edit and infill need a diffusion (bidirectional or block-causal) model; "
@@ -181,7 +189,7 @@ def edit_text(
     if not isinstance(text, str):
         raise EditError("edit needs a str")
     _check_model(pipe)
-    options = pipe.options(options, **overrides)
+    options = _decode_options(pipe, options, overrides)
     relay = StepRelay(on_step, request_id)
     t0 = time.perf_counter()
     if mode == "spans":
@@ -381,7 +389,7 @@ def infill_text(
     _check_model(pipe)
     if max_new_tokens < 1:
         raise EditError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    options = pipe.options(options, **overrides)
+    options = _decode_options(pipe, options, overrides)
     relay = StepRelay(on_step, request_id)
     t0 = time.perf_counter()
     text = prefix + suffix
