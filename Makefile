@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/unmask demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 # Debian's chromium for the browser test (playwright drives it; it never downloads a browser).
 browser:
