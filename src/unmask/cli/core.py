@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from unmask.cli.apps import app
 from rich.text import Text
+
+from unmask.cli.apps import app
 
 from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Seed, Steps, Temperature,
                                Threshold, TopP, console, decode_options, load_pipeline, out)
@@ -58,6 +59,22 @@ def info(model: Path = typer.Argument(..., help="Model folder.")) -> None:
     out.print(table)
 
 
+def _train_fallback_model() -> Path:
+    """No embedded model in this checkout: train the tiny recipe (a minute or two on a CPU) and use it."""
+    import subprocess
+    import sys
+
+    from unmask.pipeline import DEFAULT_MODEL
+
+    root = DEFAULT_MODEL.parents[1]
+    recipe, out_dir = root / "recipes" / "tiny.yaml", root / "runs" / "tiny"
+    if not (out_dir / "config.json").exists():
+        console.print(f"[yellow]no embedded model at {DEFAULT_MODEL}: training {recipe.name} on this CPU first[/yellow]")
+        for args in (["corpus", "--recipe", str(recipe)], ["train", "--config", str(recipe)]):
+            subprocess.run([sys.executable, "-m", "unmask.cli.main", *args], cwd=root, check=True)
+    return out_dir
+
+
 DEMO_PROMPT = '''def fibonacci(n):
     """Return the n-th Fibonacci number."""
 '''
@@ -82,6 +99,10 @@ def demo(
     from unmask.cli.live import render_canvas
     from unmask.decoding.options import DecodeOptions
 
+    from unmask.pipeline import DEFAULT_MODEL
+
+    if model is None and not (DEFAULT_MODEL / "config.json").exists():
+        model = _train_fallback_model()
     pipe = load_pipeline(model)
     opts = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature, seed=0)
     shown = 0.0  # seconds spent holding frames, kept out of the speed figures
