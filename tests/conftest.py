@@ -55,3 +55,22 @@ def saved_model_dir(tmp_path, tiny_pipeline) -> Path:
     path = tmp_path / "tiny"
     tiny_pipeline.save(path)
     return path
+
+
+@pytest.fixture
+def prefer(pipe):
+    """prefer(token_id): add a large bonus to one token's logit (a model with a known preference); the
+    hooks are removed after the test. Needs a `pipe` fixture in the test module."""
+    handles = []
+
+    def _prefer(token_id: int, bonus: float = 100.0):
+        def hook(module, args, output):
+            output = output.clone()
+            output[..., token_id] += bonus
+            return output
+
+        handles.append(pipe.model.output.register_forward_hook(hook))
+
+    yield _prefer
+    for h in handles:
+        h.remove()

@@ -39,24 +39,6 @@ def outside_matches(original: str, spans, edited: str) -> bool:
     return re.fullmatch("".join(pattern), edited, flags=re.DOTALL) is not None
 
 
-@pytest.fixture
-def prefer(pipe):
-    """Add a large bonus to one token's logit (a model with a known preference), removed afterwards."""
-    handles = []
-
-    def _prefer(token_id: int, bonus: float = 100.0):
-        def hook(module, args, output):
-            output = output.clone()
-            output[..., token_id] += bonus
-            return output
-
-        handles.append(pipe.model.output.register_forward_hook(hook))
-
-    yield _prefer
-    for h in handles:
-        h.remove()
-
-
 # --- the core guarantee -------------------------------------------------------------------------------
 
 TEXT_ALPHABET = st.sampled_from(["a", "b", " ", "x = 1", "\n", "\r\n", "\r", "é", "日本", "€", "\t", "def", "(",

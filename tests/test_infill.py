@@ -19,23 +19,6 @@ def pipe(tokenizer) -> Pipeline:
     return Pipeline(tiny_model(tokenizer, seed=5), tokenizer)
 
 
-@pytest.fixture
-def prefer(pipe):
-    handles = []
-
-    def _prefer(token_id: int, bonus: float = 100.0, positions=None):
-        def hook(module, args, output):
-            output = output.clone()
-            output[..., token_id] += bonus
-            return output
-
-        handles.append(pipe.model.output.register_forward_hook(hook))
-
-    yield _prefer
-    for h in handles:
-        h.remove()
-
-
 def test_infill_keeps_prefix_and_suffix_and_respects_the_budget(pipe):
     prefix, suffix = "def f(x):\r\n    ", "\r\n    return y  # é\r\n"
     for n in (1, 5, 12):
