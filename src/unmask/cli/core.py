@@ -86,7 +86,10 @@ def demo(
     prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p"),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
     threshold: float = typer.Option(0.7, "--threshold"),
-    temperature: float = typer.Option(0.0, "--temperature"),
+    # sampling, not greedy: small diffusion models loop under greedy confidence decoding (REFERENCE.md §4)
+    temperature: float = typer.Option(0.8, "--temperature"),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
     delay: float = typer.Option(0.05, "--delay", help="Seconds to hold each frame so the eye can follow."),
 ) -> None:
     """Complete code with the embedded model, showing the denoising live in the terminal."""
@@ -104,7 +107,8 @@ def demo(
     if model is None and not (DEFAULT_MODEL / "config.json").exists():
         model = _train_fallback_model()
     pipe = load_pipeline(model)
-    opts = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature, seed=0)
+    opts = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature, top_p=top_p,
+                         seed=seed)
     shown = 0.0  # seconds spent holding frames, kept out of the speed figures
 
     with Live(console=out, refresh_per_second=30, transient=False) as live:
