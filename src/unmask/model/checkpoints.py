@@ -149,6 +149,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         first = next(iter(files.items()))
         dtype = _open(first[1]).get_slice(first[0]).get_dtype()
         dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+        if device.type == "cpu":
+            dtype = torch.float32  # CPUs run half-precision matmuls far slower than float32
     _check_memory(config, device, dtype)
     with torch.device("meta"):
         model = Transformer(config)
