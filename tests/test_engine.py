@@ -137,6 +137,34 @@ def test_early_stop_stops_after_eos_and_never_before(tokenizer):
     assert stopped.nfe == 16 < full.nfe
 
 
+def test_stop_check_ends_the_request_after_the_block_that_satisfies_it(tokenizer):
+    prompt = [5, 6, 7, 8]
+    model = eos_model(tokenizer, eos_at=10_000, prompt_len=len(prompt))
+    o = opts(max_new_tokens=40, threshold=0.99)
+    seen: list[list[int]] = []
+
+    def stop_when(ids):  # "stop string" = answer token 11, which sits in block 2 (answer tokens 8..15)
+        seen.append(ids)
+        return 100 + len(prompt) + 11 in ids
+
+    stopped = Engine(model).generate(prompt, o, stop_when=stop_when)
+    full = Engine(model).generate(prompt, o)
+    assert stopped.finish_reason == "stop" and full.finish_reason == "length"
+    assert stopped.tokens == full.tokens[:16]  # the whole committed prefix; the caller cuts the text
+    assert len(stopped.steps_per_block) == 2 and stopped.nfe == 16 < full.nfe == 40
+    assert [len(ids) for ids in seen] == [8, 16]  # asked once per finished block, about committed tokens only
+
+
+def test_stop_strings_end_generation_early_in_the_pipeline(tiny_pipeline):
+    o = DecodeOptions(max_new_tokens=32, block_length=8, policy="fixed", steps=32, early_stop=False)
+    free = tiny_pipeline.generate("def f(x):", o)
+    stop = free.text[:4]  # appears in the first block
+    assert stop and free.nfe == 32
+    stopped = tiny_pipeline.generate("def f(x):", o.replace(stop=[stop]))
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.find(stop)]
+    assert stopped.nfe < free.nfe
+
+
 def test_early_stop_does_not_fire_without_eos(tokenizer):
     prompt = [5, 6, 7, 8]
     model = eos_model(tokenizer, eos_at=10_000, prompt_len=len(prompt))

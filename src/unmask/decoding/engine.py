@@ -7,6 +7,10 @@ the cache of finished blocks is exact). Every `step()` admits waiting requests i
 one forward pass for all active requests together, lets each request's policy commit tokens, and returns
 one StepEvent per active request. Requests finish on their own (all blocks done, or EOS early stop).
 
+Stop strings are text, and the engine knows only ids, so a generation may carry `stop_when(tokens) -> bool`:
+after each finished block it is asked about the committed prefix of the answer, and True ends the request
+there ("stop"), like EOS does; the caller cuts the text at the stop string.
+
 Per step and request, in order:
   1. forward   refresh (whole canvas, rewrites the row's K/V) at a block's first step, every
                `cache_refresh` steps, or always with cache="none"; otherwise only the block's window
@@ -76,6 +80,7 @@ class Request:
     blocks: list[list[int]]
     tail_start: int | None  # first position of a masked run reaching the canvas end (early stop applies there)
     cut_at_eos: bool  # generation: the result ends at the first EOS
+    stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
     prompt_tokens: int
     policy: Policy
     generator: torch.Generator | None
@@ -89,6 +94,7 @@ class Request:
     steps_per_block: list[int] = field(default_factory=list)
     t0: float = 0.0
     stopped_at_eos: bool = False
+    stopped_by_check: bool = False
     host: list[int] = field(default_factory=list)  # host copy of x after the last step
     # per-block device tensors, set by Engine._enter_block
     pos: torch.Tensor | None = None  # the block's positions
@@ -131,6 +137,7 @@ class Engine:
         self._ids = itertools.count()
         self._memo: dict[str, tuple] = {}
         self._forward: Callable = model
+        self._compiled = bool(compile)
         if compile:
             mode = compile if isinstance(compile, str) else None
             self._forward = torch.compile(model, mode=mode, dynamic=False)
@@ -148,18 +155,20 @@ class Engine:
         return bool(self._waiting or self._active)
 
     def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
-               suffix_ids: list[int] | None = None) -> str:
-        """Queue a generation: canvas = prompt + max_new_tokens masks (+ suffix: infilling)."""
+               suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None) -> str:
+        """Queue a generation: canvas = prompt + max_new_tokens masks (+ suffix: infilling).
+        `stop_when(answer_prefix_ids)` True after a block ends the request there (stop strings)."""
         prompt_ids, suffix_ids = list(prompt_ids), list(suffix_ids or [])
         if self.config.mask_id in prompt_ids or self.config.mask_id in suffix_ids:
             raise OptionsError("prompt and suffix must not contain the mask token")
         canvas = prompt_ids + [self.config.mask_id] * options.max_new_tokens + suffix_ids
         lo = len(prompt_ids)
         return self.submit_canvas(canvas, options, request_id, region=(lo, lo + options.max_new_tokens),
-                                  cut_at_eos=True)
+                                  cut_at_eos=True, stop_when=stop_when)
 
     def submit_canvas(self, canvas: list[int], options: DecodeOptions, request_id: str | None = None,
-                      region: tuple[int, int] | None = None, cut_at_eos: bool = False) -> str:
+                      region: tuple[int, int] | None = None, cut_at_eos: bool = False,
+                      stop_when: Callable[[list[int]], bool] | None = None) -> str:
         """Queue any canvas: every mask is filled, everything else is context. Events and the result
         report canvas[region] (default: the whole canvas)."""
         c = self.config
@@ -185,7 +194,7 @@ class Engine:
         x = torch.tensor(canvas, device=self.device)
         req = Request(
             id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
-            blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos,
+            blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
             prompt_tokens=(region or (0, 0))[0], policy=make_policy(options),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
             steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
@@ -199,16 +208,17 @@ class Engine:
         self._waiting = deque(r for r in self._waiting if r.id != request_id)
 
     # ---- convenience: one request, run to completion -----------------------------------------------------
-    def stream(self, prompt_ids: list[int], options: DecodeOptions,
-               suffix_ids: list[int] | None = None) -> Iterator[StepEvent]:
+    def stream(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
+               stop_when: Callable[[list[int]], bool] | None = None) -> Iterator[StepEvent]:
         """Submit one generation and yield its StepEvents until the final one (done=True)."""
-        rid = self.submit(prompt_ids, options, suffix_ids=suffix_ids)
+        rid = self.submit(prompt_ids, options, suffix_ids=suffix_ids, stop_when=stop_when)
         yield from self.run(rid)
 
     def generate(self, prompt_ids: list[int], options: DecodeOptions, on_step: Callable[[StepEvent], None] | None = None,
-                 suffix_ids: list[int] | None = None) -> GenerationResult:
+                 suffix_ids: list[int] | None = None,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> GenerationResult:
         event = None
-        for event in self.stream(prompt_ids, options, suffix_ids):
+        for event in self.stream(prompt_ids, options, suffix_ids, stop_when):
             if on_step is not None:
                 on_step(event)
         return event.result
@@ -233,7 +243,13 @@ class Engine:
         if not reqs:
             return events
         C = max(r.n for r in reqs)
-        self.cache = grow_cache(self.model, self.cache, self.max_batch, C + 1)  # +1: scratch slot for padding
+        cache = grow_cache(self.model, self.cache, self.max_batch, C + 1)  # +1: scratch slot for padding
+        if cache is not self.cache and self._compiled:
+            # The forward writes K/V in place; CUDA graphs only replay over inputs at fixed addresses,
+            # so the buffers are declared static (as parameters are) instead of making cudagraphs bail out.
+            torch._dynamo.mark_static_address(cache.k)
+            torch._dynamo.mark_static_address(cache.v)
+        self.cache = cache
         refresh = [r for r in reqs if r.needs_refresh()]
         window = [r for r in reqs if not r.needs_refresh()]
         hidden: dict[str, torch.Tensor] = {}
@@ -361,6 +377,9 @@ class Engine:
                 block_done = True
         if block_done:
             r.steps_per_block.append(r.block_step)
+            if r.stop_when is not None and r.block + 1 < len(r.blocks) and r.stop_when(self._answer_prefix(r)):
+                r.stopped_by_check = True
+                return self._finish(r, changed)
             eos_in_tail = r.tail_start is not None and any(row[p] == c.eos_id for p in blk if p >= r.tail_start)
             if o.early_stop and eos_in_tail and r.block + 1 < len(r.blocks):
                 rest = [p for b in r.blocks[r.block + 1 :] for p in b]
@@ -376,6 +395,16 @@ class Engine:
         lo, hi = r.region
         return StepEvent(r.id, r.steps, row[lo:hi], sum(t != c.mask_id for t in row[lo:hi]),
                          changed=[p - lo for p in changed if lo <= p < hi])
+
+    def _answer_prefix(self, r: Request) -> list[int]:
+        """The committed tokens of the region up to its first mask (or EOS): text that can no longer change."""
+        lo, hi = r.region
+        out = []
+        for t in r.host[lo:hi]:
+            if t == self.config.mask_id or (r.cut_at_eos and t == self.config.eos_id):
+                break
+            out.append(t)
+        return out
 
     def _correct(self, r: Request, cur: torch.Tensor, probs: torch.Tensor, allow_remask: bool) -> torch.Tensor:
         """Self-correction on the block's generated tokens: rewrite where the model now prefers another
@@ -397,7 +426,9 @@ class Engine:
         lo, hi = r.region
         region = r.host[lo:hi] if r.host else r.x[lo:hi].tolist()
         tokens, finish = region, "length"
-        if r.cut_at_eos and c.eos_id in region:
+        if r.stopped_by_check:
+            tokens, finish = self._answer_prefix(r), "stop"
+        elif r.cut_at_eos and c.eos_id in region:
             tokens, finish = region[: region.index(c.eos_id)], "eos"
         elif r.stopped_at_eos:
             finish = "eos"

@@ -26,6 +26,13 @@ def apply_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stop_checker(tokenizer, stop: list[str]) -> Callable[[list[int]], bool] | None:
+    """The engine's `stop_when` for stop strings: does the decoded committed prefix contain one?"""
+    if not stop:
+        return None
+    return lambda ids: any(s in tokenizer.decode(ids) for s in stop)
+
+
 def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions,
                   on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
     """Diffusion models decode with the engine (streaming StepEvents to `on_step`); causal twins with AR."""
@@ -36,7 +43,8 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
         result = ar_generate(pipe.model, ids, options.max_new_tokens, options.temperature, options.top_k,
                              options.top_p, options.seed, on_step=on_step)
     else:
-        result = Engine(pipe.model, max_batch=1).generate(ids, options, on_step=on_step)
+        result = Engine(pipe.model, max_batch=1).generate(ids, options, on_step=on_step,
+                                                          stop_when=stop_checker(pipe.tokenizer, options.stop))
     result.text = pipe.tokenizer.decode(result.tokens)
     if options.stop:
         result.text, stopped = apply_stop(result.text, options.stop)

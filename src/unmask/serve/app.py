@@ -31,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 
 from unmask.chat import end_of_turn_strings
 from unmask.decoding.events import StepEvent
+from unmask.decoding.generate import stop_checker
 from unmask.decoding.options import DecodeOptions
 from unmask.errors import UnmaskError
 from unmask.serve.metrics import Metrics
@@ -166,7 +167,8 @@ class Server:
     async def run(self, request: Request, req: DecodingFields, endpoint: str, prompt_ids: list[int],
                   suffix_ids: list[int] | None, opts: DecodeOptions, chat: bool) -> Response:
         t0 = time.perf_counter()
-        ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream)
+        ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream,
+                                          stop_when=stop_checker(self.tokenizer, opts.stop))
         n_prompt = len(prompt_ids) + len(suffix_ids or [])
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_name}
