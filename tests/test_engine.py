@@ -51,6 +51,23 @@ def test_block_causal_cache_is_exact(tokenizer, cache, shift):
     assert plain.steps_per_block[0] <= 8 - len(prompt) % 8  # decode blocks follow model blocks
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_compiled_engine_keeps_window_shapes_static(tokenizer, cache, monkeypatch):
+    # torch.compile stands in as the identity, so the test sees exactly the shapes a compiled graph would
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = sharp_model(tokenizer, attention="block_causal", block_size=8, logits_shift=True)
+    prompt = tokenizer.encode(PROMPTS[0])
+    eager = Engine(model).generate(prompt, opts(cache=cache))
+    engine = Engine(model, compile=True)
+    shapes = set()
+    hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.add((args[0].shape, kw["kv_len"])),
+                                           with_kwargs=True)
+    compiled = engine.generate(prompt, opts(cache=cache))
+    hook.remove()
+    assert compiled.tokens == eager.tokens  # padded windows change nothing
+    assert len(shapes) == 2  # one refresh shape + one window shape for all blocks
+
+
 def test_dual_cache_is_an_approximation_on_bidirectional_models(tokenizer):
     # guards the test above: with a stale cache a bidirectional model *does* decode differently
     model = sharp_model(tokenizer)

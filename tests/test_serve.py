@@ -153,6 +153,15 @@ def test_stop_sequences_cut_text_and_tokens(client, tiny_pipeline):
     assert "".join(c["choices"][0]["text"] for c in streamed) == cut
 
 
+def test_stop_sequence_saves_the_remaining_blocks(client):
+    req = {"prompt": "def main():\n    return", "max_tokens": 32, "steps": 32, "block_length": 8}
+    free = client.post("/v1/completions", json=req).json()
+    stop = free["choices"][0]["text"][1:4]  # completed by the first block
+    r = client.post("/v1/completions", json={**req, "stop": stop}).json()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["nfe"] == 8 < free["usage"]["nfe"] == 32
+
+
 def test_suffix_infills_between(client, tiny_pipeline):
     req = {"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", **FAST}
     r = client.post("/v1/completions", json=req)

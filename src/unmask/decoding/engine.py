@@ -100,6 +100,7 @@ class Request:
     pos: torch.Tensor | None = None  # the block's positions
     src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
     window: tuple[int, int] = (0, 0)  # slots a window step recomputes
+    window_width: int = 0  # compiled engines pad every window of the request to this width
 
     @property
     def n(self) -> int:
@@ -274,18 +275,26 @@ class Engine:
             if r.blocks:
                 self._enter_block(r)
 
-    def _enter_block(self, r: Request) -> None:
-        c, blk = self.config, r.blocks[r.block]
-        shift = 1 if c.logits_shift else 0
-        r.pos = torch.tensor(blk, device=self.device)
-        r.src = (r.pos - shift).clamp_min(0)
+    def _block_window(self, r: Request, blk: list[int]) -> tuple[int, int]:
+        """The slots a window step over block `blk` recomputes."""
+        c = self.config
         lo, hi = blk[0], blk[-1] + 1
-        start = max(lo - shift, 0)  # logits_shift: the block's first logit is the output of the slot before
+        start = max(lo - (1 if c.logits_shift else 0), 0)  # shift: the first logit is the slot before's output
         if c.attention == "block_causal":  # the block's model block is bidirectional inside: recompute all of it
             bs = c.block_size
             start = min(start, lo // bs * bs)
             hi = min(r.n, max(hi, (blk[-1] // bs + 1) * bs))
-        r.window = (start, r.n if r.options.cache == "prefix" else hi)
+        return start, r.n if r.options.cache == "prefix" else hi
+
+    def _enter_block(self, r: Request) -> None:
+        blk = r.blocks[r.block]
+        r.pos = torch.tensor(blk, device=self.device)
+        r.src = (r.pos - (1 if self.config.logits_shift else 0)).clamp_min(0)
+        r.window = self._block_window(r, blk)
+        if self._compiled and r.block == 0:
+            # one window width for all of the request's blocks (prefix windows shrink block by block):
+            # compiled graphs keep their shapes instead of recompiling per block
+            r.window_width = max(e - s for s, e in (self._block_window(r, b) for b in r.blocks))
         r.block_step, r.correcting = 0, -1
         r.policy.start_block(len(blk), r.steps_budget)
 
@@ -315,7 +324,7 @@ class Engine:
     def _window_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
         key = ("window", C, tuple((r.row, r.n, r.window) for r in reqs))
         if self._memo.get("window", (None,))[0] != key:
-            W = max(e - s for s, e in (r.window for r in reqs))
+            W = max(max(r.window[1] - r.window[0], r.window_width) for r in reqs)
             slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
             positions = torch.zeros((len(reqs), W), dtype=torch.long, device=self.device)
             for i, r in enumerate(reqs):
@@ -325,7 +334,7 @@ class Engine:
             mask = attention_mask(self.config, positions, q_real, [r.n for r in reqs], C)
             self._memo["window"] = (key, W, positions, slots, mask)
         _, W, positions, slots, mask = self._memo["window"]
-        if len(reqs) == 1:
+        if len(reqs) == 1 and W == reqs[0].window[1] - reqs[0].window[0]:
             s, e = reqs[0].window
             tokens = reqs[0].x[None, s:e]
         else:
