@@ -38,3 +38,8 @@ def test_parse_rate_cuts_at_function_end_and_rejects_empty_bodies():
     assert not body_parses(prompt, "    return (x\n")
     assert not body_parses(prompt, "\n# nothing\n")
     assert function_body("    a = 1\n\n    return a\nb = 2\n") == "    a = 1\n\n    return a\n"
+    # out of tokens mid-line: judged on the finished lines only, which must still parse
+    assert function_body("    a = 1\n    return (a +") == "    a = 1\n"
+    assert body_parses(prompt, "    a = 1\n    return (a +")
+    assert not body_parses(prompt, "    a = (1\n    return a")
+    assert not body_parses(prompt, "    return (a +")  # nothing finished: an empty body

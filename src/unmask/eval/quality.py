@@ -2,7 +2,8 @@
 
 - held-out function prompts: a function's signature + docstring, taken from real source with `ast`;
 - degenerate repetition: some 4-gram of tokens occurs >= 4 times in a sample;
-- parse rate: prompt + sampled body (cut where the function ends) parses with `ast.parse`;
+- parse rate: prompt + sampled body (cut where the function ends, or after its last finished line)
+  parses with `ast.parse`;
 - generative NLL: how likely the AR twin finds the samples (bits per byte of the sampled text).
 """
 
@@ -61,12 +62,16 @@ def has_degenerate_repetition(tokens: Sequence[int], n: int = 4, times: int = 4)
 
 
 def function_body(completion: str) -> str:
-    """The completion up to the first line that leaves the function (non-blank at column 0)."""
+    """The completion up to the first line that leaves the function (non-blank at column 0). A body that
+    never leaves the function ran out of tokens: its last line, cut mid-way (no newline), is dropped —
+    a sample is judged on the lines it finished, as HumanEval-style runners cut at stop sequences."""
     out = []
     for line in completion.splitlines(keepends=True):
         if line.strip() and not line[0].isspace():
-            break
+            return "".join(out)
         out.append(line)
+    if out and not out[-1].endswith(("\n", "\r")):
+        out.pop()
     return "".join(out)
 
 
