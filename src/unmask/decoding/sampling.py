@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+NUCLEUS_FIRST_K = 64  # candidates top-p looks at first; it widens only while the nucleus may be larger
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set logits outside the top-k / nucleus top-p to -inf."""
@@ -11,12 +13,26 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(~nucleus(logits, top_p), float("-inf"))
     return logits
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean [..., V]: the smallest set of most probable tokens whose mass reaches top_p (the token that
+    crosses top_p included). A full sort of a vocabulary per position costs more than a forward pass on a
+    CPU, so this looks at the top K candidates and widens K only while some row's nucleus may lie beyond
+    them — exact, and usually one small top-k."""
+    probs = logits.softmax(-1)
+    V = probs.shape[-1]
+    k = min(NUCLEUS_FIRST_K, V)
+    while True:
+        top, order = probs.topk(k, dim=-1)  # sorted, most probable first
+        cum = top.cumsum(-1)
+        if k == V or bool((cum[..., -1] >= top_p).all()):
+            break
+        k = min(V, k * 8)
+    keep = (cum - top) < top_p
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
 
 
 def sample_tokens(
@@ -28,10 +44,11 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (tokens, probability of each chosen token) for logits [..., V].
 
-    temperature 0 is argmax. Otherwise Gumbel-max in float64: argmax(exp(l / T) / (-log u)) — the
-    LLaDA formulation, whose float64 noise matters for low-temperature sampling of large vocabularies.
+    temperature 0 is argmax. Otherwise Gumbel-max with float64 noise: argmax(l / T - log(-log u)), the
+    log form of LLaDA's argmax(exp(l) / (-log u)^T); the float64 noise matters for low-temperature
+    sampling of large vocabularies.
     """
-    logits = filter_logits(logits.double(), top_k, top_p)
+    logits = filter_logits(logits.float(), top_k, top_p)
     probs = logits.softmax(-1)
     if temperature <= 0:
         tokens = logits.argmax(-1)
@@ -40,6 +57,6 @@ def sample_tokens(
         # unseeded sampling on a GPU draws on the GPU and avoids a host->device copy every step
         device = generator.device if generator is not None else logits.device
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=device).to(logits.device)
-        gumbel = (-torch.log(u.clamp_min(1e-300))) ** temperature
-        tokens = (logits.exp() / gumbel).argmax(-1)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+        tokens = (logits.double() / temperature + gumbel).argmax(-1)
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)

@@ -17,14 +17,12 @@ class Setting:
 
 
 def settings(max_new_tokens: int, block_length: int, steps: list[int], thresholds: list[float],
-             temperature: float = 0.0) -> list[Setting]:
-    out = []
-    for s in steps:
-        out.append(Setting(f"steps={s}", DecodeOptions(max_new_tokens=max_new_tokens, block_length=block_length,
-                                                       steps=s, policy="fixed", temperature=temperature, seed=0)))
-    for t in thresholds:
-        out.append(Setting(f"τ={t:g}", DecodeOptions(max_new_tokens=max_new_tokens, block_length=block_length,
-                                                     threshold=t, policy="threshold", temperature=temperature, seed=0)))
+             temperature: float = 0.0, top_p: float | None = None) -> list[Setting]:
+    """Fixed-step budgets and thresholds; sampling (temperature > 0) is seeded, so every row is reproducible."""
+    common = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, top_p=top_p,
+                  seed=0)
+    out = [Setting(f"steps={s}", DecodeOptions(steps=s, policy="fixed", **common)) for s in steps]
+    out += [Setting(f"τ={t:g}", DecodeOptions(threshold=t, policy="threshold", **common)) for t in thresholds]
     return out
 
 
