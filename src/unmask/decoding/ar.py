@@ -24,8 +24,10 @@ def ar_generate(
     seed: int | None = None,
     stop_at_eos: bool = True,
     on_step: Callable[[StepEvent], None] | None = None,
+    first_allowed: torch.Tensor | None = None,
 ) -> GenerationResult:
-    """Greedy/sampled AR decoding. `on_step` gets one StepEvent per new token (the final one done=True)."""
+    """Greedy/sampled AR decoding. `on_step` gets one StepEvent per new token (the final one done=True);
+    `first_allowed` (bool [vocab]) restricts the first new token (token healing)."""
     c = model.config
     if c.attention != "causal":
         raise ValueError(f"AR decoding needs a causal model, this one is {c.attention}")
@@ -39,6 +41,8 @@ def ar_generate(
     t0 = time.perf_counter()
     cache = model.new_cache(1, total)
     logits = model(torch.tensor([prompt_ids], device=device), cache=cache, cache_start=0)
+    if first_allowed is not None:
+        logits[:, -1].masked_fill_(~first_allowed.to(device), float("-inf"))
     nfe, out, pos = 1, [], len(prompt_ids)
     finish = "length"
     for _ in range(max_new_tokens):

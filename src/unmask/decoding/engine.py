@@ -32,7 +32,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,7 @@ class Request:
     tail_start: int | None  # first position of a masked run reaching the canvas end (early stop applies there)
     cut_at_eos: bool  # generation: the result ends at the first EOS
     stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
+    first_allowed: torch.Tensor | None  # generation: bool [V], tokens the first new token may be (healing)
     prompt_tokens: int
     policy: Policy
     generator: torch.Generator | None
@@ -156,20 +157,23 @@ class Engine:
         return bool(self._waiting or self._active)
 
     def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
-               suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None) -> str:
+               suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None,
+               first_allowed: torch.Tensor | None = None) -> str:
         """Queue a generation: canvas = prompt + max_new_tokens masks (+ suffix: infilling).
-        `stop_when(answer_prefix_ids)` True after a block ends the request there (stop strings)."""
+        `stop_when(answer_prefix_ids)` True after a block ends the request there (stop strings);
+        `first_allowed` (bool [vocab]) restricts the first new token (token healing, decoding/healing.py)."""
         prompt_ids, suffix_ids = list(prompt_ids), list(suffix_ids or [])
         if self.config.mask_id in prompt_ids or self.config.mask_id in suffix_ids:
             raise OptionsError("prompt and suffix must not contain the mask token")
         canvas = prompt_ids + [self.config.mask_id] * options.max_new_tokens + suffix_ids
         lo = len(prompt_ids)
         return self.submit_canvas(canvas, options, request_id, region=(lo, lo + options.max_new_tokens),
-                                  cut_at_eos=True, stop_when=stop_when)
+                                  cut_at_eos=True, stop_when=stop_when, first_allowed=first_allowed)
 
     def submit_canvas(self, canvas: list[int], options: DecodeOptions, request_id: str | None = None,
                       region: tuple[int, int] | None = None, cut_at_eos: bool = False,
-                      stop_when: Callable[[list[int]], bool] | None = None) -> str:
+                      stop_when: Callable[[list[int]], bool] | None = None,
+                      first_allowed: torch.Tensor | None = None) -> str:
         """Queue any canvas: every mask is filled, everything else is context. Events and the result
         report canvas[region] (default: the whole canvas)."""
         c = self.config
@@ -196,6 +200,7 @@ class Engine:
         req = Request(
             id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
+            first_allowed=None if first_allowed is None else first_allowed.to(self.device),
             prompt_tokens=(region or (0, 0))[0], policy=make_policy(options),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
             steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
@@ -210,16 +215,16 @@ class Engine:
 
     # ---- convenience: one request, run to completion -----------------------------------------------------
     def stream(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
-               stop_when: Callable[[list[int]], bool] | None = None) -> Iterator[StepEvent]:
-        """Submit one generation and yield its StepEvents until the final one (done=True)."""
-        rid = self.submit(prompt_ids, options, suffix_ids=suffix_ids, stop_when=stop_when)
+               **request: Any) -> Iterator[StepEvent]:
+        """Submit one generation and yield its StepEvents until the final one (done=True).
+        `request`: submit's stop_when / first_allowed."""
+        rid = self.submit(prompt_ids, options, suffix_ids=suffix_ids, **request)
         yield from self.run(rid)
 
     def generate(self, prompt_ids: list[int], options: DecodeOptions, on_step: Callable[[StepEvent], None] | None = None,
-                 suffix_ids: list[int] | None = None,
-                 stop_when: Callable[[list[int]], bool] | None = None) -> GenerationResult:
+                 suffix_ids: list[int] | None = None, **request: Any) -> GenerationResult:
         event = None
-        for event in self.stream(prompt_ids, options, suffix_ids, stop_when):
+        for event in self.stream(prompt_ids, options, suffix_ids, **request):
             if on_step is not None:
                 on_step(event)
         return event.result
@@ -261,6 +266,9 @@ class Engine:
         h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
         logits = self.model.output(h)
         logits[..., self.config.mask_id] = float("-inf")  # a committed [MASK] would never finish its block
+        for i, r in enumerate(reqs):
+            if r.first_allowed is not None and r.block == 0 and r.blocks[0][0] == r.region[0]:
+                logits[i, 0].masked_fill_(~r.first_allowed, float("-inf"))
         for i, r in enumerate(reqs):
             r.nfe += 1
             events.append(self._advance(r, logits[i, : r.pos.numel()]))

@@ -34,6 +34,7 @@ class DecodeOptions:
     rewrite_above: float = 0.9  # self-correction: rewrite a committed token when a new argmax beats this
     max_correction_steps: int = 8
     stop: list[str] = field(default_factory=list)
+    heal: bool = True  # token healing of text prompts (decoding/healing.py); ids are decoded as given
 
     def __post_init__(self) -> None:
         self.validate()
