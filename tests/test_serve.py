@@ -162,6 +162,19 @@ def test_stop_sequence_saves_the_remaining_blocks(client):
     assert r["usage"]["nfe"] == 8 < free["usage"]["nfe"] == 32
 
 
+def test_text_prompts_are_healed_like_the_pipeline(client, tiny_pipeline):
+    prompt = 'def f(x):\n    """Return x."""\n'  # ends in a token that "\n   " extends
+    req = {"prompt": prompt, **FAST}
+    want = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=8, steps=4, block_length=8, policy="fixed"))
+    assert tiny_pipeline.tokenizer.decode(want.tokens[:1]).startswith("\n")  # healing happened
+    body = client.post("/v1/completions", json=req).json()
+    assert body["choices"][0]["text"] == want.text
+    streamed = parse_sse(client.post("/v1/completions", json={**req, "stream": True}).text)
+    assert "".join(c["choices"][0]["text"] for c in streamed) == want.text
+    states = parse_sse(client.post("/v1/completions", json={**req, "stream": True, "diffusing": True}).text)
+    assert states[-1]["choices"][0]["text"] == want.text
+
+
 def test_suffix_infills_between(client, tiny_pipeline):
     req = {"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", **FAST}
     r = client.post("/v1/completions", json=req)

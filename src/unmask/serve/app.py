@@ -32,6 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from unmask.chat import end_of_turn_strings
 from unmask.decoding.events import StepEvent
 from unmask.decoding.generate import stop_checker
+from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
 from unmask.errors import UnmaskError
 from unmask.serve.metrics import Metrics
@@ -142,7 +143,8 @@ class Server:
         if suffix_ids is not None and self.config.attention == "causal":
             raise ApiError("suffix: infilling needs a diffusion model; this one is autoregressive", 400, "suffix")
         opts = self.options(req, len(prompt_ids) + len(suffix_ids or []))
-        return await self.run(request, req, "/v1/completions", prompt_ids, suffix_ids, opts, chat=False)
+        return await self.run(request, req, "/v1/completions", prompt_ids, suffix_ids, opts, chat=False,
+                              text_prompt=isinstance(req.prompt, str))
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
         self.check_model(req)
@@ -162,19 +164,28 @@ class Server:
         opts = self.options(req, len(prompt_ids))
         # a model may close its turn with an end-of-turn token or open the next turn: both end the answer
         opts = opts.replace(stop=opts.stop + [t for t in self.turn_ends if t not in opts.stop])
-        return await self.run(request, req, "/v1/chat/completions", prompt_ids, None, opts, chat=True)
+        return await self.run(request, req, "/v1/chat/completions", prompt_ids, None, opts, chat=True,
+                              text_prompt=True)
 
     async def run(self, request: Request, req: DecodingFields, endpoint: str, prompt_ids: list[int],
-                  suffix_ids: list[int] | None, opts: DecodeOptions, chat: bool) -> Response:
+                  suffix_ids: list[int] | None, opts: DecodeOptions, chat: bool, text_prompt: bool) -> Response:
         t0 = time.perf_counter()
-        ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream,
-                                          stop_when=stop_checker(self.tokenizer, opts.stop))
         n_prompt = len(prompt_ids) + len(suffix_ids or [])
+        # token healing as in the pipeline: the answer's first token re-decodes the prompt's last one
+        healing = heal(self.tokenizer, prompt_ids, self.config.vocab_size) \
+            if text_prompt and opts.heal and not suffix_ids else None
+        skip, first_allowed = "", None
+        if healing is not None:
+            prompt_ids, first_allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
+            opts = opts.replace(max_new_tokens=opts.max_new_tokens + 1)
+        ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream,
+                                          stop_when=stop_checker(self.tokenizer, opts.stop, skip),
+                                          first_allowed=first_allowed)
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self.stream(ticket, opts, meta, chat, req.diffusing, include_usage, endpoint, n_prompt, t0)
+            body = self.stream(ticket, opts, meta, chat, req.diffusing, include_usage, endpoint, n_prompt, t0, skip)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -183,7 +194,7 @@ class Server:
             self.worker.cancel(ticket.request_id)
             self.metrics.requests.labels(endpoint, "cancelled").inc()
             return Response(status_code=499)
-        text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, self.config.eos_id, opts.stop)
+        text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, self.config.eos_id, opts.stop, skip)
         usage = self.usage(n_prompt, len(tokens), ev.result, t0)
         self.record(endpoint, t0, usage)
         finish = self.finish_reason(ev.result, stopped)
@@ -207,10 +218,11 @@ class Server:
                 return item
 
     async def stream(self, ticket, opts: DecodeOptions, meta: dict, chat: bool, diffusing: bool,
-                     include_usage: bool, endpoint: str, n_prompt: int, t0: float) -> AsyncIterator[str]:
+                     include_usage: bool, endpoint: str, n_prompt: int, t0: float,
+                     skip: str = "") -> AsyncIterator[str]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         eos, mask = self.config.eos_id, self.config.mask_id
-        deltas = DeltaStream(self.tokenizer, mask, eos, opts.stop, live=not opts.self_correct)
+        deltas = DeltaStream(self.tokenizer, mask, eos, opts.stop, live=not opts.self_correct, skip=skip)
 
         def chunk(text: str | None, finish: str | None = None, extra: dict | None = None, role: bool = False) -> str:
             if chat:
@@ -232,18 +244,18 @@ class Server:
                 ev: StepEvent = await ticket.next()
                 if not ev.done:
                     if diffusing:
-                        text, pieces = render_canvas(self.tokenizer, ev.canvas, mask, eos)
+                        text, pieces = render_canvas(self.tokenizer, ev.canvas, mask, eos, skip=skip)
                         yield chunk(text, extra={"diffusion": self.diffusion_info(ev, pieces)})
                     else:
                         delta = deltas.update(ev.canvas)
                         if delta:
                             yield chunk(delta)
                     continue
-                text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, eos, opts.stop)
+                text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, eos, opts.stop, skip)
                 finish = self.finish_reason(ev.result, stopped)
                 usage = self.usage(n_prompt, len(tokens), ev.result, t0)
                 if diffusing:
-                    _, pieces = render_canvas(self.tokenizer, tokens, mask, eos)
+                    _, pieces = render_canvas(self.tokenizer, tokens, mask, eos, skip=skip)
                     yield chunk(text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
                 else:
                     delta = deltas.finish(text)

@@ -20,18 +20,29 @@ MASK_PLACEHOLDER = "░"  # how a still-masked position is shown in `diffusing` 
 REPLACEMENT = "\ufffd"  # what a byte-level decoder prints for an incomplete UTF-8 character
 
 
+def unheal(text: str, skip: str) -> str:
+    """`text` without a healed prompt's last-token text `skip` at its start (decoding/healing.py)."""
+    if not skip:
+        return text
+    if text.startswith(skip):
+        return text[len(skip):]
+    return "" if skip.startswith(text) else text
+
+
 def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
     tokens = list(tokens)
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
 def render_canvas(tokenizer: Tokenizer, canvas: Sequence[int], mask_id: int, eos_id: int | None,
-                  placeholder: str = MASK_PLACEHOLDER, hide: frozenset[int] = frozenset()) -> tuple[str, list[str | None]]:
+                  placeholder: str = MASK_PLACEHOLDER, hide: frozenset[int] = frozenset(),
+                  skip: str = "") -> tuple[str, list[str | None]]:
     """(text with one placeholder per masked position, per-position pieces with None for a mask).
 
     Rendering stops at the first committed `eos_id` (None: never): everything after it is cut from the final
     answer anyway. Tokens in `hide` (an edit's absorbed EOS/pad) render as "". Runs of committed tokens are
-    decoded together so multi-token characters come out whole."""
+    decoded together so multi-token characters come out whole. `skip`: a healed prompt's text, taken off
+    the first position."""
     canvas = list(canvas)
     if eos_id is not None and eos_id in canvas:
         canvas = canvas[: canvas.index(eos_id)]
@@ -50,6 +61,9 @@ def render_canvas(tokenizer: Tokenizer, canvas: Sequence[int], mask_id: int, eos
     if run:
         parts.append(tokenizer.decode(run))
     pieces = [None if t == mask_id else "" if t in hide else tokenizer.decode([t]) for t in canvas]
+    if skip and pieces and pieces[0] is not None:
+        pieces[0] = unheal(pieces[0], skip)
+        parts[0] = unheal(parts[0], skip)
     return "".join(parts), pieces
 
 
@@ -68,15 +82,17 @@ def tokens_for_text(tokenizer: Tokenizer, tokens: Sequence[int], text: str) -> i
     return lo
 
 
-def final_text(tokenizer: Tokenizer, tokens: Sequence[int], eos_id: int, stop: list[str]) -> tuple[str, list[int], bool]:
-    """(text, the tokens that make it, stopped by a stop string) for a finished request."""
+def final_text(tokenizer: Tokenizer, tokens: Sequence[int], eos_id: int, stop: list[str],
+               skip: str = "") -> tuple[str, list[int], bool]:
+    """(text, the tokens that make it, stopped by a stop string) for a finished request; `skip` is a
+    healed prompt's text at the start of the tokens, not part of the answer."""
     tokens = cut_at_eos(tokens, eos_id)
-    text = tokenizer.decode(tokens)
+    text = unheal(tokenizer.decode(tokens), skip)
     if not stop:
         return text, tokens, False
     text, stopped = apply_stop(text, stop)
     if stopped:
-        tokens = tokens[: tokens_for_text(tokenizer, tokens, text)]
+        tokens = tokens[: tokens_for_text(tokenizer, tokens, skip + text)]
     return text, tokens, stopped
 
 
@@ -85,8 +101,10 @@ class DeltaStream:
 
     `live=False` (used with self-correction, which may rewrite committed tokens) sends everything at the end."""
 
-    def __init__(self, tokenizer: Tokenizer, mask_id: int, eos_id: int, stop: list[str], live: bool = True):
+    def __init__(self, tokenizer: Tokenizer, mask_id: int, eos_id: int, stop: list[str], live: bool = True,
+                 skip: str = ""):
         self.tokenizer, self.mask_id, self.eos_id, self.stop, self.live = tokenizer, mask_id, eos_id, stop, live
+        self.skip = skip
         self.sent = ""
 
     def _stable_text(self, canvas: Sequence[int]) -> str:
@@ -95,7 +113,7 @@ class DeltaStream:
             if t == self.mask_id or t == self.eos_id:
                 break
             prefix.append(t)
-        text = self.tokenizer.decode(prefix).rstrip(REPLACEMENT)
+        text = unheal(self.tokenizer.decode(prefix).rstrip(REPLACEMENT), self.skip)
         if self.stop:
             text, stopped = apply_stop(text, self.stop)
             if not stopped:  # hold back a tail that may grow into a stop string

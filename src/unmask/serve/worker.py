@@ -113,13 +113,14 @@ class Worker:
 
     # --- called from the event loop ----------------------------------------------------------------
     async def submit(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
-                     every_step: bool = True, stop_when: Callable[[list[int]], bool] | None = None) -> Ticket:
-        """Queue a generation; raises the engine's QueueFull when its queue is full."""
+                     every_step: bool = True, **request: Any) -> Ticket:
+        """Queue a generation (`request`: the engine's stop_when / first_allowed); raises the engine's
+        QueueFull when its queue is full."""
         self.start()
         loop = asyncio.get_running_loop()
         ticket = Ticket(f"req-{uuid.uuid4().hex[:16]}", loop)
         accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("submit", ticket, every_step, prompt_ids, options, suffix_ids, stop_when, accepted))
+        self._inbox.put(("submit", ticket, every_step, prompt_ids, options, suffix_ids, request, accepted))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:  # the client left while the worker was busy: drop the request
@@ -170,10 +171,10 @@ class Worker:
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "submit":
-            _, ticket, every_step, prompt_ids, options, suffix_ids, stop_when, accepted = cmd
+            _, ticket, every_step, prompt_ids, options, suffix_ids, request, accepted = cmd
             try:
                 rid = self.engine.submit(prompt_ids, options, request_id=ticket.request_id, suffix_ids=suffix_ids,
-                                         stop_when=stop_when)
+                                         **request)
             except BaseException as e:  # QueueFull, bad options: the handler turns it into a 4xx
                 accepted.set_exception(e)
                 return
