@@ -173,6 +173,9 @@ def test_text_prompts_are_healed_like_the_pipeline(client, tiny_pipeline):
     assert "".join(c["choices"][0]["text"] for c in streamed) == want.text
     states = parse_sse(client.post("/v1/completions", json={**req, "stream": True, "diffusing": True}).text)
     assert states[-1]["choices"][0]["text"] == want.text
+    unhealed = client.post("/v1/completions", json={**req, "heal": False}).json()["choices"][0]["text"]
+    assert unhealed == tiny_pipeline.generate(prompt, max_new_tokens=8, steps=4, block_length=8, policy="fixed",
+                                              heal=False).text
 
 
 def test_suffix_infills_between(client, tiny_pipeline):

@@ -31,6 +31,7 @@ Temperature = Annotated[float, typer.Option("--temperature")]
 TopP = Annotated[Optional[float], typer.Option("--top-p")]
 Seed = Annotated[Optional[int], typer.Option("--seed")]
 Cache = Annotated[str, typer.Option("--cache", help="none | prefix | dual")]
+Heal = Annotated[bool, typer.Option("--heal/--no-heal", help="Token healing: re-decode the prompt's last token.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | cuda:1 … (default: cuda if present)")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16")]
 

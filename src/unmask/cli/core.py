@@ -11,7 +11,7 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Seed, Steps, Temperature,
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Policy, Seed, Steps, Temperature,
                                Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
@@ -28,12 +28,14 @@ def generate(
     top_p: TopP = None,
     seed: Seed = None,
     cache: Cache = "prefix",
+    heal: Heal = True,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
     """Continue a prompt with a diffusion model (or AR-decode a causal twin)."""
     opts = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                          threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
+                          threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
+                          heal=heal)
     pipe = load_pipeline(model, device, dtype)
     result = pipe.generate(prompt, opts)
     out.print(prompt + result.text, markup=False, highlight=False)

@@ -71,6 +71,7 @@ class DecodingFields(BaseModel):
     confidence: Literal["prob", "margin", "entropy", "random"] | None = None
     cache: Literal["none", "prefix", "dual"] | None = None
     self_correct: bool | None = None
+    heal: bool | None = Field(None, description="token healing of a text prompt (default on)")
     diffusing: bool = Field(False, description="stream every denoising state (whole text, masks shown) instead of deltas")
     # OpenAI fields accepted for compatibility; only their neutral values are allowed
     n: int = 1
@@ -93,7 +94,7 @@ class DecodingFields(BaseModel):
                              ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"), ("steps", "steps"),
                              ("block_length", "block_length"), ("policy", "policy"), ("threshold", "threshold"),
                              ("factor", "factor"), ("confidence", "confidence"), ("cache", "cache"),
-                             ("self_correct", "self_correct")):
+                             ("self_correct", "self_correct"), ("heal", "heal")):
             value = getattr(self, theirs)
             if value is not None:
                 changes[ours] = value
