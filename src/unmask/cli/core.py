@@ -11,8 +11,8 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Policy, Seed, Steps, Temperature,
-                               Threshold, TopP, console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Policy, Seed, Steps,
+                               Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
 @app.command()
