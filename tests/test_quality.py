@@ -1,3 +1,7 @@
+import json
+
+import pytest
+
 from unmask.eval.quality import (body_parses, function_body, function_prompts, has_degenerate_repetition)
 
 SOURCE = '''
@@ -43,3 +47,31 @@ def test_parse_rate_cuts_at_function_end_and_rejects_empty_bodies():
     assert body_parses(prompt, "    a = 1\n    return (a +")
     assert not body_parses(prompt, "    a = (1\n    return a")
     assert not body_parses(prompt, "    return (a +")  # nothing finished: an empty body
+
+
+def test_speed_quality_command_prints_table_plot_and_json(tmp_path, capsys, tokenizer, saved_model_dir):
+    from conftest import tiny_model
+    from unmask.cli.main import main
+    from unmask.pipeline import Pipeline
+
+    twin = tmp_path / "twin"
+    Pipeline(tiny_model(tokenizer, attention="causal"), tokenizer).save(twin)
+    code = tmp_path / "held_out.py"
+    code.write_text(SOURCE)
+    plot, report = tmp_path / "sq.png", tmp_path / "sq.json"
+    rc = main([str(a) for a in ["eval", "speed-quality", saved_model_dir, twin, "--data", code, "--ar-model", twin,
+                                "--steps", "8", "--thresholds", "0.9", "-n", "16", "--block-length", "8",
+                                "--prompts", "2", "--elbo-tokens", "0", "--temperature", "0.8", "--top-p", "0.9",
+                                "--plot", plot, "--json", report]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "top-p 0.9" in " ".join(out.split())  # the title names the sampling (rich may wrap it)
+    rows = json.loads(report.read_text())
+    assert [(r["model"], r["setting"]) for r in rows] == [
+        (str(saved_model_dir), "steps=8"), (str(saved_model_dir), "τ=0.9"), (str(twin), "steps=8"), (str(twin), "τ=0.9")]
+    diffusion_fixed = rows[0]
+    assert diffusion_fixed["samples"] == 2 and 0 <= diffusion_fixed["parse_rate"] <= 1
+    assert diffusion_fixed["tokens_per_step"] == pytest.approx(2.0, abs=0.3)  # 16 tokens in 8 steps (EOS may cut)
+    assert rows[2]["tokens_per_step"] == pytest.approx(1.0)  # the AR twin: one token per forward
+    assert all(r["gen_bpb"] > 0 for r in rows)
+    assert plot.stat().st_size > 0

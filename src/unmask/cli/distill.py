@@ -68,7 +68,7 @@ def distill(
 @eval_app.command("speed-quality")
 def speed_quality(
     models: List[Path] = typer.Argument(..., help="Model folders to compare."),
-    data: Path = typer.Option(..., "--data", help="Held-out code: corpus folder (val split) or a .jsonl/.txt/.py dir."),
+    data: Path = typer.Option(..., "--data", help="Held-out code: corpus folder (val split) or one .jsonl/.txt/.py file."),
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="AR twin for the generative NLL column."),
     steps: str = typer.Option("256,64,32,16", "--steps", help="Fixed step budgets (comma separated)."),
     thresholds: str = typer.Option("0.9,0.7,0.5", "--thresholds", help="Confidence thresholds (comma separated)."),
