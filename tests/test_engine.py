@@ -1,10 +1,13 @@
 """Decoding engine: cache exactness, batching == alone, early stop, self-correction, queue, streaming."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import tiny_model
 from engine_helpers import ScriptedModel, sharp_model
+from unmask.decoding.ar import ar_generate
 from unmask.decoding.cache import CacheView, attention_mask
 from unmask.decoding.denoise import denoise
 from unmask.decoding.engine import Engine, QueueFull
@@ -180,6 +183,22 @@ def test_stop_strings_end_generation_early_in_the_pipeline(tiny_pipeline):
     stopped = tiny_pipeline.generate("def f(x):", o.replace(stop=[stop]))
     assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.find(stop)]
     assert stopped.nfe < free.nfe
+
+
+@pytest.mark.parametrize("decoder", ["engine", "ar"])
+def test_frequency_penalty_breaks_a_repetition_loop(tokenizer, decoder):
+    # a model that wants token 50 everywhere (p 0.6, log-odds ~6 over the next token): each committed 50
+    # costs it 2 logits, so after three it is no longer the best choice
+    looping = ScriptedModel(tokenizer, lambda pos, cur: (50, 0.6))
+    o = opts(max_new_tokens=12, block_length=4, threshold=0.99)
+    if decoder == "ar":
+        looping.config = dataclasses.replace(looping.config, attention="causal")
+        run = lambda **kw: ar_generate(looping, [5, 6], 12, **kw).tokens  # noqa: E731
+    else:
+        run = lambda **kw: Engine(looping).generate([5, 6], o.replace(**kw)).tokens  # noqa: E731
+    assert run() == [50] * 12
+    penalized = run(frequency_penalty=2.0)
+    assert penalized[:3] == [50] * 3 and 50 not in penalized[4:]
 
 
 def test_early_stop_does_not_fire_without_eos(tokenizer):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unmask.decoding import sampling
-from unmask.decoding.sampling import filter_logits, nucleus, sample_tokens
+from unmask.decoding.sampling import filter_logits, nucleus, penalize, sample_tokens
 
 
 def sorted_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -62,3 +62,10 @@ def test_seeded_sampling_is_reproducible():
     b, _ = sample_tokens(logits, 0.9, top_p=0.9, generator=torch.Generator().manual_seed(7))
     c, _ = sample_tokens(logits, 0.9, top_p=0.9, generator=torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_penalties_follow_openai():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    counts = torch.tensor([0, 1, 3, 0])
+    got = penalize(logits, counts, presence=0.5, frequency=0.25)
+    assert torch.allclose(got, torch.tensor([[1.0, 2.0 - 0.5 - 0.25, 3.0 - 0.5 - 0.75, 4.0]]))

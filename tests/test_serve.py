@@ -178,6 +178,17 @@ def test_text_prompts_are_healed_like_the_pipeline(client, tiny_pipeline):
                                               heal=False).text
 
 
+def test_penalties_reach_the_decoder(client, tiny_pipeline):
+    req = {"prompt": "def main():\n    return", "heal": False, **FAST}
+    texts = {client.post("/v1/completions", json=req).json()["choices"][0]["text"]}
+    for fields in ({"frequency_penalty": 1.5}, {"presence_penalty": -1.0, "frequency_penalty": 0.5}):
+        body = client.post("/v1/completions", json={**req, **fields}).json()
+        o = DecodeOptions(max_new_tokens=8, steps=4, block_length=8, policy="fixed", heal=False, **fields)
+        assert body["choices"][0]["text"] == tiny_pipeline.generate(req["prompt"], o).text
+        texts.add(body["choices"][0]["text"])
+    assert len(texts) > 1  # the penalties changed something
+
+
 def test_suffix_infills_between(client, tiny_pipeline):
     req = {"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", **FAST}
     r = client.post("/v1/completions", json=req)
@@ -205,6 +216,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "fill <|mask|> here"}, 400, "prompt"),

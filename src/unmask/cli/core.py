@@ -11,8 +11,9 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Policy, Seed, Steps,
-                               Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, FrequencyPenalty, Heal, MaxNewTokens, Policy,
+                               PresencePenalty, Seed, Steps, Temperature, Threshold, TopP, console, decode_options,
+                               load_pipeline, out)
 
 
 @app.command()
@@ -28,6 +29,8 @@ def generate(
     top_p: TopP = None,
     seed: Seed = None,
     cache: Cache = "prefix",
+    presence_penalty: PresencePenalty = 0.0,
+    frequency_penalty: FrequencyPenalty = 0.0,
     heal: Heal = True,
     device: Device = None,
     dtype: Dtype = None,
@@ -35,7 +38,7 @@ def generate(
     """Continue a prompt with a diffusion model (or AR-decode a causal twin)."""
     opts = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
                           threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
-                          heal=heal)
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
     pipe = load_pipeline(model, device, dtype)
     result = pipe.generate(prompt, opts)
     out.print(prompt + result.text, markup=False, highlight=False)

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import Temperature, TopP, console, load_pipeline, out
+from unmask.cli.common import FrequencyPenalty, Temperature, TopP, console, load_pipeline, out
 
 
 def _floats(text: str) -> list[float]:
@@ -76,6 +76,7 @@ def speed_quality(
     block_length: int = typer.Option(32, "--block-length"),
     temperature: Temperature = 0.0,
     top_p: TopP = None,
+    frequency_penalty: FrequencyPenalty = 0.0,
     n_prompts: int = typer.Option(16, "--prompts", help="Held-out function prompts."),
     elbo_tokens: int = typer.Option(20000, "--elbo-tokens", help="Held-out tokens for the ELBO column (0: skip)."),
     plot_path: Path = typer.Option(Path("speed_quality.png"), "--plot"),
@@ -103,11 +104,13 @@ def speed_quality(
             tokens = token_stream(texts, pipe.tokenizer)[:elbo_tokens]
             elbo[name] = evaluate_bits_per_byte(pipe.model, pipe.tokenizer, tokens, seq_len=min(256, pipe.config.max_seq_len)).bits_per_byte
     ar = load_pipeline(ar_model, device) if ar_model else None
-    grid = settings(max_new_tokens, block_length, _ints(steps), _floats(thresholds), temperature, top_p)
+    grid = settings(max_new_tokens, block_length, _ints(steps), _floats(thresholds), temperature=temperature,
+                    top_p=top_p, frequency_penalty=frequency_penalty)
     with Progress(console=console) as bar:
         task = bar.add_task("speed-quality", total=len(pipes) * len(grid))
         rows = evaluate(pipes, prompts, grid, ar, elbo or None, progress=lambda: bar.advance(task))
     sampling = f"temperature {temperature:g}" + (f", top-p {top_p:g}" if top_p else "") if temperature else "greedy"
+    sampling += f", frequency penalty {frequency_penalty:g}" if frequency_penalty else ""
     table = Table(title=f"speed vs quality · {len(prompts)} held-out function prompts · {max_new_tokens} new tokens"
                         f" · {sampling}")
     cols = ["model", "setting", "nfe_per_256", "tokens_per_step", "tokens_per_second", "parse_rate",

@@ -9,7 +9,7 @@ import torch
 
 from unmask.decoding.events import StepEvent
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import sample_tokens
+from unmask.decoding.sampling import penalize, sample_tokens
 from unmask.model.transformer import Transformer
 
 
@@ -25,6 +25,8 @@ def ar_generate(
     stop_at_eos: bool = True,
     on_step: Callable[[StepEvent], None] | None = None,
     first_allowed: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
 ) -> GenerationResult:
     """Greedy/sampled AR decoding. `on_step` gets one StepEvent per new token (the final one done=True);
     `first_allowed` (bool [vocab]) restricts the first new token (token healing)."""
@@ -45,8 +47,12 @@ def ar_generate(
         logits[:, -1].masked_fill_(~first_allowed.to(device), float("-inf"))
     nfe, out, pos = 1, [], len(prompt_ids)
     finish = "length"
+    counts = torch.zeros(logits.shape[-1], device=device)
     for _ in range(max_new_tokens):
+        if presence_penalty or frequency_penalty:
+            logits[:, -1] = penalize(logits[:, -1], counts, presence_penalty, frequency_penalty)
         tok, _ = sample_tokens(logits[:, -1], temperature, top_k, top_p, gen)
+        counts[tok] += 1
         t = int(tok)
         if stop_at_eos and t == c.eos_id:
             finish = "eos"

@@ -42,7 +42,7 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import filter_logits, sample_tokens
+from unmask.decoding.sampling import filter_logits, penalize, sample_tokens
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
@@ -269,6 +269,11 @@ class Engine:
         for i, r in enumerate(reqs):
             if r.first_allowed is not None and r.block == 0 and r.blocks[0][0] == r.region[0]:
                 logits[i, 0].masked_fill_(~r.first_allowed, float("-inf"))
+            o = r.options
+            if o.presence_penalty or o.frequency_penalty:
+                done = r.x[r.generated & (r.x != self.config.mask_id)]
+                counts = torch.bincount(done, minlength=logits.shape[-1])[: logits.shape[-1]]
+                logits[i] = penalize(logits[i], counts, o.presence_penalty, o.frequency_penalty)
         for i, r in enumerate(reqs):
             r.nfe += 1
             events.append(self._advance(r, logits[i, : r.pos.numel()]))

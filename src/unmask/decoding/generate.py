@@ -56,7 +56,8 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
         options = options.replace(max_new_tokens=options.max_new_tokens + 1)
     if c.attention == "causal":
         result = ar_generate(pipe.model, ids, options.max_new_tokens, options.temperature, options.top_k,
-                             options.top_p, options.seed, on_step=on_step, first_allowed=first_allowed)
+                             options.top_p, options.seed, on_step=on_step, first_allowed=first_allowed,
+                             presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)
     else:
         stop_when = stop_checker(pipe.tokenizer, options.stop, skip=healing.removed if healing else "")
         result = Engine(pipe.model, max_batch=1).generate(ids, options, on_step=on_step, stop_when=stop_when,

@@ -25,6 +25,8 @@ class DecodeOptions:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    presence_penalty: float = 0.0  # OpenAI semantics: logit -= presence * [token already generated]
+    frequency_penalty: float = 0.0  # ... - frequency * (times it was generated); counters repetition loops
     seed: int | None = None
     cache: str = "prefix"  # none | prefix | dual
     cache_refresh: int = 0  # refresh the cache every N steps inside a block (0 = only at each new block)
@@ -51,6 +53,8 @@ class DecodeOptions:
         need(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            need(-2.0 <= getattr(self, name) <= 2.0, f"{name} must be in [-2, 2], got {getattr(self, name)}")
         need(self.cache in ("none", "prefix", "dual"), f"cache must be none, prefix or dual, got {self.cache!r}")
         need(self.confidence in ("prob", "margin", "entropy", "random"), f"unknown confidence {self.confidence!r}")
         need(self.max_correction_steps >= 0, "max_correction_steps must be >= 0")

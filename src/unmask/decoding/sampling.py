@@ -35,6 +35,13 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
 
 
+def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's presence/frequency penalties: logits [..., V] minus presence * [count > 0] + frequency * count,
+    with counts [V] (or broadcastable) of the tokens generated so far."""
+    counts = counts.to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 0.0,

@@ -17,10 +17,10 @@ class Setting:
 
 
 def settings(max_new_tokens: int, block_length: int, steps: list[int], thresholds: list[float],
-             temperature: float = 0.0, top_p: float | None = None) -> list[Setting]:
-    """Fixed-step budgets and thresholds; sampling (temperature > 0) is seeded, so every row is reproducible."""
-    common = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, top_p=top_p,
-                  seed=0)
+             **sampling) -> list[Setting]:
+    """Fixed-step budgets and thresholds, each with the same `sampling` options (temperature, top_p, penalties);
+    sampling is seeded, so every row is reproducible."""
+    common = dict(max_new_tokens=max_new_tokens, block_length=block_length, seed=0, **sampling)
     out = [Setting(f"steps={s}", DecodeOptions(steps=s, policy="fixed", **common)) for s in steps]
     out += [Setting(f"τ={t:g}", DecodeOptions(threshold=t, policy="threshold", **common)) for t in thresholds]
     return out

@@ -58,6 +58,8 @@ class DecodingFields(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: discourage tokens already generated")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: ... by how often they were")
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -77,8 +79,6 @@ class DecodingFields(BaseModel):
     n: int = 1
     logprobs: Any = None
     echo: bool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
 
@@ -94,7 +94,8 @@ class DecodingFields(BaseModel):
                              ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"), ("steps", "steps"),
                              ("block_length", "block_length"), ("policy", "policy"), ("threshold", "threshold"),
                              ("factor", "factor"), ("confidence", "confidence"), ("cache", "cache"),
-                             ("self_correct", "self_correct"), ("heal", "heal")):
+                             ("self_correct", "self_correct"), ("heal", "heal"),
+                             ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
             value = getattr(self, theirs)
             if value is not None:
                 changes[ours] = value
@@ -150,8 +151,6 @@ def check_limits(req: DecodingFields, limits: ServerLimits, context: int) -> Non
     need(req.n == 1, "n: only n=1 is supported; send several requests instead", "n")
     need(req.logprobs in (None, False, 0), "logprobs: not supported by this server", "logprobs")
     need(not req.echo, "echo: not supported by this server", "echo")
-    need(req.presence_penalty == 0 and req.frequency_penalty == 0,
-         "presence_penalty/frequency_penalty: penalties are not supported by diffusion decoding", "presence_penalty")
     need(not req.logit_bias, "logit_bias: not supported by this server", "logit_bias")
     max_tokens = min(limits.max_tokens, context)
     need(req.max_tokens is None or req.max_tokens <= max_tokens,
