@@ -7,7 +7,8 @@ from conftest import tiny_model
 from unmask.diffusion.objective import masked_diffusion_loss
 from unmask.pipeline import Pipeline
 from unmask.train.config import TrainConfig, TrainConfigError
-from unmask.train.distill import DistillConfig, Distiller, certainty_forcing_loss, distill_config, divergence
+from unmask.train.distill import (DistillConfig, Distiller, certainty_forcing_loss, collect_trajectories, distill_config,
+                                  divergence)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,25 @@ def test_distill_resume_continues_exactly(tmp_path, teacher_and_data):
     resumed = Distiller(make(tmp_path, teacher, data, dcfg, out="b"), dcfg, resume=True, progress=False)
     assert resumed.step == 4 and resumed.round == 1
     assert resumed.train_step() == pytest.approx(losses[4], rel=1e-5)
+
+
+def test_trajectory_round_learns_the_teachers_answers(tmp_path, teacher_and_data, corpus_texts):
+    teacher, _ = teacher_and_data
+    dcfg = DistillConfig(method="trajectory", prompts=6, prompt_tokens=24, answer_tokens=16,
+                         teacher_temperature=1.0, teacher_top_p=0.95)
+    traj = tmp_path / "trajectories.jsonl"
+    assert collect_trajectories(teacher, corpus_texts[:20], dcfg, traj, progress=False) == 6
+    rows = [json.loads(line) for line in traj.read_text().splitlines()]
+    assert all(r["prompt"] and r["answer"] for r in rows)
+    greedy = tmp_path / "greedy.jsonl"
+    collect_trajectories(teacher, corpus_texts[:20], DistillConfig(method="trajectory", prompts=6, prompt_tokens=24,
+                                                                   answer_tokens=16), greedy, progress=False)
+    assert [r["prompt"] for r in rows] == [json.loads(x)["prompt"] for x in greedy.read_text().splitlines()]
+    assert rows != [json.loads(x) for x in greedy.read_text().splitlines()]  # sampled answers differ
+    d = Distiller(make(tmp_path, teacher, traj, dcfg, steps=30, mode="sft", seq_len=48), dcfg, progress=False)
+    before = d.few_step_loss()
+    d.fit()
+    assert d.few_step_loss() < 0.8 * before
 
 
 def test_certainty_forcing_only_counts_answer_tokens(tokenizer):

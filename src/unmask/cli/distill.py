@@ -35,6 +35,9 @@ def distill(
     prompts: int = typer.Option(256, "--prompts", help="trajectory: prompts the teacher answers."),
     answer_tokens: int = typer.Option(64, "--answer-tokens"),
     entropy_weight: float = typer.Option(0.5, "--entropy-weight"),
+    teacher_temperature: float = typer.Option(0.0, "--teacher-temperature",
+                                              help="trajectory: sample the teacher's answers (0 = greedy)."),
+    teacher_top_p: Optional[float] = typer.Option(None, "--teacher-top-p"),
     steps: int = typer.Option(500, "--steps", help="trajectory: optimizer steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -45,7 +48,8 @@ def distill(
 
     dcfg = DistillConfig(method=method, rounds=rounds, steps_per_round=steps_per_round, teacher_steps=teacher_steps,
                          divergence=divergence, prompts=prompts, answer_tokens=answer_tokens,
-                         entropy_weight=entropy_weight)
+                         entropy_weight=entropy_weight, teacher_temperature=teacher_temperature,
+                         teacher_top_p=teacher_top_p)
     dcfg.validate()
     base = load_config(config, [f"steps={steps}", *overrides], base={"data": {"train": str(data)}})
     train_data = str(data)

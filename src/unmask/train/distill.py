@@ -49,6 +49,9 @@ class DistillConfig:
     prompt_tokens: int = 64
     answer_tokens: int = 64
     teacher_threshold: float = 0.9
+    # sampled teacher answers (temperature > 0) keep a small teacher's greedy loops out of the student's data
+    teacher_temperature: float = 0.0
+    teacher_top_p: float | None = None
     entropy_weight: float = 0.5
 
     def validate(self) -> None:
@@ -58,6 +61,8 @@ class DistillConfig:
             raise TrainConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.method == "sdtt" and self.teacher_steps >> self.rounds < 1:
             raise TrainConfigError(f"{self.rounds} rounds halve {self.teacher_steps} teacher steps below 1")
+        if self.teacher_temperature < 0:
+            raise TrainConfigError(f"teacher_temperature must be >= 0, got {self.teacher_temperature}")
         for name in ("rounds", "steps_per_round", "teacher_steps", "prompts", "prompt_tokens", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -137,7 +142,8 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
     pipe = unmask.load(teacher_dir)
     rng = np.random.default_rng(seed)
     opts = DecodeOptions(max_new_tokens=dcfg.answer_tokens, block_length=min(32, dcfg.answer_tokens),
-                         policy="threshold", threshold=dcfg.teacher_threshold, early_stop=False)
+                         policy="threshold", threshold=dcfg.teacher_threshold, early_stop=False,
+                         temperature=dcfg.teacher_temperature, top_p=dcfg.teacher_top_p)
     prompts: list[str] = []
     for text in texts:
         ids = pipe.encode(text)
@@ -153,7 +159,7 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
             Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("teacher trajectories", total=len(prompts))
         for prompt in prompts:
-            result = pipe.generate(prompt, opts)
+            result = pipe.generate(prompt, opts.replace(seed=int(rng.integers(2**31))))
             f.write(json.dumps({"prompt": prompt, "answer": result.text}) + "\n")
             bar.advance(task)
     return len(prompts)
