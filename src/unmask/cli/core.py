@@ -121,6 +121,8 @@ def demo(
             nonlocal shown
             t0 = time.perf_counter()
             body = render_canvas(pipe.tokenizer, event.canvas, set(event.changed))  # the generated region
+            if prompt.endswith("\n") and body.plain.startswith("\n"):
+                body = body[1:]  # a healed prompt's newline comes back as the answer's first character
             live.update(Panel(Group(Text(prompt.rstrip("\n"), style="dim"), body),
                               title=f"denoising · step {event.step}", border_style="cyan"), refresh=True)
             time.sleep(delay)
