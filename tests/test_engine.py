@@ -63,12 +63,12 @@ def test_compiled_engine_keeps_window_shapes_static(tokenizer, cache, monkeypatc
     eager = Engine(model).generate(prompt, opts(cache=cache))
     engine = Engine(model, compile=True)
     shapes = set()
-    hook = model.register_forward_pre_hook(lambda m, args, kw: shapes.add((args[0].shape, kw["kv_len"])),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: shapes.add((args[0].shape, args[0].stride(), kw["kv_len"])), with_kwargs=True)
     compiled = engine.generate(prompt, opts(cache=cache))
     hook.remove()
     assert compiled.tokens == eager.tokens  # padded windows change nothing
-    assert len(shapes) == 2  # one refresh shape + one window shape for all blocks
+    assert len(shapes) == 2  # one refresh shape + one window shape (and strides: guards check them) for all blocks
 
 
 def test_dual_cache_is_an_approximation_on_bidirectional_models(tokenizer):

@@ -349,7 +349,7 @@ class Engine:
         _, W, positions, slots, mask = self._memo["window"]
         if len(reqs) == 1 and W == reqs[0].window[1] - reqs[0].window[0]:
             s, e = reqs[0].window
-            tokens = reqs[0].x[None, s:e]
+            tokens = reqs[0].x[s:e][None]  # strides as the padded (stacked) path's: one compiled graph
         else:
             tokens = torch.stack([F.pad(r.x[slice(*r.window)], (0, W - (r.window[1] - r.window[0])),
                                         value=self.config.pad_id) for r in reqs])
