@@ -51,9 +51,8 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
     check_context(len(ids), options.max_new_tokens, c.max_seq_len)
     healing = heal(pipe.tokenizer, ids, c.vocab_size) if options.heal and isinstance(prompt, str) else None
     first_allowed = None
-    if healing is not None:
+    if healing is not None:  # the healed token is one of the max_new_tokens: same canvas, same block plan
         ids, first_allowed = healing.prompt_ids, healing.allowed
-        options = options.replace(max_new_tokens=options.max_new_tokens + 1)
     if c.attention == "causal":
         result = ar_generate(pipe.model, ids, options.max_new_tokens, options.temperature, options.top_k,
                              options.top_p, options.seed, on_step=on_step, first_allowed=first_allowed,

@@ -4,7 +4,8 @@ BPE merges a newline with the indentation after it ("\\n    " is one token), so 
 ends with a token that, in training, was almost never followed by an indented line: the model "learns"
 that a bare "\\n" token is followed by column-0 text and leaves the function it was asked to write.
 Healing drops the prompt's last token and makes the first new token start with that token's text
-(any of "\\n", "\\n    ", "\\n        ", ...); the caller then removes that text from the answer.
+(any of "\\n", "\\n    ", "\\n        ", ...); the caller then removes that text from the answer. The
+re-decoded token is one of the request's new tokens, so the canvas and its block plan stay as asked.
 """
 
 from __future__ import annotations

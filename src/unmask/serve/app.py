@@ -177,7 +177,6 @@ class Server:
         skip, first_allowed = "", None
         if healing is not None:
             prompt_ids, first_allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
-            opts = opts.replace(max_new_tokens=opts.max_new_tokens + 1)
         ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream,
                                           stop_when=stop_checker(self.tokenizer, opts.stop, skip),
                                           first_allowed=first_allowed)
