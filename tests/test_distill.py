@@ -125,3 +125,34 @@ def test_bad_distill_settings_are_clear():
         DistillConfig(method="magic").validate()
     with pytest.raises(TrainConfigError, match="below 1"):
         DistillConfig(rounds=5, teacher_steps=8).validate()
+
+
+@pytest.mark.parametrize("method", ["trajectory", "sdtt"])
+def test_distill_command_end_to_end(tmp_path, capsys, teacher_and_data, method):
+    from unmask.cli.main import main
+    from unmask.pipeline import load
+
+    teacher, data = teacher_and_data
+    out = tmp_path / "student"
+
+    def distill(steps: int, *more: str) -> int:
+        common = ["distill", "--teacher", teacher, "--out", out, "--method", method, "--data", data, "--set",
+                  "seq_len=48", "--set", "batch_size=4", "--set", "checkpoint_interval=1", "--set", "log_interval=1",
+                  "--set", "device=cpu"]
+        if method == "trajectory":
+            common += ["--prompts", "4", "--prompt-tokens", "16", "--answer-tokens", "8", "--steps", steps,
+                       "--teacher-temperature", "0.8", "--teacher-top-p", "0.9"]
+        else:
+            common += ["--rounds", "1", "--steps-per-round", steps, "--teacher-steps", "2"]
+        return main([str(a) for a in common + list(more)])
+
+    assert distill(2) == 0, capsys.readouterr().err
+    assert "few-step loss" in capsys.readouterr().err
+    assert load(out).config.attention == "bidirectional"
+    if method == "trajectory":
+        assert len((out / "trajectories.jsonl").read_text().splitlines()) == 4
+    assert distill(3, "--resume") == 0, capsys.readouterr().err
+    # resumed at step 3 from the step-2 checkpoint, not started again (the teacher is not asked again either)
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3], steps
+    assert "teacher answered" not in capsys.readouterr().err

@@ -33,6 +33,7 @@ def distill(
     teacher_steps: int = typer.Option(64, "--teacher-steps", help="sdtt: the first teacher's steps per window."),
     divergence: str = typer.Option("reverse_kl", "--divergence", help="sdtt: kl | reverse_kl"),
     prompts: int = typer.Option(256, "--prompts", help="trajectory: prompts the teacher answers."),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="trajectory: prompt length (cut from the data)."),
     answer_tokens: int = typer.Option(64, "--answer-tokens"),
     entropy_weight: float = typer.Option(0.5, "--entropy-weight"),
     teacher_temperature: float = typer.Option(0.0, "--teacher-temperature",
@@ -47,7 +48,8 @@ def distill(
     from unmask.train.distill import DistillConfig, Distiller, collect_trajectories, distill_config
 
     dcfg = DistillConfig(method=method, rounds=rounds, steps_per_round=steps_per_round, teacher_steps=teacher_steps,
-                         divergence=divergence, prompts=prompts, answer_tokens=answer_tokens,
+                         divergence=divergence, prompts=prompts, prompt_tokens=prompt_tokens,
+                         answer_tokens=answer_tokens,
                          entropy_weight=entropy_weight, teacher_temperature=teacher_temperature,
                          teacher_top_p=teacher_top_p)
     dcfg.validate()
