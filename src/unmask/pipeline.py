@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from unmask.decoding.options import DecodeOptions
+from unmask.decoding.options import DecodeOptions, generation_defaults, save_generation_defaults
 from unmask.decoding.result import GenerationResult
 from unmask.model.checkpoints import load_model, read_config
 from unmask.model.transformer import Transformer
@@ -30,10 +30,14 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 class Pipeline:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None):
+    """`defaults`: the decoding a call without options gets — the model folder's generation_config.json."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, path: Path | None = None,
+                 defaults: DecodeOptions | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.path = path
+        self.defaults = defaults or DecodeOptions()
 
     @property
     def config(self):
@@ -48,12 +52,14 @@ class Pipeline:
 
         save_model(self.model, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
         self.tokenizer.save(path)
+        save_generation_defaults(self.defaults, path)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
     def options(self, options: DecodeOptions | None = None, **overrides: Any) -> DecodeOptions:
-        return (options or DecodeOptions()).replace(**overrides) if overrides else (options or DecodeOptions())
+        """`options` (or the model's defaults) with `overrides` applied."""
+        return (options or self.defaults).replace(**overrides)
 
     def generate(self, prompt: str | list[int], options: DecodeOptions | None = None,
                  on_step: Callable | None = None, **overrides: Any) -> GenerationResult:
@@ -85,4 +91,4 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         from unmask.model.checkpoints import CheckpointError
 
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    return Pipeline(model, tokenizer, path)
+    return Pipeline(model, tokenizer, path, defaults=generation_defaults(path))

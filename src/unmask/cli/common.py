@@ -31,7 +31,6 @@ Temperature = Annotated[float, typer.Option("--temperature")]
 TopP = Annotated[Optional[float], typer.Option("--top-p")]
 Seed = Annotated[Optional[int], typer.Option("--seed")]
 Cache = Annotated[str, typer.Option("--cache", help="none | prefix | dual")]
-PresencePenalty = Annotated[float, typer.Option("--presence-penalty", help="As OpenAI: -2..2.")]
 FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty",
                                                  help="As OpenAI: -2..2; > 0 counters repetition loops.")]
 Heal = Annotated[bool, typer.Option("--heal/--no-heal", help="Token healing: re-decode the prompt's last token.")]

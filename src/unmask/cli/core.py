@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -11,36 +11,35 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, FrequencyPenalty, Heal, MaxNewTokens, Policy,
-                               PresencePenalty, Seed, Steps, Temperature, Threshold, TopP, console, decode_options,
-                               load_pipeline, out)
+from unmask.cli.common import Device, Dtype, FrequencyPenalty, Heal, Seed, Steps, TopP, console, load_pipeline, out
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
-    max_new_tokens: MaxNewTokens = 128,
-    block_length: BlockLength = 32,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n")] = None,
+    block_length: Annotated[Optional[int], typer.Option("--block-length")] = None,
     steps: Steps = None,
-    policy: Policy = "threshold",
-    threshold: Threshold = 0.9,
-    temperature: Temperature = 0.0,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="fixed | threshold | factor")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     top_p: TopP = None,
     seed: Seed = None,
-    cache: Cache = "prefix",
-    presence_penalty: PresencePenalty = 0.0,
-    frequency_penalty: FrequencyPenalty = 0.0,
+    cache: Annotated[Optional[str], typer.Option("--cache", help="none | prefix | dual")] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
     heal: Heal = True,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
-    """Continue a prompt with a diffusion model (or AR-decode a causal twin)."""
-    opts = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                          threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
-                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
+    """Continue a prompt with a diffusion model (or AR-decode a causal twin). Options not given come from
+    the model's generation_config.json (its recommended decoding), then from the built-in defaults."""
+    given = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
+                 threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
+                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
     pipe = load_pipeline(model, device, dtype)
-    result = pipe.generate(prompt, opts)
+    result = pipe.generate(prompt, **{k: v for k, v in given.items() if v is not None})
     out.print(prompt + result.text, markup=False, highlight=False)
     console.print(f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.tokens_per_step:.2f} tokens/step · {result.tokens_per_second:.1f} tokens/s[/dim]")

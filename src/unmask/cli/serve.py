@@ -34,14 +34,14 @@ def serve(
     import uvicorn
 
     from unmask.decoding.engine import Engine
-    from unmask.decoding.options import DecodeOptions
     from unmask.serve.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(model, device, dtype)
     engine = Engine(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+    # the model's recommended decoding (generation_config.json) is what a request gets unless it says otherwise
     web = create_app(pipe, model_name=name, engine=engine,
-                     defaults=DecodeOptions(max_new_tokens=max_tokens, block_length=block_length))
+                     defaults=pipe.defaults.replace(max_new_tokens=max_tokens, block_length=block_length))
     console.print(f"serving [bold]{web.state.server.model_name}[/bold] on http://{host}:{port}  "
                   f"(page: /, API: /v1, docs: /docs)")
     uvicorn.run(web, host=host, port=port, log_level=log_level)

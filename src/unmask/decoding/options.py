@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from unmask.errors import UnmaskError
@@ -68,3 +70,41 @@ class DecodeOptions:
     @classmethod
     def fields(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
+
+
+GENERATION_CONFIG = "generation_config.json"
+# keys of a Hugging Face generation_config.json we take as decoding defaults (the rest — token ids, beam
+# settings, a published family's own sampler knobs — are ignored)
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+DEFAULT_KEYS = SAMPLING_KEYS + ("max_new_tokens", "presence_penalty", "frequency_penalty", "threshold",
+                                "block_length", "policy", "cache")
+
+
+def generation_defaults(folder: str | Path) -> DecodeOptions:
+    """A model folder's recommended decoding: its generation_config.json over DecodeOptions' defaults.
+    As in transformers, `do_sample: false` means greedy whatever the temperature says."""
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.is_file():
+        return DecodeOptions()
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise OptionsError(f"{path}: not valid JSON ({e})") from None
+    keys = DEFAULT_KEYS if raw.get("do_sample", True) else tuple(k for k in DEFAULT_KEYS if k not in SAMPLING_KEYS)
+    values = {k: raw[k] for k in keys if raw.get(k) is not None}
+    try:
+        return DecodeOptions(**values)
+    except (OptionsError, TypeError) as e:
+        raise OptionsError(f"{path}: {e}") from None
+
+
+def save_generation_defaults(options: DecodeOptions, folder: str | Path) -> None:
+    """Write the options that differ from DecodeOptions' defaults as generation_config.json (if any)."""
+    base = DecodeOptions()
+    values = {k: getattr(options, k) for k in DEFAULT_KEYS if getattr(options, k) != getattr(base, k)}
+    if values:
+        from unmask.io import atomic_path
+
+        values["do_sample"] = options.temperature > 0
+        with atomic_path(Path(folder) / GENERATION_CONFIG) as tmp:
+            Path(tmp).write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")

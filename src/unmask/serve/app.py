@@ -395,8 +395,8 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
 
         engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue)
     name = model_name or (Path(pipeline.path).name if getattr(pipeline, "path", None) else "unmask")
-    srv = Server(pipeline, engine, name, limits or ServerLimits(), defaults or DecodeOptions(max_new_tokens=128),
-                 max_edit_queue)
+    defaults = defaults or getattr(pipeline, "defaults", None) or DecodeOptions()
+    srv = Server(pipeline, engine, name, limits or ServerLimits(), defaults, max_edit_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -1,0 +1,54 @@
+"""A model folder's generation_config.json: its recommended decoding, used when a call gives no options."""
+
+import json
+
+import pytest
+
+from unmask.decoding.options import DecodeOptions, OptionsError, generation_defaults
+from unmask.pipeline import load
+
+
+def test_defaults_round_trip_and_drive_calls_without_options(tmp_path, tiny_pipeline):
+    tiny_pipeline.defaults = DecodeOptions(temperature=0.7, top_p=0.9, frequency_penalty=0.3, threshold=0.8)
+    tiny_pipeline.save(tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert saved == {"temperature": 0.7, "top_p": 0.9, "frequency_penalty": 0.3, "threshold": 0.8, "do_sample": True}
+    pipe = load(tmp_path / "m")
+    assert (pipe.defaults.temperature, pipe.defaults.frequency_penalty, pipe.defaults.threshold) == (0.7, 0.3, 0.8)
+    implicit = pipe.generate("def f(x):", max_new_tokens=16, seed=3)
+    explicit = pipe.generate("def f(x):", DecodeOptions(max_new_tokens=16, seed=3, temperature=0.7, top_p=0.9,
+                                                        frequency_penalty=0.3, threshold=0.8))
+    greedy = pipe.generate("def f(x):", DecodeOptions(max_new_tokens=16, seed=3))
+    assert implicit.tokens == explicit.tokens != greedy.tokens
+
+
+def test_do_sample_false_means_greedy_and_bad_files_are_named(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": False, "temperature": 0.6, "top_p": 0.9, "max_new_tokens": 64, "eos_token_id": 7}))
+    d = generation_defaults(tmp_path)
+    assert d.temperature == 0 and d.top_p is None and d.max_new_tokens == 64
+    assert generation_defaults(tmp_path / "nowhere") == DecodeOptions()
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(OptionsError, match="generation_config.json"):
+        generation_defaults(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(OptionsError, match="generation_config.json.*temperature"):
+        generation_defaults(tmp_path)
+
+
+def test_generate_command_uses_the_models_defaults(tmp_path, capsys, tiny_pipeline):
+    from unmask.cli.main import main
+
+    tiny_pipeline.defaults = DecodeOptions(temperature=0.9, seed=None)
+    tiny_pipeline.save(tmp_path / "m")
+    outs = set()
+    for _ in range(2):  # unseeded sampling from the model's defaults: two runs differ
+        assert main(["generate", "def f(x):", "-m", str(tmp_path / "m"), "-n", "24"]) == 0
+        outs.add(capsys.readouterr().out)
+    assert len(outs) == 2
+    # a flag overrides the file: greedy runs agree
+    greedy = set()
+    for _ in range(2):
+        assert main(["generate", "def f(x):", "-m", str(tmp_path / "m"), "-n", "24", "--temperature", "0"]) == 0
+        greedy.add(capsys.readouterr().out)
+    assert len(greedy) == 1
