@@ -149,3 +149,51 @@ def test_sft_mode_trains_on_prompt_answer_pairs(tmp_path, tokenizer):
     first = trainer.evaluate()["val_loss"]
     trainer.fit()
     assert trainer.evaluate()["val_loss"] < first
+
+
+def test_step_budget_times_the_first_steps_then_plans_the_rest():
+    from unmask.train.schedule import StepBudget
+
+    budget = StepBudget(minutes=1.0, warmup_steps=10, skip=2, timed=4)  # times steps 3..6
+    plans = [budget.plan(step, 5.0 if step <= 2 else 0.5, spent) for step, spent in
+             ((1, 5.0), (2, 10.0), (3, 10.5), (4, 11.0), (5, 11.5), (6, 12.0))]
+    assert plans[:5] == [None] * 5
+    assert plans[5] == 6 + int((60 - 12.0) / 0.5)  # compile time counts as spent, not as the pace
+
+
+class FakeClock:
+    """Every reading advances 0.5 s: each training step 'takes' exactly 0.5 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 0.5
+        return self.now
+
+
+def test_minutes_budget_plans_steps_and_resume_keeps_the_plan(tmp_path, corpus_dir, monkeypatch):
+    import unmask.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "time", FakeClock())
+    over = dict(minutes=0.5, checkpoint_interval=20, keep_checkpoints=5, optim={"schedule": "cosine"})
+    trainer = Trainer(tiny_train_config(corpus_dir, tmp_path / "run", **over), progress=False)
+    trainer.fit()
+    plan = next(r for r in trainer.history if "planned_steps" in r)
+    # warmup 5: 3 untimed steps, 3 timed; 30 s budget, 3 s spent after 6 steps at 0.5 s/step -> 60 steps
+    assert plan == {"step": 6, "planned_steps": 60, "seconds_per_step": 0.5}
+    assert trainer.step == trainer.cfg.steps == 60
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(3e-3 * 0.1)  # the cosine reached its floor
+    assert "steps: 60" in (tmp_path / "run" / "train_config.yaml").read_text()
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000020"
+    resumed = Trainer(tiny_train_config(corpus_dir, tmp_path / "run", **over), resume=ckpt, progress=False)
+    assert resumed.step == 20 and resumed.cfg.steps == 60 and resumed.budget is None
+    assert resumed.train_seconds == pytest.approx(10.0)
+
+
+def test_minutes_must_be_positive(tmp_path, corpus_dir):
+    from unmask.train.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="minutes must be > 0"):
+        Trainer(tiny_train_config(corpus_dir, tmp_path / "run", minutes=0), progress=False)

@@ -76,6 +76,10 @@ class TrainConfig:
     batch_size: int = 32  # sequences per optimizer step, summed over all processes
     micro_batch_size: int | None = None  # sequences per forward per process; None = all of them (no accumulation)
     steps: int = 1000
+    # train for this many minutes of step time instead (validation and checkpoints not counted): the first
+    # steps are timed and `steps` is set from them, so the lr schedule ends when the budget does. Recipes
+    # compared "at equal GPU minutes" use it.
+    minutes: float | None = None
     eval_interval: int = 200  # 0: only at the end
     eval_sequences: int = 64  # validation windows per evaluation
     eval_samples: int = 4  # Monte-Carlo samples of the diffusion ELBO
@@ -98,6 +102,8 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise TrainConfigError(f"minutes must be > 0, got {self.minutes}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise TrainConfigError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         known = {f.name for f in dataclasses.fields(ModelConfig)} | {"shape"}

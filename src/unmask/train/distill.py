@@ -238,6 +238,8 @@ def distill_config(teacher: str | Path, out: str | Path, data: str | None, dcfg:
                    base: TrainConfig | None = None) -> TrainConfig:
     """The TrainConfig a distillation run trains with: student initialised from the teacher."""
     cfg = base or TrainConfig()
+    if cfg.minutes is not None and dcfg.method == "sdtt":
+        raise TrainConfigError("minutes: sdtt rounds are counted in optimizer steps (--steps-per-round)")
     steps = dcfg.rounds * dcfg.steps_per_round if dcfg.method == "sdtt" else cfg.steps
     changes = dict(out_dir=str(out), init_from=str(teacher), steps=steps,
                    mode="sft" if dcfg.method == "trajectory" else "diffusion")

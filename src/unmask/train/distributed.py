@@ -54,6 +54,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's value on every rank (decisions that must agree, such as a planned step count)."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.long, device=device)
+        dist.broadcast(t, src=0)
+        value = int(t.item())
+    return value
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

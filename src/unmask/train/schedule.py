@@ -1,4 +1,5 @@
-"""Learning-rate multipliers: linear warmup, then cosine to min_lr_ratio, warmup-stable-decay, or constant."""
+"""Learning-rate multipliers (linear warmup, then cosine to min_lr_ratio, warmup-stable-decay, or constant),
+and the step count that fits a wall-clock budget."""
 
 from __future__ import annotations
 
@@ -24,3 +25,28 @@ def lr_multiplier(step: int, total: int, opt: OptimConfig) -> float:
     if step < decay_start:
         return 1.0
     return floor + (1 - floor) * max(0.0, (total - step) / decay_steps)
+
+
+class StepBudget:
+    """Turns `minutes` of training into a step count. Of the steps it sees, the first `skip` are not timed
+    (compilation, cache warm-up), the next ones are; then the total is fixed at what the remaining budget
+    allows at that pace. The timed steps lie inside the lr warmup where it is long enough, so the schedule
+    never changes its mind about a step already taken."""
+
+    def __init__(self, minutes: float, warmup_steps: int, skip: int = 3, timed: int = 20):
+        self.seconds = minutes * 60
+        self.skip = skip
+        self.timed = max(3, min(timed, warmup_steps - skip))
+        self.seen = 0
+        self.timed_seconds = 0.0
+
+    def plan(self, step: int, step_seconds: float, spent: float) -> int | None:
+        """After each step: `step` steps done, this one took `step_seconds`, `spent` seconds in all.
+        Returns the total step count once the timing window is over, else None."""
+        self.seen += 1
+        if self.seen > self.skip:
+            self.timed_seconds += step_seconds
+        if self.seen < self.skip + self.timed:
+            return None
+        pace = self.timed_seconds / self.timed
+        return step + max(0, int((self.seconds - spent) / max(pace, 1e-9)))

@@ -43,7 +43,7 @@ from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 from unmask.train import distributed as dist_utils
 from unmask.train.config import TrainConfig, TrainConfigError, save_config
-from unmask.train.schedule import lr_multiplier
+from unmask.train.schedule import StepBudget, lr_multiplier
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,14 @@ def build_model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
         raise TrainConfigError(f"model section: {e}") from None
 
 
+UNPLANNED = 2**62  # cfg.steps while a `minutes` budget is still timing its first steps
+
+
+def cfg_steps_if_planned(cfg: TrainConfig, budget: StepBudget | None) -> int | None:
+    """The step count a `minutes` run settled on (kept on resume), None before that or without a budget."""
+    return cfg.steps if cfg.minutes is not None and budget is None else None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool | str | Path = False, progress: bool = True):
         cfg.validate()
@@ -124,6 +132,11 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, cfg.steps, cfg.optim))
         self.step = 0
         self.history: list[dict] = []
+        self.train_seconds = 0.0  # step time so far (validation and checkpoints excluded)
+        self.budget: StepBudget | None = None
+        if cfg.minutes is not None:  # steps are planned after the first timed steps (fit)
+            self.budget = StepBudget(cfg.minutes, cfg.optim.warmup_steps)
+            cfg.steps = UNPLANNED
         if resume:
             path = self.latest_checkpoint() if resume is True else Path(resume)
             if path is None:
@@ -393,6 +406,8 @@ class Trainer:
             self._export(tmp, model_state)
             torch.save({"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                         "sampler": self.sampler.state_dict(), "world_size": self.dist.world_size,
+                        "train_seconds": self.train_seconds,
+                        "planned_steps": cfg_steps_if_planned(self.cfg, self.budget),
                         "config": self.cfg.to_dict(), "history": self.history}, tmp / TRAINER_STATE)
         dist_utils.barrier()
         final = root / name
@@ -435,6 +450,9 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.cfg.minutes is not None and state.get("planned_steps"):
+            self.cfg.steps, self.budget = int(state["planned_steps"]), None  # keep the plan of the first run
         rng_file = path / f"rng_rank{self.dist.rank}.pt"
         if state.get("world_size") == self.dist.world_size and rng_file.exists():
             rng = torch.load(rng_file, map_location="cpu", weights_only=False)
@@ -470,9 +488,15 @@ class Trainer:
         window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
         tps = 0.0
         with bar:
-            task = bar.add_task("train", total=cfg.steps, completed=self.step, loss="-", tps="-", val="")
+            task = bar.add_task("train", total=None if cfg.steps == UNPLANNED else cfg.steps, completed=self.step, loss="-", tps="-", val="")
             while self.step < cfg.steps:
+                t_step = time.perf_counter()
                 loss = self.train_step()
+                took = time.perf_counter() - t_step
+                self.train_seconds += took
+                if self.budget is not None:
+                    self._plan_steps(took)
+                    bar.update(task, total=None if cfg.steps == UNPLANNED else cfg.steps)
                 window_loss += loss
                 window_steps += 1
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
@@ -500,6 +524,19 @@ class Trainer:
                     t0 = time.perf_counter()
         self.save_final()
         return metrics
+
+    def _plan_steps(self, step_seconds: float) -> None:
+        """`minutes` budget: once the timing window is over, fix cfg.steps (the lr schedule reads it)."""
+        planned = self.budget.plan(self.step, step_seconds, self.train_seconds)
+        if planned is None:
+            return
+        self.cfg.steps = dist_utils.broadcast_int(planned, self.device)  # every rank stops together
+        self.budget = None
+        seconds_per_step = self.train_seconds / max(self.step, 1)
+        self._log({"step": self.step, "planned_steps": self.cfg.steps, "seconds_per_step": seconds_per_step})
+        log.info("%.1f minutes at %.3f s/step: training %d steps", self.cfg.minutes, seconds_per_step, self.cfg.steps)
+        if self.dist.is_main:
+            save_config(self.cfg, self.out / "train_config.yaml")
 
     def save_final(self) -> Path:
         from unmask.pipeline import parse_dtype
