@@ -128,17 +128,41 @@ def test_length_search_picks_the_lowest_scored_candidate(pipe, monkeypatch):
         assert r.lengths == [min(seen) if sign == 1 else max(seen)]
 
 
+def test_length_search_denoises_its_candidates_in_one_batch_as_if_alone(pipe, monkeypatch):
+    from unmask.decoding.denoise import denoise
+
+    batches, filled = [], {}
+    real = fill_mod.denoise_batch
+
+    def spy(model, canvases, options, on_step=None, request_ids=None):
+        batches.append(len(canvases))
+        outs = real(model, canvases, options, on_step, request_ids)
+        for canvas, out in zip(canvases, outs):
+            filled[tuple(canvas)] = (out.canvas, options)
+        return outs
+
+    monkeypatch.setattr(fill_mod, "denoise_batch", spy)
+    events = []
+    r = edit_text(pipe, "x = 1\ny = 2\nz = 3\n", spans=[(6, 11)], extra_tokens=4, length="search",
+                  on_step=events.append, **FAST)
+    assert batches == [len(filled)] and len(filled) >= 3  # every candidate in the one batch
+    for canvas, (out, options) in filled.items():  # greedy: the same tokens as denoising each alone
+        assert denoise(pipe.model, list(canvas), options).canvas == out
+    assert {e.request_id for e in events} == {"edit"}  # one canvas streamed, under the edit's id
+    assert r.text.startswith("x = 1\n") and r.text.endswith("\nz = 3\n")
+
+
 # --- instruction mode ---------------------------------------------------------------------------------
 
 def test_instruction_mode_renoises_a_strength_fraction(pipe, monkeypatch):
     canvases = []
-    real = fill_mod.denoise
+    real = fill_mod.denoise_batch
 
-    def spy(model, canvas, options, on_step=None, request_id="0"):
-        canvases.append(list(canvas))
-        return real(model, canvas, options, on_step, request_id)
+    def spy(model, batch, options, on_step=None, request_ids=None):
+        canvases.extend(list(c) for c in batch)
+        return real(model, batch, options, on_step, request_ids)
 
-    monkeypatch.setattr(fill_mod, "denoise", spy)
+    monkeypatch.setattr(fill_mod, "denoise_batch", spy)
     text = "def add(a, b):\n    return a + b\n"
     n = len(pipe.encode(text))
     mask = pipe.config.mask_id

@@ -54,6 +54,22 @@ def test_block_causal_cache_is_exact(tokenizer, cache, shift):
     assert plain.steps_per_block[0] <= 8 - len(prompt) % 8  # decode blocks follow model blocks
 
 
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_block_causal_forwards_stop_at_the_current_model_block(tokenizer, cache):
+    # later model blocks cannot reach the block being decoded, so no pass computes them, yet the tokens
+    # are the full-canvas reference sampler's (greedy, fixed steps, the whole canvas every step)
+    model = sharp_model(tokenizer, attention="block_causal", block_size=8)
+    prompt = tokenizer.encode(PROMPTS[0])[:8]  # decode blocks = model blocks = the reference's blocks
+    ref, _ = reference_generate(model, torch.tensor([prompt]), gen_length=32, block_length=8, steps=32)
+    ends = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: ends.append(int(kw["positions"].max()) + 1), with_kwargs=True)
+    r = Engine(model).generate(prompt, opts(max_new_tokens=32, policy="fixed", steps=32, cache=cache))
+    hook.remove()
+    assert r.tokens == ref[0, len(prompt):].tolist() and len(set(r.tokens)) > 2
+    assert ends[0] == 16 and max(ends) == 40 and sorted(ends) == ends  # never past the block being decoded
+
+
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_compiled_engine_keeps_window_shapes_static(tokenizer, cache, monkeypatch):
     # torch.compile stands in as the identity, so the test sees exactly the shapes a compiled graph would

@@ -5,7 +5,8 @@ position i, slots [0, n) valid, the rest of the row invalid. There is no left pa
 ends where its canvas ends, and the attention mask (built here, once per block) hides the tail.
 
 Two kinds of forward pass go through a view:
-  refresh  the whole canvas, slots [0, C): rewrites every K/V of the rows (prefix/dual cache refresh)
+  refresh  the whole canvas, slots [0, C): rewrites every K/V of the rows (prefix/dual cache refresh);
+           block_causal models stop at the current model block, as nothing after it can reach it
   window   only the current block's window (prefix: block to end; dual: the block), written *in place*
            at each row's own slots, attending to the cached rest of the row. Rows whose windows start at
            different slots share one call because `write` scatters per row; padding entries of a short

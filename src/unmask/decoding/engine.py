@@ -101,6 +101,7 @@ class Request:
     pos: torch.Tensor | None = None  # the block's positions
     src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
     window: tuple[int, int] = (0, 0)  # slots a window step recomputes
+    visible: int = 0  # slots [0, visible) can influence the block: a refresh recomputes only those
     window_width: int = 0  # compiled engines pad every window of the request to this width
 
     @property
@@ -296,7 +297,9 @@ class Engine:
         if c.attention == "block_causal":  # the block's model block is bidirectional inside: recompute all of it
             bs = c.block_size
             start = min(start, lo // bs * bs)
-            hi = min(r.n, max(hi, (blk[-1] // bs + 1) * bs))
+            # later model blocks are invisible to this one, so a prefix window would only recompute K/V
+            # nothing reads before the next refresh: prefix and dual cache are the same (exact) window
+            return start, min(r.n, max(hi, (blk[-1] // bs + 1) * bs))
         return start, r.n if r.options.cache == "prefix" else hi
 
     def _enter_block(self, r: Request) -> None:
@@ -304,6 +307,9 @@ class Engine:
         r.pos = torch.tensor(blk, device=self.device)
         r.src = (r.pos - (1 if self.config.logits_shift else 0)).clamp_min(0)
         r.window = self._block_window(r, blk)
+        # block_causal: nothing after the block's model block reaches it (not even a suffix); compiled
+        # engines keep whole-canvas refreshes, one graph shape per request
+        r.visible = r.window[1] if self.config.attention == "block_causal" and not self._compiled else r.n
         if self._compiled and r.block == 0:
             # one window width for all of the request's blocks (prefix windows shrink block by block):
             # compiled graphs keep their shapes instead of recompiling per block
@@ -318,24 +324,27 @@ class Engine:
         return torch.tensor(rows, device=self.device)
 
     def _refresh_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
-        key = ("refresh", C, tuple((r.row, r.n) for r in reqs))
+        if not self._compiled:
+            C = max(r.visible for r in reqs)
+        key = ("refresh", C, tuple((r.row, r.visible) for r in reqs))
         if self._memo.get("refresh", (None,))[0] != key:
-            lengths = [r.n for r in reqs]
+            lengths = [r.visible for r in reqs]
             positions = torch.arange(C, device=self.device).expand(len(reqs), -1)
             q_real = positions < torch.tensor(lengths, device=self.device)[:, None]
             self._memo["refresh"] = (key, positions, attention_mask(self.config, positions, q_real, lengths, C))
         _, positions, mask = self._memo["refresh"]
-        if len(reqs) == 1 and reqs[0].n == C:
-            tokens = reqs[0].x[None]
+        if len(reqs) == 1 and reqs[0].visible == C:
+            tokens = reqs[0].x[None, :C]
         else:
-            tokens = torch.stack([F.pad(r.x, (0, C - r.n), value=self.config.pad_id) for r in reqs])
+            tokens = torch.stack([F.pad(r.x[: r.visible], (0, C - r.visible), value=self.config.pad_id)
+                                  for r in reqs])
         view = CacheView(self.cache, self._rows(reqs), None, C)
         h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
                           return_hidden=True)
         return {r.id: h[i, r.src] for i, r in enumerate(reqs)}
 
     def _window_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
-        key = ("window", C, tuple((r.row, r.n, r.window) for r in reqs))
+        key = ("window", C, tuple((r.row, r.visible, r.window) for r in reqs))
         if self._memo.get("window", (None,))[0] != key:
             W = max(max(r.window[1] - r.window[0], r.window_width) for r in reqs)
             slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
@@ -344,7 +353,7 @@ class Engine:
                 s, e = r.window
                 slots[i, : e - s] = positions[i, : e - s] = torch.arange(s, e, device=self.device)
             q_real = slots < C
-            mask = attention_mask(self.config, positions, q_real, [r.n for r in reqs], C)
+            mask = attention_mask(self.config, positions, q_real, [r.visible for r in reqs], C)
             self._memo["window"] = (key, W, positions, slots, mask)
         _, W, positions, slots, mask = self._memo["window"]
         if len(reqs) == 1 and W == reqs[0].window[1] - reqs[0].window[0]:

@@ -10,7 +10,8 @@ search  a few candidate lengths per region (a scale of the original token count,
         to the budget for pure insertions); each candidate is filled with EOS/pad forbidden and scored by
         the ELBO of everything from the first region to the end given the text before it
         (probe.continuation_nll); the lowest wins. Costs one denoising run + one batched scoring pass per
-        candidate, but does not rely on the model knowing EOS.
+        candidate (the candidates are denoised together, as one batch), but does not rely on the model
+        knowing EOS.
 fixed   exactly the budget, EOS/pad forbidden (the "oracle length" of infill benchmarks).
 """
 
@@ -24,7 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from unmask.decoding.denoise import denoise
+from unmask.decoding.denoise import denoise_batch
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.edit.canvas import Canvas, Piece, build_canvas, encode_literal, region_tokens
@@ -92,19 +93,28 @@ def special_ids(pipe) -> set[int]:
     return {i for i in ids if i is not None and 0 <= i < c.vocab_size}
 
 
-def _run(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids, relay: StepRelay, allow_eos: bool,
-         out: FillOutput) -> tuple[Canvas, list[int]]:
+def _run(pipe, candidates: list[list[Piece]], options: DecodeOptions, prompt_ids, relay: StepRelay,
+         allow_eos: bool, out: FillOutput) -> list[tuple[Canvas, list[int]]]:
+    """Denoise one canvas per candidate piece list, all in one batch. The relay streams the first one's
+    steps (one canvas on screen); NFE counts every canvas's forward passes, steps and seconds the batch's."""
     c = pipe.config
-    canvas = build_canvas(pipe.tokenizer, pieces, c.max_seq_len, prompt_ids)
+    canvases = [build_canvas(pipe.tokenizer, pieces, c.max_seq_len, prompt_ids) for pieces in candidates]
     absorbed = {c.eos_id, c.pad_id}
     banned = special_ids(pipe) - (absorbed if allow_eos else set())
+    ids = [relay.request_id] + [f"{relay.request_id}/candidate-{i}" for i in range(1, len(canvases))]
+
+    def shown(event: StepEvent) -> None:
+        if event.request_id == ids[0]:
+            relay(event)
+
     with banned_tokens(pipe.model, banned):
-        res = denoise(pipe.model, canvas.ids, options, on_step=relay, request_id=relay.request_id)
-    relay.steps += res.steps
-    out.nfe += res.nfe
-    out.steps += res.steps
-    out.seconds += res.seconds
-    return canvas, res.canvas
+        results = denoise_batch(pipe.model, [cv.ids for cv in canvases], options, on_step=shown, request_ids=ids)
+    steps = max(r.steps for r in results)
+    relay.steps += steps
+    out.nfe += sum(r.nfe for r in results)
+    out.steps += steps
+    out.seconds += max(r.seconds for r in results)
+    return [(cv, r.canvas) for cv, r in zip(canvases, results)]
 
 
 def fill(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids: list[int] | None = None,
@@ -172,8 +182,8 @@ def _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, s
     out = FillOutput(texts=[], tokens=[])
     if length == "search":
         best = None
-        for cand in _search_pieces(pieces, candidates, c.mask_id):
-            canvas, filled = _run(pipe, cand, options, prompt_ids, relay, False, out)
+        for canvas, filled in _run(pipe, _search_pieces(pieces, candidates, c.mask_id), options, prompt_ids,
+                                   relay, False, out):
             score = continuation_nll(pipe.model, filled, canvas.regions[0][0], n_samples=search_n_samples,
                                      seed=options.seed or 0)
             out.nfe += 1
@@ -181,7 +191,7 @@ def _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, s
                 best = (score, canvas, filled)
         _, canvas, filled = best
     else:
-        canvas, filled = _run(pipe, pieces, options, prompt_ids, relay, length == "absorb", out)
+        [(canvas, filled)] = _run(pipe, [pieces], options, prompt_ids, relay, length == "absorb", out)
     out.canvas = filled
     out.tokens = region_tokens(canvas, filled, drop)
     out.texts = [pipe.tokenizer.decode(t) for t in out.tokens]
