@@ -117,8 +117,8 @@ def test_length_search_picks_the_lowest_scored_candidate(pipe, monkeypatch):
     for sign in (1, -1):  # prefer the shortest, then the longest candidate
         seen = []
 
-        def fake_score(model, ids, start, n_samples=8, seed=0):
-            n = len(ids) - start - tail  # tokens in the region
+        def fake_score(model, prefix, target, mc_samples=32, batch_size=16, generator=None):
+            n = len(target) - tail  # tokens in the region (the target: region + the text after it)
             seen.append(n)
             return sign * n
 
@@ -126,6 +126,23 @@ def test_length_search_picks_the_lowest_scored_candidate(pipe, monkeypatch):
         r = edit_text(pipe, "head body tail", spans=[(4, 9)], extra_tokens=4, length="search", **FAST)
         assert len(set(seen)) >= 3
         assert r.lengths == [min(seen) if sign == 1 else max(seen)]
+
+
+def test_length_search_scores_the_region_and_a_bounded_stretch_after_it(pipe, monkeypatch):
+    targets = []
+
+    def fake_score(model, prefix, target, mc_samples=32, batch_size=16, generator=None):
+        targets.append((len(prefix), len(target)))
+        return 0.0
+
+    monkeypatch.setattr(fill_mod, "continuation_nll", fake_score)
+    long_tail = "\n".join(f"value_{i} = {i}" for i in range(60))
+    r = edit_text(pipe, "head body " + long_tail, spans=[(5, 9)], extra_tokens=4, length="search", **FAST)
+    assert len(pipe.encode(long_tail)) > 2 * fill_mod.SEARCH_SUFFIX_TOKENS and len(targets) >= 3
+    # ties go to the first candidate: its target is its region + the bounded stretch, not the whole tail
+    assert targets[0][1] == r.lengths[0] + fill_mod.SEARCH_SUFFIX_TOKENS
+    assert len({n for _, n in targets}) == len(targets)  # lengths differ by the region alone
+    assert len({start for start, _ in targets}) == 1  # all scored given the same text before them
 
 
 def test_length_search_denoises_its_candidates_in_one_batch_as_if_alone(pipe, monkeypatch):

@@ -45,9 +45,9 @@ def test_infill_search_scores_geometric_candidates(pipe, monkeypatch):
 
     seen = []
 
-    def fake_score(model, ids, start, n_samples=8, seed=0):
-        seen.append(len(ids))
-        return -len(ids)  # the longest canvas wins
+    def fake_score(model, prefix, target, mc_samples=32, batch_size=16, generator=None):
+        seen.append(len(target))
+        return -len(target)  # the longest fill wins
 
     monkeypatch.setattr(fill_mod, "continuation_nll", fake_score)
     r = infill_text(pipe, "x", "y", max_new_tokens=10, length="search", **FAST)

@@ -10,6 +10,7 @@ block diffusion   the noised copy attends to itself inside its block and to the 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,41 @@ def sequence_nll(model: Transformer, x0: torch.Tensor, n_samples: int = 16,
         nll = token_nll(denoiser_logits(model, x_t, x0), x0)
         total += (nll * masked * weight).sum(1)
     return total / n_samples
+
+
+@torch.no_grad()
+def continuation_nll(model, prefix: Sequence[int], target: Sequence[int], mc_samples: int = 32,
+                     batch_size: int = 16, generator: torch.Generator | None = None) -> float:
+    """Upper bound on -log p(target | prefix) in nats (exact for causal models): LLaDA's Monte-Carlo ELBO
+    with only the target masked (l ~ U{1..L} of its L tokens, weight L/l, l stratified over the samples);
+    block-diffusion models in the block form. The lm-eval adapter's loglikelihood and the edit length
+    search both score with it."""
+    c = model.config
+    device = model.output.weight.device
+    L = len(target)
+    if L == 0:
+        return 0.0
+    seq = torch.tensor([list(prefix) + list(target)], device=device)
+    P = len(prefix)
+    if c.attention == "causal":
+        if P == 0:
+            raise ValueError("a causal model needs at least one context token to score the continuation")
+        return token_nll(model(seq[:, :-1])[:, P - 1 :], seq[:, P:]).sum().item()
+    u = torch.rand((), generator=generator).item()
+    # stratified number of masked tokens: marginally uniform on 1..L, spread evenly over the samples
+    n_masked = (((u + torch.arange(mc_samples) / mc_samples) % 1.0) * L).long() + 1
+    total = 0.0
+    for lo in range(0, mc_samples, batch_size):
+        l = n_masked[lo : lo + batch_size].to(device)
+        B = l.shape[0]
+        ranks = torch.rand(B, L, generator=generator).argsort(1).argsort(1).to(device)
+        masked = torch.zeros(B, P + L, dtype=torch.bool, device=device)
+        masked[:, P:] = ranks < l[:, None]
+        x0 = seq.expand(B, -1)
+        x_t = torch.where(masked, torch.full_like(x0, c.mask_id), x0)
+        nll = token_nll(denoiser_logits(model, x_t, x0), x0)
+        total += ((nll * masked).sum(1) * (L / l.float())).sum().item()
+    return total / mc_samples
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:

@@ -8,8 +8,8 @@ absorb  (default) each region gets a budget of masks larger than what it replace
         REFERENCE.md §1); a model that never does fills the whole budget.
 search  a few candidate lengths per region (a scale of the original token count, or a geometric grid up
         to the budget for pure insertions); each candidate is filled with EOS/pad forbidden and scored by
-        the ELBO of everything from the first region to the end given the text before it
-        (probe.continuation_nll); the lowest wins. Costs one denoising run + one batched scoring pass per
+        the ELBO of the regions and the 64 tokens after them given the text before them
+        (diffusion.objective.continuation_nll); the lowest wins. Costs one denoising run + one batched scoring pass per
         candidate (the candidates are denoised together, as one batch), but does not rely on the model
         knowing EOS.
 fixed   exactly the budget, EOS/pad forbidden (the "oracle length" of infill benchmarks).
@@ -28,12 +28,15 @@ import torch
 from unmask.decoding.denoise import denoise_batch
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
+from unmask.diffusion.objective import continuation_nll
 from unmask.edit.canvas import Canvas, Piece, build_canvas, encode_literal, region_tokens
-from unmask.edit.probe import continuation_nll
 from unmask.edit.spans import EditError
 
 LENGTH_MODES = ("absorb", "search", "fixed")
 SEARCH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+# a candidate is scored on its regions and this many tokens after them: how well the text after an edit
+# follows it is what tells lengths apart; the rest of a long file only costs time
+SEARCH_SUFFIX_TOKENS = 64
 
 
 @contextlib.contextmanager
@@ -184,8 +187,11 @@ def _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, s
         best = None
         for canvas, filled in _run(pipe, _search_pieces(pieces, candidates, c.mask_id), options, prompt_ids,
                                    relay, False, out):
-            score = continuation_nll(pipe.model, filled, canvas.regions[0][0], n_samples=search_n_samples,
-                                     seed=options.seed or 0)
+            start, end = canvas.regions[0][0], canvas.regions[-1][1] + SEARCH_SUFFIX_TOKENS
+            # the same seed for every candidate: their scores differ by the text, not by the noise
+            score = continuation_nll(pipe.model, filled[:start], filled[start:end], mc_samples=search_n_samples,
+                                     batch_size=search_n_samples,
+                                     generator=torch.Generator().manual_seed(options.seed or 0))
             out.nfe += 1
             if best is None or score < best[0]:
                 best = (score, canvas, filled)

@@ -3,8 +3,6 @@
 token_probs        p(x_i | x with x_i masked): the signal auto mode uses to find typos and small bugs.
                    A masked-diffusion model is only trained to predict *masked* positions, so reading the
                    logits of unmasked tokens would be meaningless; each probed token is masked.
-continuation_nll   ELBO of everything from a position to the end given what precedes it: compares fills
-                   of different lengths (REFERENCE.md §1, LLaDA's estimator restricted to the tail).
 """
 
 from __future__ import annotations
@@ -59,28 +57,3 @@ def token_probs(model: Transformer, ids: list[int], stride: int | None = None,
             local = torch.tensor([i - s for i in pos], device=device)
             probs[pos] = p[r, local, x[pos]].cpu()
     return probs, -(-len(rows) // batch)
-
-
-@torch.no_grad()
-def continuation_nll(model: Transformer, ids: list[int], start: int, n_samples: int = 8, seed: int = 0) -> float:
-    """Upper bound (nats) on -log p(ids[start:] | ids[:start]), Monte-Carlo with a fixed seed.
-
-    l ~ U{1..T} of the T tail tokens are masked, weight T/l: the bidirectional ELBO of §1 with the
-    head kept clean. Comparable across tails of different lengths, which is what a length search needs.
-    """
-    c = model.config
-    device = model.output.weight.device
-    T = len(ids) - start
-    if T <= 0:
-        return 0.0
-    gen = torch.Generator().manual_seed(seed)
-    x0 = torch.tensor([ids], device=device).expand(n_samples, -1)
-    lengths = torch.randint(1, T + 1, (n_samples,), generator=gen)
-    ranks = torch.rand(n_samples, T, generator=gen).argsort(1).argsort(1)
-    masked = torch.zeros(n_samples, len(ids), dtype=torch.bool)
-    masked[:, start:] = ranks < lengths[:, None]
-    masked = masked.to(device)
-    x_t = torch.where(masked, torch.full_like(x0, c.mask_id), x0)
-    nll = token_nll(denoiser_logits(model, x_t, x0), x0)
-    weight = (T / lengths.float()).to(device)
-    return float(((nll * masked).sum(1) * weight).mean())

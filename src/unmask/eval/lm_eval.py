@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from unmask.decoding.options import DecodeOptions
-from unmask.diffusion.objective import denoiser_logits, token_nll
+from unmask.diffusion.objective import continuation_nll, denoiser_logits, token_nll
 
 log = logging.getLogger(__name__)
 
@@ -37,38 +37,6 @@ except ImportError:
 
     def register_model(*names):
         return lambda cls: cls
-
-
-@torch.no_grad()
-def continuation_nll(model, prefix: Sequence[int], target: Sequence[int], mc_samples: int = 32,
-                     batch_size: int = 16, generator: torch.Generator | None = None) -> float:
-    """Upper bound on -log p(target | prefix) in nats (exact for causal models)."""
-    c = model.config
-    device = model.output.weight.device
-    L = len(target)
-    if L == 0:
-        return 0.0
-    seq = torch.tensor([list(prefix) + list(target)], device=device)
-    P = len(prefix)
-    if c.attention == "causal":
-        if P == 0:
-            raise ValueError("a causal model needs at least one context token to score the continuation")
-        return token_nll(model(seq[:, :-1])[:, P - 1 :], seq[:, P:]).sum().item()
-    u = torch.rand((), generator=generator).item()
-    # stratified number of masked tokens: marginally uniform on 1..L, spread evenly over the samples
-    n_masked = (((u + torch.arange(mc_samples) / mc_samples) % 1.0) * L).long() + 1
-    total = 0.0
-    for lo in range(0, mc_samples, batch_size):
-        l = n_masked[lo : lo + batch_size].to(device)
-        B = l.shape[0]
-        ranks = torch.rand(B, L, generator=generator).argsort(1).argsort(1).to(device)
-        masked = torch.zeros(B, P + L, dtype=torch.bool, device=device)
-        masked[:, P:] = ranks < l[:, None]
-        x0 = seq.expand(B, -1)
-        x_t = torch.where(masked, torch.full_like(x0, c.mask_id), x0)
-        nll = token_nll(denoiser_logits(model, x_t, x0), x0)
-        total += ((nll * masked).sum(1) * (L / l.float())).sum().item()
-    return total / mc_samples
 
 
 @torch.no_grad()
