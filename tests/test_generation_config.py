@@ -52,3 +52,34 @@ def test_generate_command_uses_the_models_defaults(tmp_path, capsys, tiny_pipeli
         assert main(["generate", "def f(x):", "-m", str(tmp_path / "m"), "-n", "24", "--temperature", "0"]) == 0
         greedy.add(capsys.readouterr().out)
     assert len(greedy) == 1
+
+
+@pytest.mark.parametrize("argv,sampled", [
+    (["chat", "{m}", "--message", "hi", "-n", "16"], True),
+    (["edit", "{f}", "-m", "{m}", "--span", "0:5"], True),
+    (["infill", "-m", "{m}", "--prefix", "def f(", "--suffix", "):\n", "-n", "8"], True),
+    (["eval", "humaneval", "{m}", "--limit", "1", "-n", "16"], False),  # a benchmark: greedy unless asked
+])
+def test_decoding_commands_use_the_models_defaults(tmp_path, capsys, tiny_pipeline, monkeypatch, argv, sampled):
+    from unmask.cli.main import main
+    from unmask.decoding.engine import Engine
+
+    tiny_pipeline.defaults = DecodeOptions(temperature=0.6, threshold=0.77, frequency_penalty=0.3)
+    tiny_pipeline.save(tmp_path / "m")
+    (tmp_path / "f.py").write_text("x = 1\ny = 2\n")
+    seen = []
+    real = Engine.submit_canvas
+
+    def spy(self, canvas, options, *args, **kwargs):
+        seen.append(options)
+        return real(self, canvas, options, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "submit_canvas", spy)
+    args = [a.format(m=tmp_path / "m", f=tmp_path / "f.py") for a in argv]
+    assert main(args) == 0
+    assert seen and all(o.threshold == 0.77 and o.frequency_penalty == 0.3 for o in seen)
+    assert all(o.temperature == (0.6 if sampled else 0.0) for o in seen)
+    seen.clear()
+    assert main(args + ["--threshold", "0.5"]) == 0  # a flag beats the file
+    assert seen and all(o.threshold == 0.5 for o in seen)
+    capsys.readouterr()

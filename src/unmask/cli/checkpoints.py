@@ -23,14 +23,14 @@ def chat(
     message: Optional[str] = typer.Option(None, "--message", help="Send one message, print the reply and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: MaxNewTokens = 256,
-    block_length: BlockLength = 32,
+    block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = "threshold",
-    threshold: Threshold = 0.9,
-    temperature: Temperature = 0.0,
+    policy: Policy = None,
+    threshold: Threshold = None,
+    temperature: Temperature = None,
     top_p: TopP = None,
     seed: Seed = None,
-    cache: Cache = "prefix",
+    cache: Cache = None,
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each formatted prompt (to stderr)."),
     device: Device = None,
     dtype: Dtype = None,
@@ -41,9 +41,10 @@ def chat(
     from unmask.chat import ChatSession
     from unmask.errors import UnmaskError
 
-    options = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                             threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
+    options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
+                             policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,
+                             cache=cache)
     session = ChatSession(pipe, options, system=system)
 
     def turn(text: str) -> None:
@@ -82,14 +83,14 @@ def humaneval(
     model: Path = typer.Argument(..., help="Model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
     max_new_tokens: MaxNewTokens = 256,
-    block_length: BlockLength = 32,
+    block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = "threshold",
-    threshold: Threshold = 0.9,
+    policy: Policy = None,
+    threshold: Threshold = None,
     temperature: Temperature = 0.0,
     top_p: TopP = None,
     seed: Seed = 0,
-    cache: Cache = "prefix",
+    cache: Cache = None,
     chat_format: bool = typer.Option(False, "--chat", help="Ask in the chat template (instruct models)."),
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds per program in the sandbox."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per problem."),
@@ -101,10 +102,12 @@ def humaneval(
 
     from unmask.eval.humaneval import load_problems, run_humaneval
 
-    options = decode_options(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                             threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache)
     problems = load_problems(limit)
     pipe = load_pipeline(model, device, dtype)
+    # greedy unless --temperature (pass@1 of one deterministic answer); the rest from the model's defaults
+    options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
+                             policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,
+                             cache=cache)
     table = Table(title=f"HumanEval · {model}")
     for col in ("task", "result", "tokens", "NFE", "tokens/s", "detail"):
         table.add_column(col, justify="right" if col in ("tokens", "NFE", "tokens/s") else "left")

@@ -22,15 +22,16 @@ from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
-MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="New tokens (masked positions).")]
-BlockLength = Annotated[int, typer.Option("--block-length", help="Masked positions decoded together.")]
+# None = not given: the model's generation_config.json decides, then DecodeOptions' defaults.
+MaxNewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="New tokens (masked positions).")]
+BlockLength = Annotated[Optional[int], typer.Option("--block-length", help="Masked positions decoded together.")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Total denoising steps (fixed policy).")]
-Policy = Annotated[str, typer.Option("--policy", help="fixed | threshold | factor")]
-Threshold = Annotated[float, typer.Option("--threshold", help="Confidence threshold of the threshold policy.")]
-Temperature = Annotated[float, typer.Option("--temperature")]
+Policy = Annotated[Optional[str], typer.Option("--policy", help="fixed | threshold | factor")]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Confidence threshold of the threshold policy.")]
+Temperature = Annotated[Optional[float], typer.Option("--temperature")]
 TopP = Annotated[Optional[float], typer.Option("--top-p")]
 Seed = Annotated[Optional[int], typer.Option("--seed")]
-Cache = Annotated[str, typer.Option("--cache", help="none | prefix | dual")]
+Cache = Annotated[Optional[str], typer.Option("--cache", help="none | prefix | dual")]
 FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty",
                                                  help="As OpenAI: -2..2; > 0 counters repetition loops.")]
 Heal = Annotated[bool, typer.Option("--heal/--no-heal", help="Token healing: re-decode the prompt's last token.")]
@@ -38,8 +39,11 @@ Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | cu
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16")]
 
 
-def decode_options(**values):
-    """DecodeOptions from the shared CLI options (None steps/seed stay None)."""
+def decode_options(pipe=None, **values):
+    """DecodeOptions from the shared CLI options: the flags given (not None) over the model's recommended
+    decoding (`pipe.defaults`, from its generation_config.json) — or over the built-in defaults without a
+    pipe (benchmarks that must decode the same way for every model)."""
     from unmask.decoding.options import DecodeOptions
 
-    return DecodeOptions(**values)
+    given = {k: v for k, v in values.items() if v is not None}
+    return pipe.options(**given) if pipe is not None else DecodeOptions(**given)

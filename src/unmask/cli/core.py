@@ -11,22 +11,23 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import Device, Dtype, FrequencyPenalty, Heal, Seed, Steps, TopP, console, load_pipeline, out
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, FrequencyPenalty, Heal, MaxNewTokens, Policy, Seed,
+                               Steps, Temperature, Threshold, TopP, console, load_pipeline, out)
 
 
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="Text to continue."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n")] = None,
-    block_length: Annotated[Optional[int], typer.Option("--block-length")] = None,
+    max_new_tokens: MaxNewTokens = None,
+    block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="fixed | threshold | factor")] = None,
-    threshold: Annotated[Optional[float], typer.Option("--threshold")] = None,
-    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    policy: Policy = None,
+    threshold: Threshold = None,
+    temperature: Temperature = None,
     top_p: TopP = None,
     seed: Seed = None,
-    cache: Annotated[Optional[str], typer.Option("--cache", help="none | prefix | dual")] = None,
+    cache: Cache = None,
     presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
     frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
     heal: Heal = True,

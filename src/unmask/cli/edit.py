@@ -57,13 +57,13 @@ def edit(
     in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
     no_backup: bool = typer.Option(False, "--no-backup", help="With --in-place: do not keep FILE.bak."),
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
-    block_length: BlockLength = 32,
+    block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = "threshold",
-    threshold: Threshold = 0.9,
-    temperature: Temperature = 0.0,
+    policy: Policy = None,
+    threshold: Threshold = None,
+    temperature: Temperature = None,
     seed: Seed = None,
-    cache: Cache = "prefix",
+    cache: Cache = None,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -76,9 +76,9 @@ def edit(
     if in_place and str(file) == "-":
         raise EditError("--in-place needs a file, not stdin")
     text = _read(file)
-    opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold,
-                          temperature=temperature, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
+    opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
+                          temperature=temperature, seed=seed, cache=cache)
     result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
                        threshold=remask_below, neighbors=neighbors, max_rounds=rounds, extra_tokens=extra_tokens,
                        length=length, options=opts, on_step=_stream_printer() if stream else None)
@@ -107,13 +107,13 @@ def infill(
     in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
     no_backup: bool = typer.Option(False, "--no-backup"),
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
-    block_length: BlockLength = 32,
+    block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = "threshold",
-    threshold: Threshold = 0.9,
-    temperature: Temperature = 0.0,
+    policy: Policy = None,
+    threshold: Threshold = None,
+    temperature: Temperature = None,
     seed: Seed = None,
-    cache: Cache = "prefix",
+    cache: Cache = None,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -131,9 +131,9 @@ def infill(
         raise EditError("give FILE with a marker, or --prefix and/or --suffix")
     if in_place and (file is None or str(file) == "-"):
         raise EditError("--in-place needs FILE")
-    opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold,
-                          temperature=temperature, seed=seed, cache=cache)
     pipe = load_pipeline(model, device, dtype)
+    opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
+                          temperature=temperature, seed=seed, cache=cache)
     result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length, options=opts,
                          on_step=_stream_printer() if stream else None)
     if in_place:
