@@ -18,7 +18,7 @@
 #
 # Minutes: AR_MIN for the twin, ADAPT_MIN for each recipe (sequential, so each has the GPU to itself).
 # SMOKE=1 rehearses every phase on the CPU with tiny shapes and seconds of training.
-set -euo pipefail
+set -euo pipefail  # pipefail: a failed bench is seen through its tee
 
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON=${PYTHON:-python3}
@@ -36,11 +36,11 @@ if [[ "${SMOKE:-0}" == 1 ]]; then  # same commands, tiny everything
   TRAIN_BENCH=(--shape tiny --batch-size 4 --steps 3 --warmup 1)
   SIZE=(--set model.shape=tiny --set batch_size=4 --set micro_batch_size=4 --set seq_len=64
         --set eval_sequences=4 --set eval_samples=1 --set compile=false --set optim.warmup_steps=4 --set device=cpu)
-  BENCH=(--new-tokens 32 --prompt-len 16)  # eager: compiling on the CPU costs a minute
+  BENCH=(--new-tokens 32 --prompt-len 16); COMPILE=()  # eager: compiling on the CPU costs a minute
 else
   DEVICE=cuda; SHAPES=(llada-8b dream-7b); N_PROMPTS=60; NEW=128
   TRAIN_BENCH=(--shape small-34m --batch-size 128 --seq-len 512 --compile)
-  SIZE=(); BENCH=(--new-tokens 256 --prompt-len 64 --repeats 3 --compile)
+  SIZE=(); BENCH=(--new-tokens 256 --prompt-len 64); COMPILE=(--compile)  # CUDA graphs (reduce-overhead)
 fi
 COMMON=(-c recipes/code-small.yaml --set data.corpus=null --set "data.train=$DATA/train.bin"
         --set "data.val=$DATA/val.bin" --set eval_interval=0 --set checkpoint_interval=0 "${SIZE[@]}")
@@ -50,9 +50,12 @@ ADAPT=(--set "init_from=$WORK/ar" --set model.logits_shift=true --set optim.warm
 
 bench() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$OUT/gpu.txt" || true
-  for shape in "${SHAPES[@]}"; do
-    COLUMNS=200 "${UNMASK[@]}" bench decode --shape "$shape" --device "$DEVICE" "${BENCH[@]}" \
-      2>&1 | tee "$OUT/bench-decode-$shape.txt"
+  for shape in "${SHAPES[@]}"; do  # time-boxed: a compile that hangs must not eat the session
+    COLUMNS=200 timeout "${BENCH_TIMEOUT:-300}" "${UNMASK[@]}" bench decode --shape "$shape" --device "$DEVICE" \
+      "${BENCH[@]}" "${COMPILE[@]}" 2>&1 | tee "$OUT/bench-decode-$shape.txt" \
+    || { echo "compiled bench failed: eager instead"
+         COLUMNS=200 timeout "${BENCH_TIMEOUT:-300}" "${UNMASK[@]}" bench decode --shape "$shape" \
+           --device "$DEVICE" "${BENCH[@]}" 2>&1 | tee -a "$OUT/bench-decode-$shape.txt"; }
   done
   COLUMNS=200 "${UNMASK[@]}" bench train "${TRAIN_BENCH[@]}" --device "$DEVICE" 2>&1 | tee "$OUT/bench-train.txt"
 }

@@ -30,6 +30,8 @@ def bench_decode_cmd(
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 (default: bf16 on CUDA)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's forward passes."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: "
+                                               "reduce-overhead = CUDA graphs on a GPU, default on a CPU)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Print ms per denoising step, NFE, tokens/step and tokens/s for each decoder."""
@@ -76,10 +78,13 @@ def bench_decode_cmd(
         else:
             twin = random_model(dataclasses.replace(net.config, attention="causal"), dev, dt, seed + 1)
     with console.status("timing decoders …"):
-        rows = bench_decode(net, prompt, new_tokens, block_length, threshold, twin, repeats, compile)
+        rows = bench_decode(net, prompt, new_tokens, block_length, threshold, twin, repeats,
+                            (compile_mode or True) if compile else False)
     c = net.config
     table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {str(dt)[6:]}, "
-                        f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}")
+                        f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}"
+                        + (f", compiled ({compile_mode or ('reduce-overhead' if dev.type == 'cuda' else 'default')})"
+                           if compile else ""))
     for col in ("decoder", "ms / step", "NFE", "tokens / step", "tokens / s"):
         table.add_column(col, justify="left" if col == "decoder" else "right")
     for r in rows:

@@ -119,8 +119,9 @@ class Engine:
     model       a Transformer (bidirectional or block_causal; causal twins decode with decoding/ar.py)
     max_batch   requests decoded together in one forward pass
     max_queue   waiting requests beyond which submit() raises QueueFull
-    compile     torch.compile the forward passes (True, or a torch.compile mode such as "reduce-overhead");
-                shapes stay static within a block, so CUDA graphs are reused across its steps
+    compile     torch.compile the forward passes: True (CUDA graphs, "reduce-overhead", on a GPU; plain
+                inductor on a CPU) or a torch.compile mode ("default", "max-autotune", ...); window
+                shapes are static per request, so graphs are reused across steps and blocks
     """
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False):
@@ -142,8 +143,10 @@ class Engine:
         self._forward: Callable = model
         self._compiled = bool(compile)
         if compile:
-            mode = compile if isinstance(compile, str) else None
-            self._forward = torch.compile(model, mode=mode, dynamic=False)
+            # on a GPU a 32-token window step is hundreds of small kernels: without CUDA graphs
+            # ("reduce-overhead") it is bound by their launches, not by the weight reads
+            mode = compile if isinstance(compile, str) else ("reduce-overhead" if self.device.type == "cuda" else None)
+            self._forward = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
     # ---- queue API -------------------------------------------------------------------------------------
     @property
