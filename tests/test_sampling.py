@@ -15,11 +15,13 @@ def sorted_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
-@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0])  # flat (nucleus beyond the first K) to peaked
+@pytest.mark.parametrize("scale", [0.1, 1.0, 8.0, 40.0])  # flat (nucleus beyond the first K) to peaked
 @pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
-def test_nucleus_equals_the_sorted_definition(scale, top_p, monkeypatch):
-    monkeypatch.setattr(sampling, "NUCLEUS_FIRST_K", 4)  # force the widening path on a small vocabulary
-    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * scale
+@pytest.mark.parametrize("rows,vocab", [(6, 300), (33, 4096)])
+def test_nucleus_equals_the_sorted_definition(scale, top_p, rows, vocab, monkeypatch):
+    monkeypatch.setattr(sampling, "NUCLEUS_FIRST_K", 4)  # force the bucket path on a small vocabulary
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * scale
+    logits[0] = logits[0] * 0.01 + torch.arange(vocab) * 1e-3  # one nearly uniform row beside peaked ones
     got = nucleus(logits, top_p)
     assert torch.equal(got, sorted_nucleus(logits, top_p))
     kept_mass = (logits.softmax(-1) * got).sum(-1)

@@ -20,19 +20,34 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Boolean [..., V]: the smallest set of most probable tokens whose mass reaches top_p (the token that
     crosses top_p included). A full sort of a vocabulary per position costs more than a forward pass on a
-    CPU, so this looks at the top K candidates and widens K only while some row's nucleus may lie beyond
-    them — exact, and usually one small top-k."""
+    CPU, so peaked rows are settled by one small top-k and flat ones (a small model's nucleus at top-p 0.95
+    holds a third of its vocabulary) by probability buckets: exact, with no sort of the vocabulary."""
     probs = logits.softmax(-1)
-    V = probs.shape[-1]
-    k = min(NUCLEUS_FIRST_K, V)
-    while True:
-        top, order = probs.topk(k, dim=-1)  # sorted, most probable first
-        cum = top.cumsum(-1)
-        if k == V or bool((cum[..., -1] >= top_p).all()):
-            break
-        k = min(V, k * 8)
-    keep = (cum - top) < top_p
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+    k = min(NUCLEUS_FIRST_K, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)  # sorted, most probable first
+    cum = top.cumsum(-1)
+    if k == probs.shape[-1] or bool((cum[..., -1] >= top_p).all()):
+        return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (cum - top) < top_p)
+    return _bucketed_nucleus(probs.reshape(-1, probs.shape[-1]), top_p).reshape(probs.shape)
+
+
+BUCKETS_PER_OCTAVE = 16
+N_BUCKETS = 64 * BUCKETS_PER_OCTAVE  # the last bucket takes everything below 2^-64
+
+
+def _bucketed_nucleus(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """nucleus() for probabilities [R, V]. Bucket i holds probabilities in (2^-(i+1)/16, 2^-i/16], so bucket
+    order is probability order: whole buckets before the one that crosses top_p are in, and only that edge
+    bucket's few tokens are sorted to find where the mass is reached."""
+    bucket = (-torch.log2(p) * BUCKETS_PER_OCTAVE).floor_().clamp_(0, N_BUCKETS - 1).long()
+    mass = torch.zeros(p.shape[0], N_BUCKETS, dtype=p.dtype, device=p.device).scatter_add_(1, bucket, p)
+    cum = mass.cumsum(1)
+    edge = (cum < top_p).sum(1, keepdim=True).clamp_max(N_BUCKETS - 1)
+    before = cum.gather(1, edge) - mass.gather(1, edge)  # mass of the buckets above the edge
+    in_edge = bucket == edge
+    top, order = p.masked_fill(~in_edge, -1.0).topk(int(in_edge.sum(1).max()), dim=1)
+    keep = (before + top.cumsum(1) - top < top_p) & (top >= 0)  # -1.0: rows with fewer edge tokens
+    return (bucket < edge) | torch.zeros_like(in_edge).scatter_(1, order, keep)
 
 
 def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
