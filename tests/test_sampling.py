@@ -58,6 +58,19 @@ def test_top_k_and_top_p_never_sample_outside():
     assert filter_logits(logits[:1], top_p=0.9).isfinite().sum() == 2
 
 
+def test_temperature_comes_before_top_p_and_the_confidence():
+    # p at T=1: 0.595, 0.361, ... -> top-p 0.8 keeps two tokens; at T=0.25 the first alone holds 0.88
+    logits = torch.tensor([3.0, 2.5, 0.0, -1.0, -2.0])
+    assert logits.softmax(-1)[0] < 0.8 <= (logits / 0.25).softmax(-1)[0]
+    gen = torch.Generator().manual_seed(4)
+    tokens, _ = sample_tokens(logits.expand(4000, -1), temperature=0.25, top_p=0.8, generator=gen)
+    assert set(tokens.tolist()) == {0}  # untempered, top-p 0.8 would have kept token 1 too
+    tokens, conf = sample_tokens(logits[None], temperature=0.5, top_p=0.99, generator=gen)
+    kept = (logits / 0.5).softmax(-1)
+    kept = kept * nucleus(logits / 0.5, 0.99)
+    assert torch.allclose(conf, (kept / kept.sum())[tokens])  # confidence: the tempered, filtered probability
+
+
 def test_seeded_sampling_is_reproducible():
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(3))
     a, _ = sample_tokens(logits, 0.9, top_p=0.9, generator=torch.Generator().manual_seed(7))

@@ -42,7 +42,7 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import filter_logits, penalize, sample_tokens
+from unmask.decoding.sampling import decision_logits, penalize, sample_tokens
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
@@ -378,7 +378,7 @@ class Engine:
         tokens, conf = sample_tokens(logits, o.temperature, o.top_k, o.top_p, r.generator)
         probs = None
         if o.confidence != "prob" or r.correcting >= 0:
-            probs = filter_logits(logits.double(), o.top_k, o.top_p).softmax(-1)
+            probs = decision_logits(logits.double(), o.temperature, o.top_k, o.top_p).softmax(-1)
         if o.confidence != "prob":
             conf = confidence(o.confidence, probs, tokens, r.generator)
         new = cur

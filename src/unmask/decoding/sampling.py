@@ -1,4 +1,4 @@
-"""Token choice from logits: temperature, top-k, top-p, float64 Gumbel-max (as LLaDA), seeded."""
+"""Token choice from logits: temperature, then top-k / top-p, float64 Gumbel-max (as LLaDA), seeded."""
 
 from __future__ import annotations
 
@@ -57,6 +57,16 @@ def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, freque
     return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts
 
 
+def decision_logits(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """The logits a token is chosen from: divided by the temperature (T > 0) first, then cut to the top-k /
+    nucleus — the order of transformers, vLLM, Dream and Fast-dLLM, so a checkpoint's recommended
+    temperature + top-p mean here what they mean there."""
+    if temperature > 0:
+        logits = logits / temperature
+    return filter_logits(logits, top_k, top_p)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 0.0,
@@ -64,13 +74,14 @@ def sample_tokens(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (tokens, probability of each chosen token) for logits [..., V].
+    """Return (tokens, probability of each chosen token) for logits [..., V], both under decision_logits
+    (the probability is the confidence that unmasking policies compare with their threshold).
 
     temperature 0 is argmax. Otherwise Gumbel-max with float64 noise: argmax(l / T - log(-log u)), the
     log form of LLaDA's argmax(exp(l) / (-log u)^T); the float64 noise matters for low-temperature
     sampling of large vocabularies.
     """
-    logits = filter_logits(logits.float(), top_k, top_p)
+    logits = decision_logits(logits.float(), temperature, top_k, top_p)
     probs = logits.softmax(-1)
     if temperature <= 0:
         tokens = logits.argmax(-1)
@@ -80,5 +91,5 @@ def sample_tokens(
         device = generator.device if generator is not None else logits.device
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=device).to(logits.device)
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        tokens = (logits.double() / temperature + gumbel).argmax(-1)
+        tokens = (logits.double() + gumbel).argmax(-1)
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
