@@ -97,8 +97,7 @@ def bench_decode(model: Transformer, prompt_ids: list[int], new_tokens: int = 25
         _, nfe = reference_generate(model, prompt, gen_length=new_tokens, block_length=block_length, steps=new_tokens)
         return nfe, nfe
 
-    if model.config.attention == "bidirectional":  # the LLaDA sampler assumes full attention
-        rows.append(BenchRow("reference sampler (no cache)", *_timed(reference, device, repeats), new_tokens))
+    rows.append(BenchRow("reference sampler (no cache)", *_timed(reference, device, repeats), new_tokens))
 
     engine = Engine(model, max_batch=1, compile=compile)
     base = DecodeOptions(max_new_tokens=new_tokens, block_length=block_length, early_stop=False)

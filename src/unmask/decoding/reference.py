@@ -1,7 +1,8 @@
 """Reference sampler: LLaDA-style semi-autoregressive masked-diffusion decoding (REFERENCE.md §2).
 
 Deliberately plain — one full forward pass per step, no cache — so the fast engine can be checked
-against it token for token.
+against it token for token. Any diffusion model: the model applies its own attention (bidirectional or
+block-causal), and shifted-logit models (Dream, AR adaptations) come with their logits realigned.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def reference_generate(
         schedule = transfer_schedule((x[:, lo:hi] == c.mask_id).sum(1), steps_per_block)
         for s in range(steps_per_block):
             is_mask = x == c.mask_id
-            logits = model(x)
+            logits = model(x)  # shifted-logit models (Dream) return them realigned to their positions
             nfe += 1
             x0, p = sample_tokens(logits, temperature, top_k, top_p, gen)
             if remasking == "random":
