@@ -8,12 +8,15 @@
 #   bash recipes/gpu-session.sh train     # starts in the background: AR twin, then recipe A and recipe B
 #   bash recipes/gpu-session.sh collect   # waits for train, evaluates all three, winner's folder into $OUT
 #   bash recipes/gpu-session.sh twin      # the AR twin's folder into $OUT (the device returns 8 files a call)
+#   bash recipes/gpu-session.sh distill   # (more budget) background: trajectory distillation of the winner
+#   bash recipes/gpu-session.sh student   # waits for distill, teacher vs student speed-quality, student into $OUT
 #
 # Chain the calls (the machine goes back ~30 s after a call). Data is built here and carried:
 #   unmask corpus --recipe recipes/code-small.yaml --install
 #   unmask shards data/code-small --out data/code-small-tokens
 #   cp -r data/code-small/tokenizer data/code-small-tokens/
 #   python <heldout snippet of models/code-small/MODEL_CARD.md>          # data/heldout-stdlib.jsonl
+#   cp data/code-small/val.jsonl data/code-small-tokens/prompts.jsonl       # distillation prompts (not held out)
 #   run(carry=["data/code-small-tokens", "data/heldout-stdlib.jsonl"], command="bash recipes/gpu-session.sh bench && bash recipes/gpu-session.sh train")
 #
 # Minutes: AR_MIN for the twin, ADAPT_MIN for each recipe (sequential, so each has the GPU to itself).
@@ -29,16 +32,17 @@ DATA=${DATA:-data/code-small-tokens}
 PROMPTS=${PROMPTS:-data/heldout-stdlib.jsonl}
 AR_MIN=${AR_MIN:-3}
 ADAPT_MIN=${ADAPT_MIN:-2.5}
+DISTILL_MIN=${DISTILL_MIN:-3}
 mkdir -p "$WORK" "$OUT"
 
 if [[ "${SMOKE:-0}" == 1 ]]; then  # same commands, tiny everything
-  DEVICE=cpu; SHAPES=(tiny); N_PROMPTS=2; NEW=16
+  DEVICE=cpu; SHAPES=(tiny); N_PROMPTS=2; NEW=16; TEACHER_PROMPTS=4
   TRAIN_BENCH=(--shape tiny --batch-size 4 --steps 3 --warmup 1)
   SIZE=(--set model.shape=tiny --set batch_size=4 --set micro_batch_size=4 --set seq_len=64
         --set eval_sequences=4 --set eval_samples=1 --set compile=false --set optim.warmup_steps=4 --set device=cpu)
   BENCH=(--new-tokens 32 --prompt-len 16); COMPILE=()  # eager: compiling on the CPU costs a minute
 else
-  DEVICE=cuda; SHAPES=(llada-8b dream-7b); N_PROMPTS=60; NEW=128
+  DEVICE=cuda; SHAPES=(llada-8b dream-7b); N_PROMPTS=60; NEW=128; TEACHER_PROMPTS=2048
   TRAIN_BENCH=(--shape small-34m --batch-size 128 --seq-len 512 --compile)
   SIZE=(); BENCH=(--new-tokens 256 --prompt-len 64); COMPILE=(--compile)  # CUDA graphs (reduce-overhead)
 fi
@@ -115,8 +119,38 @@ print(min(("bi", "bd"), key=bpb))
 EOF
 )
   echo "winner: $winner" | tee -a "$WORK/results.txt"
+  echo "$winner" > "$WORK/winner"
   cp "$WORK/speed-quality.png" "$OUT"/  # + the model's 7 files: the device returns 8 (results: the log above)
   export_model "$WORK/$winner"
+}
+
+distill_run() {  # dParallel-style: the student learns the teacher's answers, confident earlier
+  "${UNMASK[@]}" distill --teacher "$WORK/$(cat "$WORK/winner")" --out "$WORK/student" --method trajectory \
+    --data "$DATA/prompts.jsonl" --prompts "$TEACHER_PROMPTS" --teacher-temperature 0.8 --teacher-top-p 0.95 \
+    --set "minutes=$DISTILL_MIN" --set device="$DEVICE" --set seq_len=128 --set batch_size=${DISTILL_BATCH:-64}
+}
+
+distill() {
+  rm -f "$WORK/distilled" "$WORK/distill-failed"
+  setsid nohup bash -c "$(declare -p UNMASK WORK DATA DISTILL_MIN TEACHER_PROMPTS DEVICE); $(declare -f distill_run);
+    if distill_run > '$WORK/distill.log' 2>&1; then touch '$WORK/distilled'; else touch '$WORK/distill-failed'; fi" \
+    > /dev/null 2>&1 < /dev/null &
+  echo "distilling in the background: $WORK/distill.log"
+}
+
+student() {
+  local waited=0
+  until [[ -e "$WORK/distilled" || -e "$WORK/distill-failed" ]]; do
+    (( waited >= ${WAIT_S:-560} )) && { echo "still distilling"; tail -5 "$WORK/distill.log"; return 1; }
+    sleep 5; waited=$((waited + 5))
+  done
+  [[ -e "$WORK/distill-failed" ]] && { tail -30 "$WORK/distill.log"; return 1; }
+  COLUMNS=200 "${UNMASK[@]}" eval speed-quality "$WORK/$(cat "$WORK/winner")" "$WORK/student" --data "$PROMPTS" \
+    --ar-model "$WORK/ar" --steps "" --thresholds 0.9,0.7,0.5,0.3 -n "$NEW" --prompts "$N_PROMPTS" \
+    --elbo-tokens 0 --temperature 0.8 --top-p 0.95 --frequency-penalty 0.5 --device "$DEVICE" \
+    --plot "$WORK/distill-quality.png" --json "$WORK/distill-quality.json" 2>&1
+  cp "$WORK/distill-quality.png" "$OUT"/
+  export_model "$WORK/student"
 }
 
 case "${1:-}" in
@@ -124,5 +158,7 @@ case "${1:-}" in
   train) train ;;
   collect) collect ;;
   twin) wait_for_training && export_model "$WORK/ar" ;;
-  *) echo "usage: bash recipes/gpu-session.sh bench|train|collect|twin" >&2; exit 2 ;;
+  distill) distill ;;
+  student) student ;;
+  *) echo "usage: bash recipes/gpu-session.sh bench|train|collect|twin|distill|student" >&2; exit 2 ;;
 esac

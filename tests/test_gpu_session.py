@@ -26,8 +26,9 @@ def session(tmp_path_factory, corpus_texts, tokenizer):
     tokenizer.save(data / "tokenizer")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[14:18]))
+    (data / "prompts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[:4]))
     env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "WORK": str(root / "work"), "OUT": str(root / "out"),
-           "DATA": str(data), "PROMPTS": str(prompts), "AR_MIN": "0.05", "ADAPT_MIN": "0.05", "WAIT_S": "300",
+           "DATA": str(data), "PROMPTS": str(prompts), "AR_MIN": "0.05", "ADAPT_MIN": "0.05", "DISTILL_MIN": "0.05", "DISTILL_BATCH": "4", "WAIT_S": "300",
            "OMP_NUM_THREADS": "1"}
 
     def run(phase: str) -> str:
@@ -64,3 +65,9 @@ def test_train_then_collect_compares_three_runs_and_exports_the_winner(session):
 
     run("twin")
     assert unmask.load(root / "out", device="cpu").config.attention == "causal"
+
+    assert "distilling in the background" in run("distill")
+    out = run("student")
+    assert "τ=0.3" in out and (root / "out" / "distill-quality.png").stat().st_size > 0
+    student = unmask.load(root / "out", device="cpu")  # the student: the winner's architecture
+    assert student.config.attention == exported.config.attention
