@@ -83,3 +83,20 @@ def test_decoding_commands_use_the_models_defaults(tmp_path, capsys, tiny_pipeli
     assert main(args + ["--threshold", "0.5"]) == 0  # a flag beats the file
     assert seen and all(o.threshold == 0.5 for o in seen)
     capsys.readouterr()
+
+
+def test_demo_samples_as_the_model_recommends(tmp_path, capsys, tiny_pipeline, monkeypatch):
+    from unmask.cli.main import main
+    from unmask.decoding.engine import Engine
+
+    tiny_pipeline.defaults = DecodeOptions(temperature=0.6, top_p=0.9, frequency_penalty=0.3)
+    tiny_pipeline.save(tmp_path / "m")
+    seen = []
+    real = Engine.submit_canvas
+    monkeypatch.setattr(Engine, "submit_canvas", lambda self, canvas, options, *a, **k: (
+        seen.append(options), real(self, canvas, options, *a, **k))[1])
+    assert main(["demo", "-m", str(tmp_path / "m"), "-n", "16", "--delay", "0"]) == 0
+    [o] = seen
+    assert (o.temperature, o.top_p, o.frequency_penalty) == (0.6, 0.9, 0.3)
+    assert (o.threshold, o.cache, o.seed) == (0.7, "dual", 0)  # the demo's own: parallel, fast, repeatable
+    assert "tokens/s" in capsys.readouterr().err  # the figures go to stderr, the completion to stdout

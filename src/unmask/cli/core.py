@@ -11,8 +11,8 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, FrequencyPenalty, Heal, MaxNewTokens, Policy, Seed,
-                               Steps, Temperature, Threshold, TopP, console, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Policy, Seed,
+                               Steps, Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
 @app.command()
@@ -91,11 +91,12 @@ def demo(
     prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p"),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
     threshold: float = typer.Option(0.7, "--threshold"),
-    # sampling, not greedy: small diffusion models loop under greedy confidence decoding (REFERENCE.md §4)
-    temperature: float = typer.Option(0.8, "--temperature"),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    # and a frequency penalty: on the interim model it took degenerate repetition from 78 % to 3 % of samples
-    frequency_penalty: FrequencyPenalty = 0.5,
+    # sampling and a frequency penalty come from the model's generation_config.json: small diffusion models
+    # loop under greedy confidence decoding (REFERENCE.md §4); the penalty took the default model's
+    # degenerate repetition from ~80 % of samples to ~2 %
+    temperature: Temperature = None,
+    top_p: TopP = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
     seed: int = typer.Option(0, "--seed"),
     delay: float = typer.Option(0.05, "--delay", help="Seconds to hold each frame so the eye can follow."),
 ) -> None:
@@ -107,16 +108,14 @@ def demo(
     from rich.panel import Panel
 
     from unmask.cli.live import render_canvas
-    from unmask.decoding.options import DecodeOptions
-
     from unmask.pipeline import DEFAULT_MODEL
 
     if model is None and not (DEFAULT_MODEL / "config.json").exists():
         model = _train_fallback_model()
     pipe = load_pipeline(model)
-    opts = DecodeOptions(max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature, top_p=top_p,
-                         frequency_penalty=frequency_penalty, seed=seed,
-                         cache="dual")  # the fastest step in `unmask bench decode`
+    opts = decode_options(pipe, max_new_tokens=max_new_tokens, threshold=threshold, temperature=temperature,
+                          top_p=top_p, frequency_penalty=frequency_penalty, seed=seed,
+                          cache="dual")  # the fastest step in `unmask bench decode`
     shown = 0.0  # seconds spent holding frames, kept out of the speed figures
 
     with Live(console=out, auto_refresh=False, transient=False) as live:  # redraw per step, no refresh thread
