@@ -267,7 +267,10 @@ class Engine:
             hidden.update(self._refresh_forward(refresh, C))
         if window:
             hidden.update(self._window_forward(window, C))
-        h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
+        if len(reqs) == 1:
+            h = hidden[reqs[0].id][None]
+        else:
+            h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
         logits = self.model.output(h)
         logits[..., self.config.mask_id] = float("-inf")  # a committed [MASK] would never finish its block
         for i, r in enumerate(reqs):
