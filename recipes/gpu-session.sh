@@ -20,6 +20,8 @@
 #   run(carry=["data/code-small-tokens", "data/heldout-stdlib.jsonl"], command="bash recipes/gpu-session.sh bench && bash recipes/gpu-session.sh train")
 #
 # Minutes: AR_MIN for the twin, ADAPT_MIN for each recipe (sequential, so each has the GPU to itself).
+# A 15-minute session: AR_MIN=2.5 ADAPT_MIN=2 (train ~7.5 min with start-up and final validation), bench ~4,
+# collect ~1.5, the machine's start ~2. BENCH_SHAPES and THRESHOLDS trim the benches and the evaluation.
 # SMOKE=1 rehearses every phase on the CPU with tiny shapes and seconds of training.
 set -euo pipefail  # pipefail: a failed bench is seen through its tee
 
@@ -42,7 +44,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then  # same commands, tiny everything
         --set eval_sequences=4 --set eval_samples=1 --set compile=false --set optim.warmup_steps=4 --set device=cpu)
   BENCH=(--new-tokens 32 --prompt-len 16); COMPILE=()  # eager: compiling on the CPU costs a minute
 else
-  DEVICE=cuda; SHAPES=(llada-8b dream-7b); N_PROMPTS=60; NEW=128; TEACHER_PROMPTS=2048
+  DEVICE=cuda; read -ra SHAPES <<< "${BENCH_SHAPES:-llada-8b dream-7b}"; N_PROMPTS=60; NEW=128; TEACHER_PROMPTS=2048
   TRAIN_BENCH=(--shape small-34m --batch-size 128 --seq-len 512 --compile)
   SIZE=(); BENCH=(--new-tokens 256 --prompt-len 64); COMPILE=(--compile)  # CUDA graphs (reduce-overhead)
 fi
@@ -106,7 +108,7 @@ collect() {
     grep '"planned_steps"' "$WORK/$run/log.jsonl" || true
   done | tee "$WORK/results.txt"
   COLUMNS=200 "${UNMASK[@]}" eval speed-quality "$WORK/bi" "$WORK/bd" "$WORK/ar" --data "$PROMPTS" \
-    --ar-model "$WORK/ar" --steps "" --thresholds 0.9,0.7,0.5 -n "$NEW" --prompts "$N_PROMPTS" --elbo-tokens 0 \
+    --ar-model "$WORK/ar" --steps "" --thresholds "${THRESHOLDS:-0.9,0.7}" -n "$NEW" --prompts "$N_PROMPTS" --elbo-tokens 0 \
     --temperature 0.8 --top-p 0.95 --frequency-penalty 0.5 --device "$DEVICE" \
     --plot "$WORK/speed-quality.png" --json "$WORK/speed-quality.json" 2>&1 | tee -a "$WORK/results.txt"
   # the winner: lower validation bits/byte of the two recipes (the samples are in the table for the card)
