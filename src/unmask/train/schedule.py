@@ -39,6 +39,7 @@ class StepBudget:
         self.timed = max(3, min(timed, warmup_steps - skip))
         self.seen = 0
         self.timed_seconds = 0.0
+        self.pace = 0.0  # seconds per timed step, once planned
 
     def plan(self, step: int, step_seconds: float, spent: float) -> int | None:
         """After each step: `step` steps done, this one took `step_seconds`, `spent` seconds in all.
@@ -48,5 +49,5 @@ class StepBudget:
             self.timed_seconds += step_seconds
         if self.seen < self.skip + self.timed:
             return None
-        pace = self.timed_seconds / self.timed
-        return step + max(0, int((self.seconds - spent) / max(pace, 1e-9)))
+        self.pace = self.timed_seconds / self.timed
+        return step + max(0, int((self.seconds - spent) / max(self.pace, 1e-9)))

@@ -488,7 +488,8 @@ class Trainer:
         window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
         tps = 0.0
         with bar:
-            task = bar.add_task("train", total=None if cfg.steps == UNPLANNED else cfg.steps, completed=self.step, loss="-", tps="-", val="")
+            task = bar.add_task("train", total=None if cfg.steps == UNPLANNED else cfg.steps, completed=self.step,
+                                loss="-", tps="-", val="")
             while self.step < cfg.steps:
                 t_step = time.perf_counter()
                 loss = self.train_step()
@@ -531,10 +532,9 @@ class Trainer:
         if planned is None:
             return
         self.cfg.steps = dist_utils.broadcast_int(planned, self.device)  # every rank stops together
-        self.budget = None
-        seconds_per_step = self.train_seconds / max(self.step, 1)
-        self._log({"step": self.step, "planned_steps": self.cfg.steps, "seconds_per_step": seconds_per_step})
-        log.info("%.1f minutes at %.3f s/step: training %d steps", self.cfg.minutes, seconds_per_step, self.cfg.steps)
+        pace, self.budget = self.budget.pace, None
+        self._log({"step": self.step, "planned_steps": self.cfg.steps, "seconds_per_step": pace})
+        log.info("%.1f minutes at %.3f s/step: training %d steps", self.cfg.minutes, pace, self.cfg.steps)
         if self.dist.is_main:
             save_config(self.cfg, self.out / "train_config.yaml")
 
