@@ -103,6 +103,30 @@ def test_trajectory_round_learns_the_teachers_answers(tmp_path, teacher_and_data
     assert d.few_step_loss() < 0.8 * before
 
 
+def test_function_prompts_get_answers_that_fill_their_rows(tmp_path, teacher_and_data, corpus_texts, tokenizer,
+                                                           monkeypatch):
+    teacher, _ = teacher_and_data
+    asked = []
+    generate = Pipeline.generate
+
+    def spy(self, prompt, options=None, **kw):
+        asked.append((len(self.encode(prompt)), options.max_new_tokens, options.frequency_penalty))
+        return generate(self, prompt, options, **kw)
+
+    monkeypatch.setattr(Pipeline, "generate", spy)
+    dcfg = DistillConfig(method="trajectory", prompts=5, prompt_source="functions", prompt_tokens=48,
+                         answer_tokens=16, teacher_frequency_penalty=0.5)
+    traj = tmp_path / "functions.jsonl"
+    assert collect_trajectories(teacher, corpus_texts, dcfg, traj, progress=False) == 5
+    rows = [json.loads(line) for line in traj.read_text().splitlines()]
+    assert all(r["prompt"].startswith(("def ", "async def ")) and '"""' in r["prompt"] for r in rows)
+    assert [n for n, _, _ in asked] == [len(tokenizer.encode(r["prompt"])) for r in rows]
+    assert max(n for n, _, _ in asked) <= 48 and len({n for n, _, _ in asked}) > 1
+    # a shorter prompt gets a longer answer: every row is full, none ends in padding the teacher never wrote
+    assert all(n + new == 64 and penalty == 0.5 for n, new, penalty in asked)
+    assert distill_config(teacher, tmp_path / "s", str(traj), dcfg, TrainConfig(seq_len=512)).seq_len == 64
+
+
 def test_certainty_forcing_only_counts_answer_tokens(tokenizer):
     model = tiny_model(tokenizer)
     x = torch.randint(10, 500, (2, 24))
@@ -125,6 +149,8 @@ def test_bad_distill_settings_are_clear():
         DistillConfig(method="magic").validate()
     with pytest.raises(TrainConfigError, match="below 1"):
         DistillConfig(rounds=5, teacher_steps=8).validate()
+    with pytest.raises(TrainConfigError, match="prompt source"):
+        DistillConfig(method="trajectory", prompt_source="random").validate()
 
 
 @pytest.mark.parametrize("method", ["trajectory", "sdtt"])

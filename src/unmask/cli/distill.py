@@ -33,12 +33,19 @@ def distill(
     teacher_steps: int = typer.Option(64, "--teacher-steps", help="sdtt: the first teacher's steps per window."),
     divergence: str = typer.Option("reverse_kl", "--divergence", help="sdtt: kl | reverse_kl"),
     prompts: int = typer.Option(256, "--prompts", help="trajectory: prompts the teacher answers."),
-    prompt_tokens: int = typer.Option(64, "--prompt-tokens", help="trajectory: prompt length (cut from the data)."),
-    answer_tokens: int = typer.Option(64, "--answer-tokens"),
+    prompt_source: str = typer.Option("cut", "--prompt-source",
+                                      help="trajectory: cut (random windows of the data) | functions "
+                                           "(signature + docstring of the data's functions)."),
+    prompt_tokens: int = typer.Option(64, "--prompt-tokens",
+                                      help="trajectory: prompt length (cut) or the longest prompt (functions)."),
+    answer_tokens: int = typer.Option(64, "--answer-tokens",
+                                      help="trajectory: rows are prompt + answer = prompt + answer tokens."),
     entropy_weight: float = typer.Option(0.5, "--entropy-weight"),
     teacher_temperature: float = typer.Option(0.0, "--teacher-temperature",
                                               help="trajectory: sample the teacher's answers (0 = greedy)."),
     teacher_top_p: Optional[float] = typer.Option(None, "--teacher-top-p"),
+    teacher_frequency_penalty: float = typer.Option(0.0, "--teacher-frequency-penalty",
+                                                    help="trajectory: against loops in the teacher's answers."),
     steps: int = typer.Option(500, "--steps", help="trajectory: optimizer steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -48,10 +55,10 @@ def distill(
     from unmask.train.distill import DistillConfig, Distiller, collect_trajectories, distill_config
 
     dcfg = DistillConfig(method=method, rounds=rounds, steps_per_round=steps_per_round, teacher_steps=teacher_steps,
-                         divergence=divergence, prompts=prompts, prompt_tokens=prompt_tokens,
-                         answer_tokens=answer_tokens,
-                         entropy_weight=entropy_weight, teacher_temperature=teacher_temperature,
-                         teacher_top_p=teacher_top_p)
+                         divergence=divergence, prompts=prompts, prompt_source=prompt_source,
+                         prompt_tokens=prompt_tokens, answer_tokens=answer_tokens, entropy_weight=entropy_weight,
+                         teacher_temperature=teacher_temperature, teacher_top_p=teacher_top_p,
+                         teacher_frequency_penalty=teacher_frequency_penalty)
     dcfg.validate()
     base = load_config(config, [f"steps={steps}", *overrides], base={"data": {"train": str(data)}})
     train_data = str(data)

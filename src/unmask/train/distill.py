@@ -4,10 +4,12 @@ sdtt        self-distillation through time. From clean data x0 and a noise level
             ancestral steps of size dt (t -> t-dt -> t-2dt); the student, from the same x_t, must predict in
             one step what the teacher reaches in two (KL on the masked positions). Each round halves the
             teacher's step count and the student of round r becomes the teacher of round r+1.
-trajectory  dParallel-style certainty forcing. The teacher decodes prompts from the corpus; the student is
-            trained on its own teacher's answers (SFT masking: prompt kept, answer masked) with cross-entropy
-            plus an entropy penalty on masked tokens it already predicts right, so it becomes confident earlier
-            and can decode with a lower threshold.
+trajectory  dParallel-style certainty forcing. The teacher answers prompts from the corpus (windows cut at
+            random, or the signature + docstring of its functions); the student is trained on its own teacher's
+            answers (SFT masking: prompt kept, answer masked) with cross-entropy plus an entropy penalty on
+            masked tokens it already predicts right, so it becomes confident earlier and can decode with a
+            lower threshold. Every row is prompt + answer = prompt_tokens + answer_tokens tokens: a shorter
+            (function) prompt gets a longer answer, so no row ends in EOS padding the teacher never wrote.
 
 Both run on the training stack (`Trainer`): same checkpoints, `--resume`, torchrun, progress bar.
 out_dir/rounds/round_R/ holds the student at the end of round R (the teacher of round R+1).
@@ -34,6 +36,7 @@ from unmask.train.trainer import Trainer
 log = logging.getLogger(__name__)
 
 METHODS = ("sdtt", "trajectory")
+PROMPT_SOURCES = ("cut", "functions")
 DIVERGENCES = ("kl", "reverse_kl")
 
 
@@ -46,12 +49,15 @@ class DistillConfig:
     divergence: str = "reverse_kl"  # sdtt: kl(teacher||student) or reverse kl(student||teacher)
     # trajectory
     prompts: int = 256  # prompts the teacher answers
-    prompt_tokens: int = 64
-    answer_tokens: int = 64
+    prompt_source: str = "cut"  # cut: random corpus windows; functions: signature + docstring of corpus functions
+    prompt_tokens: int = 64  # cut: the prompt length; functions: the longest prompt
+    answer_tokens: int = 64  # row = prompt_tokens + answer_tokens
     teacher_threshold: float = 0.9
-    # sampled teacher answers (temperature > 0) keep a small teacher's greedy loops out of the student's data
+    # sampled answers (temperature > 0) or a frequency penalty keep a small teacher's greedy loops
+    # out of the student's data
     teacher_temperature: float = 0.0
     teacher_top_p: float | None = None
+    teacher_frequency_penalty: float = 0.0
     entropy_weight: float = 0.5
 
     def validate(self) -> None:
@@ -61,6 +67,8 @@ class DistillConfig:
             raise TrainConfigError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if self.method == "sdtt" and self.teacher_steps >> self.rounds < 1:
             raise TrainConfigError(f"{self.rounds} rounds halve {self.teacher_steps} teacher steps below 1")
+        if self.prompt_source not in PROMPT_SOURCES:
+            raise TrainConfigError(f"prompt source must be one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
         if self.teacher_temperature < 0:
             raise TrainConfigError(f"teacher_temperature must be >= 0, got {self.teacher_temperature}")
         for name in ("rounds", "steps_per_round", "teacher_steps", "prompts", "prompt_tokens", "answer_tokens"):
@@ -129,9 +137,28 @@ def certainty_forcing_loss(model: torch.nn.Module, x0: torch.Tensor, prompt_len:
     return (ce * masked).sum() / n + entropy_weight * (entropy * right).sum() / n
 
 
+def trajectory_prompts(pipe, texts, dcfg: DistillConfig, rng: np.random.Generator) -> list[list[int]]:
+    """Token ids of the prompts the teacher answers: `dcfg.prompts` of them, at most prompt_tokens long."""
+    if dcfg.prompt_source == "functions":
+        from unmask.eval.quality import function_prompts
+
+        found = (pipe.encode(p.prompt) for p in function_prompts(texts, limit=10**9, seed=int(rng.integers(2**31))))
+        return [ids for ids in found if len(ids) <= dcfg.prompt_tokens][: dcfg.prompts]
+    prompts = []
+    for text in texts:
+        ids = pipe.encode(text)
+        if len(ids) > dcfg.prompt_tokens:
+            start = int(rng.integers(0, len(ids) - dcfg.prompt_tokens))
+            prompts.append(ids[start : start + dcfg.prompt_tokens])
+            if len(prompts) == dcfg.prompts:
+                break
+    return prompts
+
+
 def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, out_file: Path, seed: int = 0,
                          progress: bool = True) -> int:
-    """Let the teacher answer `dcfg.prompts` prompts cut from `texts`; write {prompt, answer} jsonl."""
+    """Let the teacher answer `dcfg.prompts` prompts from `texts`; write {prompt, answer} jsonl.
+    Each answer fills its row up to prompt_tokens + answer_tokens tokens."""
     import unmask
     from rich.progress import Progress
 
@@ -141,25 +168,19 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
 
     pipe = unmask.load(teacher_dir)
     rng = np.random.default_rng(seed)
-    opts = DecodeOptions(max_new_tokens=dcfg.answer_tokens, block_length=min(32, dcfg.answer_tokens),
-                         policy="threshold", threshold=dcfg.teacher_threshold, early_stop=False,
-                         temperature=dcfg.teacher_temperature, top_p=dcfg.teacher_top_p)
-    prompts: list[str] = []
-    for text in texts:
-        ids = pipe.encode(text)
-        if len(ids) <= dcfg.prompt_tokens:
-            continue
-        start = int(rng.integers(0, len(ids) - dcfg.prompt_tokens))
-        prompts.append(pipe.tokenizer.decode(ids[start : start + dcfg.prompt_tokens]))
-        if len(prompts) == dcfg.prompts:
-            break
+    opts = DecodeOptions(block_length=min(32, dcfg.answer_tokens), policy="threshold",
+                         threshold=dcfg.teacher_threshold, early_stop=False, temperature=dcfg.teacher_temperature,
+                         top_p=dcfg.teacher_top_p, frequency_penalty=dcfg.teacher_frequency_penalty)
+    prompts = trajectory_prompts(pipe, texts, dcfg, rng)
     if not prompts:
-        raise TrainConfigError(f"no document longer than {dcfg.prompt_tokens} tokens to cut prompts from")
+        raise TrainConfigError(f"no {dcfg.prompt_source} prompt of at most {dcfg.prompt_tokens} tokens in the data")
+    row = dcfg.prompt_tokens + dcfg.answer_tokens
     with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("teacher trajectories", total=len(prompts))
-        for prompt in prompts:
-            result = pipe.generate(prompt, opts.replace(seed=int(rng.integers(2**31))))
+        for ids in prompts:
+            prompt = pipe.tokenizer.decode(ids)
+            result = pipe.generate(prompt, opts.replace(max_new_tokens=row - len(ids), seed=int(rng.integers(2**31))))
             f.write(json.dumps({"prompt": prompt, "answer": result.text}) + "\n")
             bar.advance(task)
     return len(prompts)
@@ -243,6 +264,8 @@ def distill_config(teacher: str | Path, out: str | Path, data: str | None, dcfg:
     steps = dcfg.rounds * dcfg.steps_per_round if dcfg.method == "sdtt" else cfg.steps
     changes = dict(out_dir=str(out), init_from=str(teacher), steps=steps,
                    mode="sft" if dcfg.method == "trajectory" else "diffusion")
+    if dcfg.method == "trajectory":  # rows are exactly prompt + answer (collect_trajectories)
+        changes["seq_len"] = dcfg.prompt_tokens + dcfg.answer_tokens
     if data is not None:
         changes["data"] = dataclasses.replace(cfg.data, train=str(data), corpus=None if dcfg.method == "trajectory" else cfg.data.corpus)
     return dataclasses.replace(cfg, **changes)
