@@ -55,13 +55,22 @@ def family_tokenizer(specials: list[str], vocab_size: int = 300) -> HFTokenizer:
     return HFTokenizer.from_str(_TOKENIZERS[key].to_str())
 
 
-def write_tokenizer(path: Path, hf: HFTokenizer, template: str, bos: str | None, eos: str, pad: str) -> None:
+def write_tokenizer(path: Path, hf: HFTokenizer, template: str, bos: str | None, eos: str, pad: str,
+                    slow: bool = False) -> None:
+    """tokenizer.json + tokenizer_config.json; with `slow`, Dream-v0's files instead: vocab.json + merges.txt and a
+    tokenizer_config.json naming its slow DreamTokenizer (the published Dream folders have no tokenizer.json)."""
     path.mkdir(parents=True, exist_ok=True)
-    hf.save(str(path / "tokenizer.json"))
-    added = {str(hf.token_to_id(t.content)): {"content": t.content, "special": True}
+    added = {str(hf.token_to_id(t.content)): {"content": t.content, "lstrip": False, "normalized": False,
+                                              "rstrip": False, "single_word": False, "special": True}
              for t in hf.get_added_tokens_decoder().values()}
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added, "chat_template": template,
            "bos_token": bos, "eos_token": eos, "pad_token": pad, "model_max_length": 4096}
+    if slow:
+        hf.model.save(str(path))  # vocab.json + merges.txt
+        cfg.update(tokenizer_class="DreamTokenizer", errors="replace", split_special_tokens=False,
+                   auto_map={"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]})
+    else:
+        hf.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -138,8 +147,9 @@ def llada_checkpoint(path: Path, *, d=64, n_layers=2, n_heads=4, n_kv_heads=4, h
 
 def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160,
                      tie=False, store_tied_head=False, bd_size=8, seed=0, n_shards=3,
-                     with_mask_id=True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Dream-v0 (kind="dream") or Fast-dLLM v2 (kind="fast_dllm") layout at toy width."""
+                     with_mask_id=True, slow_tokenizer=False) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Dream-v0 (kind="dream") or Fast-dLLM v2 (kind="fast_dllm") layout at toy width. `slow_tokenizer`: ship
+    vocab.json + merges.txt as the published Dream-v0 folders do, instead of tokenizer.json."""
     specials = DREAM_SPECIALS if kind == "dream" else FAST_DLLM_SPECIALS
     hf = family_tokenizer(specials)
     vocab = 64 * math.ceil((hf.get_vocab_size() + 1) / 64)  # Qwen pads its vocabulary
@@ -191,6 +201,6 @@ def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_hea
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_shards(path, t, n_shards)
     write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|endoftext|>" if kind == "dream" else "<|im_end|>",
-                    pad="<|endoftext|>")
+                    pad="<|endoftext|>", slow=slow_tokenizer)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
     return config, t

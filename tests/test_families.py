@@ -345,3 +345,44 @@ def test_published_layout_loads_straight_into_bf16(tmp_path):
     ref = qwen2_reference(t, cfg, ids)
     # bf16 rounding only: the bf16 logits still pick the reference's top token almost everywhere
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_dream_slow_tokenizer_files_load_like_the_fast_tokenizer(tmp_path):
+    """Dream-v0 folders ship vocab.json + merges.txt for their slow DreamTokenizer (Qwen2's split, NFC), no
+    tokenizer.json: the loader builds the same tokenizer, with the added tokens at their published ids."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from unmask.tokenizer import Tokenizer
+
+    # PRETOKENIZE_REGEX of Dream's tokenization_dream.py (= Qwen2Tokenizer's), written out here independently
+    split = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+             r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+    qwen2_checkpoint(tmp_path / "slow", kind="dream", slow_tokenizer=True)
+    assert not (tmp_path / "slow" / "tokenizer.json").exists()
+    pipe = unmask.load(tmp_path / "slow", device="cpu")
+    tok = pipe.tokenizer
+    assert tok.mask_id == pipe.config.mask_id == tok.token_to_id("<|mask|>")
+    assert tok.eos_id == tok.token_to_id("<|endoftext|>")
+    # reference: the same BPE with the pre-tokenizer and normalizer of Qwen2.5's published tokenizer.json
+    qwen2_checkpoint(tmp_path / "fast", kind="dream")
+    ref = Tokenizer.from_dir(tmp_path / "fast")
+    ref.hf.normalizer = normalizers.NFC()
+    ref.hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    text = tok.apply_chat_template([{"role": "user", "content": "def f(x):\n    return x * 12345  # café\r\n"}])
+    text += "Cafe\u0301 it's 3.14<|mask|><|mask|>\n\n\tdone<|endoftext|>"
+    assert tok.encode(text) == ref.encode(text)
+    assert tok.encode("\u00e9") == tok.encode("e\u0301")  # NFC, as DreamTokenizer.prepare_for_tokenization
+    assert tok.encode("<|im_start|>") == [tok.token_to_id("<|im_start|>")]
+    assert tok.decode(tok.encode(text)) == tok.decode(ref.encode(text))
+    assert tok.special.keys() >= {"<|im_start|>", "<|im_end|>", "<|mask|>"}
+
+
+def test_slow_tokenizer_files_of_another_class_are_refused(tmp_path):
+    qwen2_checkpoint(tmp_path / "m", kind="dream", slow_tokenizer=True)
+    cfg = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "LlamaTokenizer"
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(unmask.errors.UnmaskError, match="LlamaTokenizer"):
+        unmask.load(tmp_path / "m", device="cpu")

@@ -89,16 +89,20 @@ class Tokenizer:
 
         Explicit ids (from the model config) win over what the tokenizer files say."""
         path = Path(path)
-        file = path / "tokenizer.json"
-        if not file.exists():
-            raise TokenizerError(f"no tokenizer.json in {path}")
-        try:
-            hf = HFTokenizer.from_file(str(file))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise TokenizerError(f"cannot read {file}: {e}") from None
         cfg = {}
         if (path / "tokenizer_config.json").exists():
             cfg = json.loads((path / "tokenizer_config.json").read_text())
+        file = path / "tokenizer.json"
+        if file.exists():
+            try:
+                hf = HFTokenizer.from_file(str(file))
+            except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+                raise TokenizerError(f"cannot read {file}: {e}") from None
+        elif (path / "vocab.json").exists() and (path / "merges.txt").exists():
+            file = path / "vocab.json"
+            hf = _qwen2_bpe(path, cfg)  # Dream-v0 ships only its slow tokenizer's files
+        else:
+            raise TokenizerError(f"no tokenizer.json (or vocab.json + merges.txt) in {path}")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # HF allows a list of named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
@@ -185,6 +189,50 @@ class Tokenizer:
             bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
             eos_token=self.hf.id_to_token(self.eos_id),
         )
+
+
+# Qwen2's pre-tokenizer split (the same regex as transformers' Qwen2Tokenizer and Dream's DreamTokenizer)
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_SLOW_CLASSES = ("Qwen2Tokenizer", "DreamTokenizer")
+
+
+def _qwen2_bpe(path: Path, cfg: dict) -> HFTokenizer:
+    """Build the fast equivalent of a Qwen2-style slow tokenizer (vocab.json + merges.txt, NFC, Qwen2 split,
+    byte-level BPE) with the added tokens of tokenizer_config.json at their published ids."""
+    cls = cfg.get("tokenizer_class")
+    if cls not in QWEN2_SLOW_CLASSES:
+        raise TokenizerError(f"{path}: no tokenizer.json, and vocab.json + merges.txt are only understood for "
+                             f"{', '.join(QWEN2_SLOW_CLASSES)} (tokenizer_class is {cls!r})")
+    from tokenizers import AddedToken, Regex, normalizers
+
+    try:
+        hf = HFTokenizer(models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt")))
+    except Exception as e:
+        raise TokenizerError(f"cannot read {path / 'vocab.json'} / merges.txt: {e}") from None
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    added = {int(i): t for i, t in (cfg.get("added_tokens_decoder") or {}).items()}
+    if not added and (path / "added_tokens.json").exists():
+        added = {int(i): {"content": t, "special": True}
+                 for t, i in json.loads((path / "added_tokens.json").read_text()).items()}
+    for i in sorted(added):  # ids follow the vocabulary in order, so adding them in id order keeps them
+        t = added[i]
+        token = AddedToken(t["content"], single_word=t.get("single_word", False), lstrip=t.get("lstrip", False),
+                           rstrip=t.get("rstrip", False), normalized=t.get("normalized", not t.get("special")),
+                           special=t.get("special", False))
+        if token.special:
+            hf.add_special_tokens([token])
+        else:
+            hf.add_tokens([token])
+        if hf.token_to_id(t["content"]) != i:
+            raise TokenizerError(f"{path}: added token {t['content']!r} should have id {i} but gets "
+                                 f"{hf.token_to_id(t['content'])} after vocab.json's {len(hf.get_vocab(False))} tokens")
+    return hf
 
 
 def _added_special(hf: HFTokenizer) -> dict[str, int]:
