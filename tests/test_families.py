@@ -386,3 +386,23 @@ def test_slow_tokenizer_files_of_another_class_are_refused(tmp_path):
     (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(unmask.errors.UnmaskError, match="LlamaTokenizer"):
         unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_qwen_rope_parameters_of_transformers_5_configs(tmp_path):
+    """transformers >= 5 writes rope_theta inside rope_parameters (MIGRATION_GUIDE_V5: "all parameters for configuring
+    the rotary embedding are now stored under rope_parameters"): the theta must be read from there, a scaled
+    rope_type refused, and rope_type "default" (also as rope_scaling) accepted as plain RoPE."""
+    cfg, t = qwen2_checkpoint(tmp_path / "m", kind="dream")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert raw["rope_theta"] != 10000.0
+    ids = _ids(cfg["vocab_size"])
+    v5 = {k: v for k, v in raw.items() if k not in ("rope_theta", "rope_scaling")}
+    v5["rope_parameters"] = {"rope_type": "default", "rope_theta": raw["rope_theta"]}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(v5))
+    assert _max_diff(_ours(tmp_path / "m", ids), qwen2_reference(t, cfg, ids)) < ATOL
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**raw, "rope_scaling": {"type": "default"}}))
+    assert _max_diff(_ours(tmp_path / "m", ids), qwen2_reference(t, cfg, ids)) < ATOL
+    v5["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": raw["rope_theta"]}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(v5))
+    with pytest.raises(CheckpointError, match="rope_parameters"):
+        unmask.load(tmp_path / "m", device="cpu")

@@ -137,7 +137,13 @@ def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_def
                  attention: str, block_size: int = 32) -> ModelConfig:
     _require(raw, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
     _refuse(raw, "hidden_act", "silu", "SwiGLU with silu")
-    _refuse(raw, "rope_scaling", None, "plain RoPE; scaled RoPE variants are not implemented")
+    # RoPE: rope_theta + rope_scaling, or (configs written by transformers >= 5) one rope_parameters dict holding
+    # rope_theta and rope_type. rope_type "default" is plain RoPE; every other type rescales the frequencies.
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(key)
+        if rope is not None and (not isinstance(rope, dict) or rope.get("rope_type", rope.get("type")) != "default"):
+            raise ConfigError(f"{key}={rope!r} is not supported (plain RoPE; scaled RoPE variants are not implemented)")
+    theta = raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     _refuse(raw, "use_sliding_window", False, "full attention")
     _refuse(raw, "use_mrope", False, "1-D RoPE")
     d, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -148,7 +154,7 @@ def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_def
         vocab_size=int(raw["vocab_size"]), dim=d, n_layers=int(raw["num_hidden_layers"]), n_heads=n_heads,
         n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), ffn_hidden=int(raw["intermediate_size"]),
         max_seq_len=int(raw.get("max_position_embeddings", 32768)),
-        rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         attn_bias=bool(raw.get("attention_bias", True)),  # Qwen2 always has q/k/v biases
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention=attention, block_size=block_size,
