@@ -406,3 +406,20 @@ def test_qwen_rope_parameters_of_transformers_5_configs(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(v5))
     with pytest.raises(CheckpointError, match="rope_parameters"):
         unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    qwen2_checkpoint(tmp_path / "m", kind="dream")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.embed_tokens.weight"] = "model-00003-of-00003.safetensors"  # it is in shard 1
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for dtype in (None, "float32"):
+        with pytest.raises(CheckpointError, match="model-00003-of-00003.*embed_tokens"):
+            unmask.load(tmp_path / "m", device="cpu", dtype=dtype)
+
+
+def test_unreadable_tokenizer_config(tmp_path):
+    qwen2_checkpoint(tmp_path / "m", kind="dream")
+    (tmp_path / "m" / "tokenizer_config.json").write_text('{"chat_template": "{{ x }}",')
+    with pytest.raises(unmask.errors.UnmaskError, match="tokenizer_config.json is not valid JSON"):
+        unmask.load(tmp_path / "m", device="cpu")

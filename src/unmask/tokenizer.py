@@ -91,7 +91,10 @@ class Tokenizer:
         path = Path(path)
         cfg = {}
         if (path / "tokenizer_config.json").exists():
-            cfg = json.loads((path / "tokenizer_config.json").read_text())
+            try:
+                cfg = json.loads((path / "tokenizer_config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise TokenizerError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
         file = path / "tokenizer.json"
         if file.exists():
             try:

@@ -146,8 +146,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files = weight_files(path)
     if dtype is None:
-        first = next(iter(files.items()))
-        dtype = _open(first[1]).get_slice(first[0]).get_dtype()
+        name, file = next(iter(files.items()))
+        try:
+            dtype = _open(file).get_slice(name).get_dtype()
+        except CheckpointError:
+            raise
+        except Exception as e:  # e.g. the index lists a tensor the shard does not hold
+            raise CheckpointError(f"corrupt shard {file}: cannot read {name!r}: {e}") from None
         dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
         if device.type == "cpu":
             dtype = torch.float32  # CPUs run half-precision matmuls far slower than float32
