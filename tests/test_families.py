@@ -423,3 +423,16 @@ def test_unreadable_tokenizer_config(tmp_path):
     (tmp_path / "m" / "tokenizer_config.json").write_text('{"chat_template": "{{ x }}",')
     with pytest.raises(unmask.errors.UnmaskError, match="tokenizer_config.json is not valid JSON"):
         unmask.load(tmp_path / "m", device="cpu")
+
+
+@pytest.mark.parametrize("key", ["layer_norm_type", "rope", "block_type", "activation_type"])
+def test_absent_llada_keys_take_the_published_defaults(tmp_path, key):
+    """LLaDAConfig fills absent keys from configuration_llada.ModelConfig, whose defaults are OLMo's (LayerNorm,
+    no RoPE, sequential block, swiglu), not the 8B checkpoints' values: absent means unsupported, not 'as 8B'.
+    (Without layer_norm_type the weights even load cleanly into RMSNorm: silently different logits.)"""
+    llada_checkpoint(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg[key]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"{key}=.*published default"):
+        unmask.load(tmp_path / "m", device="cpu")

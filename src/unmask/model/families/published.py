@@ -38,12 +38,19 @@ def _require(raw: dict[str, Any], *keys: str) -> None:
         raise ConfigError(f"missing key(s) {', '.join(missing)}")
 
 
-def _refuse(raw: dict[str, Any], key: str, ok: Any, why: str) -> None:
-    """Refuse a config value our network cannot express. `ok` is the allowed value (or a tuple of them)."""
-    value = raw.get(key)
+_ABSENT = object()
+
+
+def _refuse(raw: dict[str, Any], key: str, ok: Any, why: str, default: Any = _ABSENT) -> None:
+    """Refuse a config value our network cannot express. `ok` is the allowed value (or a tuple of them);
+    `default` is what the published code uses when the key is absent (unset: absence is fine)."""
+    if key not in raw and default is _ABSENT:
+        return
+    value = raw.get(key, default)
     allowed = ok if isinstance(ok, tuple) else (ok,)
-    if key in raw and value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not supported ({why})")
+    if value not in allowed:
+        absent = "" if key in raw else ", the published default when the key is absent"
+        raise ConfigError(f"{key}={value!r}{absent} is not supported ({why})")
 
 
 def _first_id(value: Any, default: int | None) -> int | None:
@@ -75,13 +82,15 @@ LLADA_NAMES: dict[str, str | None] = {
 
 def llada_config(raw: dict[str, Any]) -> ModelConfig:
     _require(raw, "d_model", "n_heads", "n_layers", "vocab_size")
-    _refuse(raw, "block_type", "llama", "only LLaDA's llama block: separate q/k/v and gate/up projections")
-    _refuse(raw, "activation_type", "silu", "the llama block computes silu(ff_proj) * up_proj")
-    _refuse(raw, "layer_norm_type", "rms", "RMSNorm only")
+    # an absent key takes configuration_llada.ModelConfig's (OLMo's) default, not the 8B checkpoints' value
+    _refuse(raw, "block_type", "llama", "only LLaDA's llama block: separate q/k/v and gate/up projections",
+            default="sequential")
+    _refuse(raw, "activation_type", "silu", "the llama block computes silu(ff_proj) * up_proj", default="swiglu")
+    _refuse(raw, "layer_norm_type", "rms", "RMSNorm only", default="default")
     _refuse(raw, "layer_norm_with_affine", True, "RMSNorm with a weight")
     _refuse(raw, "include_bias", False, "biases only on q/k/v (include_qkv_bias)")
     _refuse(raw, "alibi", False, "RoPE only")
-    _refuse(raw, "rope", True, "RoPE only")
+    _refuse(raw, "rope", True, "RoPE only", default=False)
     _refuse(raw, "attention_layer_norm", False, "no QK layer norm in LLaDA checkpoints")
     _refuse(raw, "scale_logits", False, "unscaled logits")
     _refuse(raw, "input_emb_norm", False, "no embedding norm")
