@@ -60,6 +60,18 @@ def test_sandbox_timeout_kills_the_program():
     assert time.perf_counter() - t0 < 8
 
 
+def test_sandbox_timeout_does_not_wait_for_an_escaped_descendant():
+    # a grandchild in its own session survives the group kill and keeps stderr open
+    escape = ("import subprocess, sys\nsubprocess.Popen(['sleep', '20'], start_new_session=True, stderr=sys.stderr)\n"
+              "while True:\n    pass\n")
+    t0 = time.perf_counter()
+    assert run_program(escape, timeout=1.0, guard=False).status == "timed out"
+    assert time.perf_counter() - t0 < 8
+    for call in ("os.posix_spawn('/bin/true', ['true'], {})", "os.setsid()"):  # the guarded ways out
+        res = run_program(f"import os\n{call}\n", timeout=10)
+        assert res.status == "failed" and "TypeError" in res.detail, res.detail
+
+
 def test_sandbox_limits_memory_and_guards_the_filesystem(tmp_path):
     res = run_program("x = bytearray(2 << 30)\n", timeout=10, memory_mb=256)
     assert res.status == "failed" and "MemoryError" in res.detail

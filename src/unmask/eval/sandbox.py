@@ -27,7 +27,8 @@ import builtins, os, shutil, subprocess, faulthandler
 faulthandler.disable()
 for _name in ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
               "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
-              "chroot", "lchown", "execv", "execve", "spawnv", "spawnve", "popen"):
+              "chroot", "lchown", "execv", "execve", "spawnv", "spawnve", "popen", "posix_spawn", "posix_spawnp",
+              "setsid", "setpgid"):
     if hasattr(os, _name):
         setattr(os, _name, None)
 shutil.rmtree = shutil.move = shutil.chown = None
@@ -78,7 +79,7 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024, file_
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            proc.communicate()
+            _reap(proc)
             return ExecutionResult("timed out", f"exceeded {timeout:g}s", time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
     if proc.returncode == 0:
@@ -89,6 +90,16 @@ def run_program(source: str, timeout: float = 10.0, memory_mb: int = 1024, file_
     else:
         detail = lines[-1][:300] if lines else f"exit status {proc.returncode}"
     return ExecutionResult("failed", detail, seconds)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for the killed child without waiting on its pipe: a descendant that left the process group
+    may hold stderr open for as long as it likes."""
+    try:
+        proc.communicate(timeout=1)
+    except subprocess.TimeoutExpired:
+        proc.stderr.close()
+        proc.wait()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
