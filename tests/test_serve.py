@@ -218,6 +218,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 422, "seed"),  # above torch's 64-bit seeds: was a 500
     ("/v1/completions", {"prompt": [5, 99999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "fill <|mask|> here"}, 400, "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),

@@ -60,7 +60,8 @@ class DecodingFields(BaseModel):
     top_k: int | None = Field(None, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: discourage tokens already generated")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: ... by how often they were")
-    seed: int | None = None
+    # torch seeds a generator with a 64-bit integer; a larger one would fail inside the engine (500)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
