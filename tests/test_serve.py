@@ -248,6 +248,23 @@ def test_bad_requests_get_a_reason_and_server_keeps_serving(client):
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_half_a_surrogate_pair_is_a_422_naming_the_field(client):
+    """JSON can escape a lone surrogate ("\\ud83d"); no tokenizer can encode it (it was a 500)."""
+    lone = '"a \\ud83d b"'
+    for endpoint, body, field in (
+        ("/v1/completions", f'{{"prompt": {lone}}}', "prompt"),
+        ("/v1/completions", f'{{"prompt": "x", "suffix": {lone}}}', "suffix"),
+        ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": {lone}}}]}}', "messages.0.content"),
+        ("/v1/edits", f'{{"input": {lone}, "mode": "auto"}}', "input"),
+    ):
+        r = client.post(endpoint, content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["error"]["message"].startswith(f"{field}: ") and "surrogate" in r.json()["error"]["message"]
+    pair = client.post("/v1/completions", content=b'{"prompt": "\\ud83d\\ude42 x", "max_tokens": 4, "steps": 2}',
+                       headers={"content-type": "application/json"})
+    assert pair.status_code == 200, pair.text  # an escaped pair is one character: fine
+
+
 def test_queue_full_answers_429_then_recovers(tiny_pipeline):
     hook = slow_down(tiny_pipeline, 0.05)
     app = create_app(tiny_pipeline, engine=Engine(tiny_pipeline.model, max_batch=1, max_queue=1))

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from unmask.decoding.options import DecodeOptions
 from unmask.errors import UnmaskError
@@ -41,6 +42,17 @@ class ServerLimits:
     max_stop: int = 4  # as OpenAI
     max_stop_chars: int = 64
     max_body_bytes: int = 2_000_000  # whole HTTP body; larger -> 413
+
+
+def valid_unicode(value: Any) -> Any:
+    """JSON may escape half a surrogate pair ("\\ud83d"), which no tokenizer can encode: a 422, not a 500."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PydanticCustomError("unicode", "not valid Unicode: lone surrogate {char} at character {at}",
+                                      {"char": repr(value[e.start]), "at": e.start}) from None
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -111,11 +123,15 @@ class CompletionRequest(DecodingFields):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     suffix: str | None = Field(None, description="text after the gap: the model fills the middle (infilling)")
 
+    check_unicode = field_validator("prompt", "suffix")(valid_unicode)
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ... are passed to the template as-is
     role: Literal["system", "user", "assistant"]
     content: str
+
+    check_unicode = field_validator("content")(valid_unicode)
 
 
 class ChatCompletionRequest(DecodingFields):
@@ -133,6 +149,8 @@ class EditRequest(DecodingFields):
     flag_below: float | None = Field(None, gt=0.0, lt=1.0, description="auto mode: re-mask tokens with p below this")
     max_rounds: int | None = Field(None, ge=1, le=16, description="auto mode: correction rounds")
     length: Literal["absorb", "search", "fixed"] | None = Field(None, description="how a span's new length is chosen")
+
+    check_unicode = field_validator("input", "instruction")(valid_unicode)
 
     def resolved_mode(self) -> str:
         if self.mode:
