@@ -248,6 +248,23 @@ def test_bad_requests_get_a_reason_and_server_keeps_serving(client):
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_a_body_that_is_not_a_json_object_gets_a_clear_reason(client):
+    cases = [  # (body, content type, text the message must contain)
+        (b'{"prompt": "x",}', "application/json", "not valid JSON at character 15"),
+        (b'{"prompt": "x"}', "application/x-www-form-urlencoded", "Content-Type: application/json"),  # curl -d
+        (b'{"prompt": "x"}', None, "Content-Type: application/json"),
+        (b"", "application/json", "empty"),
+    ]
+    for content, content_type, needle in cases:
+        headers = {"content-type": content_type} if content_type else {}
+        r = client.post("/v1/completions", content=content, headers=headers)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith("body: ") and needle in error["message"], error
+        assert error["param"] == "body"
+    assert client.post("/v1/completions", json={"prompt": "x", **FAST}).status_code == 200
+
+
 def test_half_a_surrogate_pair_is_a_422_naming_the_field(client):
     """JSON can escape a lone surrogate ("\\ud83d"); no tokenizer can encode it (it was a 500)."""
     lone = '"a \\ud83d b"'

@@ -369,6 +369,23 @@ class Server:
                 self.metrics.requests.labels("/v1/edits", "cancelled").inc()
 
 
+def body_problem(errors: list[dict], content_type: str) -> str | None:
+    """The message for a body that is not a JSON object at all; pydantic's own ("1: JSON decode error",
+    "body: Input should be a valid dictionary") do not say what is wrong. None: a field-level problem."""
+    err = errors[0] if len(errors) == 1 else {}
+    loc = tuple(err.get("loc", ()))
+    if err.get("type") == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        return f"body: not valid JSON{where}: {err.get('ctx', {}).get('error', 'decode error')}"
+    if loc != ("body",):
+        return None
+    if "json" not in content_type.lower():  # FastAPI parses JSON only when the client says so
+        return f"body: send a JSON object with Content-Type: application/json (got {content_type or 'none'!r})"
+    if err.get("type") == "missing":
+        return "body: empty; send a JSON object"
+    return None
+
+
 class BodyLimit:
     """413 for a declared Content-Length above the limit, before the body is read. A plain ASGI middleware:
     Starlette's BaseHTTPMiddleware would hide client disconnects from the handlers."""
@@ -433,6 +450,10 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         msgs, param = [], None
+        problem = body_problem(e.errors(), request.headers.get("content-type", ""))
+        if problem:
+            srv.metrics.requests.labels(request.url.path, "422").inc()
+            return JSONResponse(error_body(problem, param="body"), status_code=422)
         for err in e.errors():
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             field = ".".join(loc) or "body"
