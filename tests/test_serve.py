@@ -248,6 +248,16 @@ def test_bad_requests_get_a_reason_and_server_keeps_serving(client):
     assert client.get("/health").json()["status"] == "ok"
 
 
+def test_unknown_paths_and_methods_get_openai_error_bodies(client):
+    for method, path, status in (("POST", "/v1/embeddings", 404), ("GET", "/v1/completions", 405),
+                                 ("GET", "/static/nope.js", 404)):
+        r = client.request(method, path)
+        assert r.status_code == status, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and f"{method} {path}" in error["message"], error
+    assert "POST" in client.get("/v1/completions").headers["allow"]
+
+
 def test_a_body_that_is_not_a_json_object_gets_a_clear_reason(client):
     cases = [  # (body, content type, text the message must contain)
         (b'{"prompt": "x",}', "application/json", "not valid JSON at character 15"),

@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from unmask.chat import end_of_turn_strings
 from unmask.decoding.events import StepEvent
@@ -440,6 +441,13 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
         headers = {"Retry-After": "1"} if status == 429 else None
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
         return JSONResponse(error_body(str(e), kind), status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        # unknown paths and methods, missing static files: OpenAI's error body too, as OpenAI answers them
+        # (not counted in /metrics: the path label would take any value a client sends)
+        body = error_body(f"{e.detail}: {request.method} {request.url.path}")
+        return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
