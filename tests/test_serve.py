@@ -373,6 +373,19 @@ def test_edits_keep_text_outside_the_span(client):
     assert last["choices"][0]["text"] == new and last["choices"][0]["finish_reason"] == "stop"
 
 
+def test_edit_markers_alone_select_spans_mode(client):
+    text = "def average(values):\n    return sum(values) / len(<<<vaules>>>)\n"
+    r = client.post("/v1/edits", json={"input": text, "max_tokens": 8, "steps": 4})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["mode"] == "spans"  # as the CLI and the pipeline: the marked region is rewritten
+    start = text.index("<<<")
+    assert choice["spans"] == [[start, start + len("vaules")]]
+    assert choice["text"] == text[:start] + choice["replacements"][0] + text[text.index(">>>") + 3:]
+    explicit = client.post("/v1/edits", json={"input": text, "mode": "spans", "max_tokens": 8, "steps": 4})
+    assert explicit.status_code == 200 and explicit.json()["choices"][0]["spans"] == choice["spans"], explicit.text
+
+
 def test_delta_stream_never_sends_text_it_must_take_back(tokenizer):
     """Tokens committed in random order (as diffusion does): deltas only grow the text, and their sum is the
     final text, cut at EOS and stop strings, even where a stop string or a UTF-8 character spans tokens."""

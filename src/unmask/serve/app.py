@@ -35,6 +35,7 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.generate import stop_checker
 from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
+from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
 from unmask.serve.metrics import Metrics
 from unmask.serve.schema import (
@@ -314,8 +315,9 @@ class Server:
         mode = req.resolved_mode()
         if mode == "instruction" and not req.instruction:
             raise ApiError("instruction: required in instruction mode", 400, "instruction")
-        if mode == "spans" and not req.spans:
-            raise ApiError("spans: give at least one [start, end) character range in spans mode", 400, "spans")
+        if mode == "spans" and not req.spans and not has_markers(req.input):
+            raise ApiError("spans: give at least one [start, end) character range (or <<< >>> markers in the input) "
+                           "in spans mode", 400, "spans")
         check_edit(req, mode)
         opts = self.options(req, 0)
         t0 = time.perf_counter()

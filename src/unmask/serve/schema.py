@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from unmask.decoding.options import DecodeOptions
+from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
 
 
@@ -142,7 +143,8 @@ class EditRequest(DecodingFields):
     """Instant Edit. `spans` are [start, end) character ranges of `input` to rewrite."""
 
     input: str
-    mode: Literal["spans", "auto", "instruction"] | None = None  # default: spans if given, else instruction if given, else auto
+    mode: Literal["spans", "auto", "instruction"] | None = None  # default: spans if given (or <<< >>> markers),
+    # else instruction if given, else auto
     spans: list[tuple[int, int]] | None = None
     instruction: str | None = None
     strength: float | None = Field(None, ge=0.0, le=1.0, description="instruction mode: share of the text re-noised")
@@ -155,7 +157,7 @@ class EditRequest(DecodingFields):
     def resolved_mode(self) -> str:
         if self.mode:
             return self.mode
-        if self.spans:
+        if self.spans or has_markers(self.input):  # markers are spans written inside the text
             return "spans"
         return "instruction" if self.instruction else "auto"
 
