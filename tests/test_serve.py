@@ -189,6 +189,16 @@ def test_penalties_reach_the_decoder(client, tiny_pipeline):
     assert len(texts) > 1  # the penalties changed something
 
 
+def test_openai_nullable_fields_take_null_as_their_default(client):
+    nulls = {"n": None, "stream": None, "echo": None, "presence_penalty": None, "frequency_penalty": None,
+             "logprobs": None, "logit_bias": None, "stop": None, "seed": None, "user": None, "stream_options": None}
+    r = client.post("/v1/completions", json={"prompt": "def f(x):", **FAST, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "text_completion"  # stream: null is no stream
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **FAST, **nulls})
+    assert chat.status_code == 200, chat.text
+
+
 def test_suffix_infills_between(client, tiny_pipeline):
     req = {"prompt": "def add(a, b):\n    return ", "suffix": "\n\nprint(add(1, 2))\n", **FAST}
     r = client.post("/v1/completions", json=req)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from unmask.decoding.options import DecodeOptions
@@ -95,6 +95,12 @@ class DecodingFields(BaseModel):
     echo: bool = False
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    @field_validator("n", "stream", "echo", "presence_penalty", "frequency_penalty", mode="before")
+    @classmethod
+    def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API takes null for these (clients send it for "not set"): the default, not a 422."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
