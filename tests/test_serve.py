@@ -119,6 +119,15 @@ def test_chat_completion_and_stream(client, tiny_pipeline):
     assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"]
 
 
+def test_chat_takes_max_completion_tokens(client):
+    req = {"messages": [{"role": "user", "content": "Sort a list"}], "steps": 3, "block_length": 8}
+    r = client.post("/v1/chat/completions", json={**req, "max_completion_tokens": 6, "max_tokens": 200})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 6 and r.json()["usage"]["steps"] == 3
+    r = client.post("/v1/chat/completions", json={**req, "max_completion_tokens": 100_000})
+    assert r.status_code == 400 and "100000" in r.json()["error"]["message"]
+
+
 def test_diffusing_streams_every_state(client):
     req = {"prompt": "def area(r):", "max_tokens": 12, "steps": 6, "block_length": 12}
     full = client.post("/v1/completions", json=req).json()

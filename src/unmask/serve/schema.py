@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from unmask.decoding.options import DecodeOptions
@@ -143,6 +143,14 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(DecodingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    # OpenAI's current name for max_tokens in chat (its SDK documents max_tokens as deprecated there)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def max_completion_tokens_is_max_tokens(self) -> "ChatCompletionRequest":
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class EditRequest(DecodingFields):
