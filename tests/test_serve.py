@@ -392,6 +392,14 @@ def test_edits_keep_text_outside_the_span(client):
     assert last["choices"][0]["text"] == new and last["choices"][0]["finish_reason"] == "stop"
 
 
+def test_bad_edit_spans_name_the_field(client):
+    for spans in ([[-1, 2]], [[4, 2]], [[1, 4], [2, 5]], [[2, 10]]):
+        r = client.post("/v1/edits", json={"input": "abcdef", "spans": spans})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["message"].startswith("spans: ") and error["param"] == "spans", error
+
+
 def test_edit_markers_alone_select_spans_mode(client):
     text = "def average(values):\n    return sum(values) / len(<<<vaules>>>)\n"
     r = client.post("/v1/edits", json={"input": text, "max_tokens": 8, "steps": 4})

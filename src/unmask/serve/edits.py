@@ -13,12 +13,17 @@ from typing import Any, Callable
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.edit.editor import EditResult, edit_text, resolve_regions
-from unmask.serve.schema import EditRequest
+from unmask.edit.spans import EditError
+from unmask.serve.schema import ApiError, EditRequest
 
 
 def check_edit(req: EditRequest, mode: str) -> None:
-    """Fail fast on bad spans (EditError -> 400) instead of after the job was queued."""
-    resolve_regions(req.input, req.spans, None, markers=True, required=mode == "spans")
+    """Fail fast on bad spans (a 400 naming `spans`, as every error names its field) instead of after the
+    job was queued."""
+    try:
+        resolve_regions(req.input, req.spans, None, markers=True, required=mode == "spans")
+    except EditError as e:
+        raise ApiError(f"spans: {e}", 400, "spans") from None
 
 
 def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> Callable:
