@@ -119,6 +119,18 @@ def test_chat_completion_and_stream(client, tiny_pipeline):
     assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["finish_reason"]
 
 
+def test_chat_content_may_be_text_parts(client):
+    parts = [{"type": "text", "text": "Sort "}, {"type": "text", "text": "a list"}]
+    as_parts = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], **FAST})
+    assert as_parts.status_code == 200, as_parts.text
+    plain = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Sort a list"}], **FAST})
+    assert as_parts.json()["usage"]["prompt_tokens"] == plain.json()["usage"]["prompt_tokens"]
+    image = [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": image}], **FAST})
+    assert r.status_code == 422 and "image_url" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"].startswith("messages.0.content: ")
+
+
 def test_chat_takes_max_completion_tokens(client):
     req = {"messages": [{"role": "user", "content": "Sort a list"}], "steps": 3, "block_length": 8}
     r = client.post("/v1/chat/completions", json={**req, "max_completion_tokens": 6, "max_tokens": 200})

@@ -140,6 +140,18 @@ class ChatMessage(BaseModel):
 
     check_unicode = field_validator("content")(valid_unicode)
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def join_text_parts(cls, content: Any) -> Any:
+        """OpenAI clients may send content as parts, [{"type": "text", "text": ...}]: the text is their join."""
+        if not isinstance(content, list):
+            return content
+        kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content]
+        if any(k != "text" or not isinstance(p.get("text"), str) for k, p in zip(kinds, content)):
+            raise PydanticCustomError("content_parts", "only text parts (type 'text' with a 'text' string) are "
+                                      "supported, got {kinds}", {"kinds": kinds})
+        return "".join(p["text"] for p in content)
+
 
 class ChatCompletionRequest(DecodingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
