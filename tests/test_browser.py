@@ -90,3 +90,27 @@ def test_page_animates_denoising_and_edits(tiny_pipeline, tmp_path):
     finally:
         hook.remove()
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_selection_after_an_emoji_edits_the_selected_characters(tiny_pipeline):
+    """A textarea counts UTF-16 units (two per emoji), the server counts characters: the span sent must be
+    in characters, or everything after an emoji is edited one position off."""
+    from playwright.sync_api import sync_playwright
+
+    text = "# 🙂 🙂 averages\ndef average(values):\n    return sum(values) / len(vaules)\n"
+    start = text.index("vaules")  # in characters; the textarea's offset is start + 2
+    app = create_app(tiny_pipeline, model_name="tiny")
+    with BackgroundServer(app) as srv, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#server-status.ok", timeout=15_000)
+        page.fill("#edit-input", text)
+        page.evaluate("(() => { const t = document.getElementById('edit-input'), s = t.value.indexOf('vaules');"
+                      " t.focus(); t.setSelectionRange(s, s + 6); t.dispatchEvent(new Event('select')); })()")
+        assert f"selection {start}–{start + 6}" in page.inner_text("#selection")
+        page.click("#edit-span")
+        page.wait_for_selector("#edit-output[data-state=done]", timeout=60_000)
+        edited = page.text_content("#edit-canvas")
+        browser.close()
+    assert edited.startswith(text[:start]) and edited.endswith(text[start + 6:]), edited

@@ -188,9 +188,12 @@ async function generate() {
 let selection = null;
 let lastEdit = null;
 
+// The server counts characters (code points); a textarea counts UTF-16 units, two per emoji.
+const charOffset = (text, units) => [...text.slice(0, units)].length;
+
 function updateSelection() {
   const ta = $("edit-input");
-  const [s, e] = [ta.selectionStart, ta.selectionEnd];
+  const [s, e] = [charOffset(ta.value, ta.selectionStart), charOffset(ta.value, ta.selectionEnd)];
   selection = e > s ? [s, e] : null;
   $("selection").textContent = selection ? `selection ${s}–${e} (${e - s} chars)` : "no selection";
   $("edit-span").disabled = !selection;
