@@ -436,3 +436,14 @@ def test_absent_llada_keys_take_the_published_defaults(tmp_path, key):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"{key}=.*published default"):
         unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_llada_block_groups_are_refused_and_absent_weight_tying_ties(tmp_path):
+    llada_checkpoint(tmp_path / "m", weight_tying=True)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "block_group_size": 2}))
+    with pytest.raises(CheckpointError, match="block_group_size=2"):
+        unmask.load(tmp_path / "m", device="cpu")
+    del cfg["weight_tying"]  # configuration_llada's default is a tied head
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert unmask.load(tmp_path / "m", device="cpu").config.tie_embeddings

@@ -94,6 +94,7 @@ def llada_config(raw: dict[str, Any]) -> ModelConfig:
     _refuse(raw, "attention_layer_norm", False, "no QK layer norm in LLaDA checkpoints")
     _refuse(raw, "scale_logits", False, "unscaled logits")
     _refuse(raw, "input_emb_norm", False, "no embedding norm")
+    _refuse(raw, "block_group_size", 1, "one block per group (weights named blocks.{i}, not block_groups.{i})")
     d, n_heads = int(raw["d_model"]), int(raw["n_heads"])
     n_kv = raw.get("n_kv_heads") or (1 if raw.get("multi_query_attention") else n_heads)
     hidden = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * d
@@ -107,7 +108,7 @@ def llada_config(raw: dict[str, Any]) -> ModelConfig:
         vocab_size=vocab, dim=d, n_layers=int(raw["n_layers"]), n_heads=n_heads, n_kv_heads=int(n_kv),
         ffn_hidden=int(hidden), max_seq_len=int(raw.get("max_sequence_length", 4096)),
         rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-        attn_bias=bool(raw.get("include_qkv_bias", False)), tie_embeddings=bool(raw.get("weight_tying", False)),
+        attn_bias=bool(raw.get("include_qkv_bias", False)), tie_embeddings=bool(raw.get("weight_tying", True)),  # configuration_llada's default
         attention="bidirectional", logits_shift=False,
         mask_id=_first_id(raw.get("mask_token_id"), LLADA_MASK_ID), eos_id=eos,
         pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
