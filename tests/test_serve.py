@@ -101,6 +101,9 @@ def test_stream_is_openai_sse_and_adds_up(client):
     # without include_usage there is no usage chunk
     plain = parse_sse(client.post("/v1/completions", json={**req, "stream": True}).text)
     assert all(c["choices"] for c in plain)
+    # stream_options without stream: refused, as OpenAI does
+    r = client.post("/v1/completions", json={**req, "stream_options": {"include_usage": True}})
+    assert r.status_code == 422 and "only allowed when stream is true" in r.json()["error"]["message"]
 
 
 def test_chat_completion_and_stream(client, tiny_pipeline):

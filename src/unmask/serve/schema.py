@@ -102,6 +102,12 @@ class DecodingFields(BaseModel):
         """OpenAI's API takes null for these (clients send it for "not set"): the default, not a 422."""
         return cls.model_fields[info.field_name].default if value is None else value
 
+    @model_validator(mode="after")
+    def stream_options_need_stream(self) -> "DecodingFields":
+        if self.stream_options is not None and not self.stream:  # as OpenAI and vLLM answer it
+            raise PydanticCustomError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
