@@ -15,6 +15,7 @@ from unmask.decoding.options import DecodeOptions
 from unmask.serve.app import create_app
 from unmask.serve.runner import BackgroundServer
 from unmask.serve.text import MASK_PLACEHOLDER
+from unmask.serve.schema import ApiError
 
 # small, fast requests: 8 new tokens in 4 fixed steps
 FAST = {"max_tokens": 8, "steps": 4, "block_length": 8}
@@ -348,6 +349,9 @@ def test_queue_full_answers_429_then_recovers(tiny_pipeline):
     assert 200 in codes and 429 in codes and set(codes) <= {200, 429}, codes
     rejected = [r for r in rs if r.status_code == 429]
     assert all("queue full" in r.json()["error"]["message"] and r.headers["retry-after"] for r in rejected)
+    assert {r.json()["error"]["type"] for r in rejected} == {"rate_limit_error"}
+    # the edit queue's 429 (an ApiError) is a rate-limit error too, as OpenAI types them
+    assert ApiError("server busy", 429).type == "rate_limit_error" and ApiError("bad").type == "invalid_request_error"
     assert after.status_code == 200
     assert f'unmask_requests_total{{endpoint="/v1/completions",status="429"}} {len(rejected)}.0' in metrics
 

@@ -26,10 +26,10 @@ from unmask.errors import UnmaskError
 class ApiError(UnmaskError):
     """An error the HTTP layer turns into an OpenAI error body: {"error": {"message", "type", "param"}}."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(self, message: str, status: int = 400, param: str | None = None, type: str | None = None):
         super().__init__(message)
-        self.status, self.param, self.type = status, param, type
+        self.status, self.param = status, param
+        self.type = type or ("rate_limit_error" if status == 429 else "invalid_request_error")
 
 
 @dataclass
