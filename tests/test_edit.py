@@ -349,3 +349,13 @@ def test_single_span_and_line_specs(pipe):
     assert edit_text(pipe, "a\nb\nc", lines="2", **FAST).spans == [(2, 3)]
     with pytest.raises(EditError, match="bad span"):
         edit_text(pipe, "abc", spans=[5])
+
+
+def test_cli_usage_errors_are_a_message_not_a_traceback(capsys):
+    # typer's own (vendored) click exceptions must be caught like click's: exit 2, usage on stderr
+    assert main(["edit", "x.py", "--neighbors", "abc"]) == 2
+    assert "Invalid value for '--neighbors'" in capsys.readouterr().err
+    assert main(["generate", "x", "--bogus"]) == 2
+    assert "No such option: --bogus" in capsys.readouterr().err
+    assert main(["edit"]) == 2
+    assert "Missing argument" in capsys.readouterr().err

@@ -5,12 +5,27 @@ from __future__ import annotations
 import sys
 
 import click
+import typer
 
 from unmask.cli.apps import app
 from unmask.errors import UnmaskError
 
 # each module attaches its commands to the apps on import
 from unmask.cli import core, data, train, decode, edit, serve, checkpoints, distill  # noqa: E402,F401
+
+
+def _typer_usage_errors() -> tuple[type[Exception], ...]:
+    """Usage errors (unknown option, bad value, missing argument) of the installed typer. Recent typer
+    releases (0.29 here) vendor click as typer._click, whose exceptions are not click's: catching click's
+    alone let a typo in an option end in a traceback."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # an older typer raises click's own exceptions
+        return (click.ClickException,)
+    return (click.ClickException, ClickException)
+
+
+USAGE_ERRORS = _typer_usage_errors()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except UnmaskError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except click.ClickException as e:
+    except USAGE_ERRORS as e:
         e.show()
         return e.exit_code
-    except click.exceptions.Exit as e:
+    except (click.exceptions.Exit, typer.Exit) as e:
         return e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         return 130
     except FileNotFoundError as e:
