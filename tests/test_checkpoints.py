@@ -69,3 +69,14 @@ def test_mask_id_outside_vocab(saved_model_dir):
     (saved_model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="mask_id .* outside the vocabulary"):
         unmask.load(saved_model_dir)
+
+
+def test_bad_device_is_a_clear_error(saved_model_dir):
+    from unmask.errors import UnmaskError
+
+    with pytest.raises(UnmaskError, match="unknown device 'gpu0'"):
+        unmask.load(saved_model_dir, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(UnmaskError, match="CUDA is not available"):
+            unmask.load(saved_model_dir, device="cuda")
+    assert unmask.load(saved_model_dir, device="").device.type in ("cpu", "cuda")  # "" = the default

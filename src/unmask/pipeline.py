@@ -29,6 +29,25 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """A torch.device, checked here so a typo or a missing GPU is one clear error, not a traceback from
+    deep inside loading."""
+    from unmask.errors import UnmaskError
+
+    if not device:  # None (or ""): the caller's default
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UnmaskError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnmaskError(f"device {device!r}: CUDA is not available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UnmaskError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 class Pipeline:
     """`defaults`: the decoding a call without options gets — the model folder's generation_config.json."""
 
@@ -84,7 +103,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     """Load a model folder (ours or a published layout) with its tokenizer."""
     path = Path(path) if path is not None else DEFAULT_MODEL
     config, _, _ = read_config(path)
-    model = load_model(path, device=device, dtype=parse_dtype(dtype))
+    model = load_model(path, device=parse_device(device), dtype=parse_dtype(dtype))
     tokenizer = Tokenizer.from_dir(path, mask_id=config.mask_id, eos_id=config.eos_id, pad_id=config.pad_id,
                                    bos_id=config.bos_id)
     if tokenizer.vocab_size > config.vocab_size:

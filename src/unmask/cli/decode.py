@@ -43,13 +43,13 @@ def bench_decode_cmd(
     from unmask.bench.decode import bench_decode, random_model
     from unmask.errors import UnmaskError
     from unmask.model.config import shape_config
-    from unmask.pipeline import parse_dtype
+    from unmask.pipeline import parse_device, parse_dtype
 
     if compare not in (None, "ar"):
         raise UnmaskError(f"--compare must be 'ar', got {compare!r}")
     if model is not None and shape is not None:
         raise UnmaskError("give --model or --shape, not both")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if model is not None:
         pipe = load_pipeline(model, str(dev), dtype)
