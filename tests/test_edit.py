@@ -359,3 +359,26 @@ def test_cli_usage_errors_are_a_message_not_a_traceback(capsys):
     assert "No such option: --bogus" in capsys.readouterr().err
     assert main(["edit"]) == 2
     assert "Missing argument" in capsys.readouterr().err
+
+
+def test_unreadable_input_is_a_clear_error(saved_model_dir, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    import unmask.edit.files as files_mod
+
+    model = str(saved_model_dir)
+    assert main(["edit", str(tmp_path), "-m", model, "--lines", "1"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9\n")))
+    assert main(["edit", "-", "-m", model, "--lines", "1"]) == 2
+    assert "stdin: not UTF-8 text (byte 3)" in capsys.readouterr().err
+    f = tmp_path / "code.py"
+    f.write_text("x = 1\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files_mod, "open", denied, raising=False)
+    with pytest.raises(EditError, match="cannot read it"):
+        files_mod.read_text_exact(f)

@@ -18,10 +18,10 @@ MODEL = typer.Option(None, "--model", "-m", help="Model folder (default: the emb
 
 
 def _read(file: Path) -> str:
-    from unmask.edit import read_text_exact
+    from unmask.edit.files import decode_text, read_text_exact
 
     if str(file) == "-":
-        return sys.stdin.buffer.read().decode("utf-8")
+        return decode_text(sys.stdin.buffer.read(), "stdin")
     return read_text_exact(file)
 
 

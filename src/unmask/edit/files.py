@@ -12,13 +12,23 @@ from unmask.io import atomic_path, atomic_write_text
 def read_text_exact(path: str | Path) -> str:
     """The file's text with its line endings as they are (no newline translation)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise EditError(f"{path}: is a directory, not a text file")
+    if not path.exists():
         raise EditError(f"{path}: no such file")
     try:
-        with open(path, encoding="utf-8", newline="") as f:
-            return f.read()
+        with open(path, "rb") as f:  # not only regular files: `<(cmd)` names a pipe
+            return decode_text(f.read(), str(path))
+    except OSError as e:
+        raise EditError(f"{path}: cannot read it ({e.strerror or e})") from None
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 bytes -> text, line endings untouched; anything else is a user error, not a traceback."""
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EditError(f"{path}: not UTF-8 text (byte {e.start}); edit works on text files") from None
+        raise EditError(f"{name}: not UTF-8 text (byte {e.start}); edit works on text files") from None
 
 
 def write_in_place(path: str | Path, text: str, backup: bool = True) -> Path | None:
