@@ -312,8 +312,9 @@ def test_cli_edit_diff_in_place_and_errors(saved_model_dir, tmp_path, capsys, mo
         raise OSError("disk full")
 
     monkeypatch.setattr("unmask.io.os.replace", boom)
-    with pytest.raises(OSError):
-        main(["edit", str(f), "-m", model, "--lines", "2", "--in-place", "--no-backup", *fast])
+    capsys.readouterr()
+    assert main(["edit", str(f), "-m", model, "--lines", "2", "--in-place", "--no-backup", *fast]) == 2
+    assert "cannot write it (disk full); the file is unchanged" in capsys.readouterr().err
     monkeypatch.undo()
     assert f.read_bytes() == original.encode()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["code.py"]

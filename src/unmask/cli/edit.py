@@ -25,6 +25,17 @@ def _read(file: Path) -> str:
     return read_text_exact(file)
 
 
+def _write(file: Path, text: str, backup: bool) -> None:
+    """--in-place: rewrite FILE atomically; a failure (read-only folder, disk full) is a one-line error."""
+    from unmask.edit import EditError, write_in_place
+
+    try:
+        bak = write_in_place(file, text, backup=backup)
+    except OSError as e:
+        raise EditError(f"{file}: cannot write it ({e.strerror or e}); the file is unchanged") from None
+    console.print(f"[dim]wrote {file}" + (f" (original in {bak})" if bak else "") + "[/dim]")
+
+
 def _stream_printer():
     """on_step callback: a one-line live status of the denoising on stderr."""
     status = console.status("denoising …")
@@ -71,7 +82,7 @@ def edit(
 
     Regions come from --span, --lines or <<< >>> markers in the file. Text outside them is kept byte for byte.
     """
-    from unmask.edit import EditError, write_in_place
+    from unmask.edit import EditError
 
     if in_place and str(file) == "-":
         raise EditError("--in-place needs a file, not stdin")
@@ -88,8 +99,7 @@ def edit(
         sys.stdout.write(result.text)
     sys.stdout.flush()
     if in_place:
-        bak = write_in_place(file, result.text, backup=not no_backup)
-        console.print(f"[dim]wrote {file}" + (f" (original in {bak})" if bak else "") + "[/dim]")
+        _write(file, result.text, backup=not no_backup)
     console.print(f"[dim]{len(result.spans)} region(s) · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.seconds:.2f} s" + (f" · {result.rounds} round(s)" if mode == "auto" else "") + "[/dim]")
 
@@ -118,7 +128,7 @@ def infill(
     dtype: Dtype = None,
 ) -> None:
     """Fill the gap between a prefix and a suffix; the model picks the length (up to --max-new-tokens)."""
-    from unmask.edit import EditError, write_in_place
+    from unmask.edit import EditError
 
     if file is not None:
         if prefix is not None or suffix is not None:
@@ -137,8 +147,7 @@ def infill(
     result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length, options=opts,
                          on_step=_stream_printer() if stream else None)
     if in_place:
-        bak = write_in_place(file, result.text, backup=not no_backup)
-        console.print(f"[dim]wrote {file}" + (f" (original in {bak})" if bak else "") + "[/dim]")
+        _write(file, result.text, backup=not no_backup)
     else:
         sys.stdout.write(result.middle if middle_only else result.text)
         sys.stdout.flush()
