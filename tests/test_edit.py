@@ -383,3 +383,13 @@ def test_unreadable_input_is_a_clear_error(saved_model_dir, tmp_path, capsys, mo
     monkeypatch.setattr(files_mod, "open", denied, raising=False)
     with pytest.raises(EditError, match="cannot read it"):
         files_mod.read_text_exact(f)
+
+
+def test_in_place_writes_through_a_symlink(tmp_path):
+    real = tmp_path / "real.py"
+    real.write_text("x = 1\n")
+    link = tmp_path / "link.py"
+    link.symlink_to(real.name)
+    bak = write_in_place(link, "x = 2\n")
+    assert link.is_symlink() and real.read_text() == "x = 2\n"
+    assert bak == tmp_path / "link.py.bak" and bak.read_text() == "x = 1\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -43,5 +44,6 @@ def write_in_place(path: str | Path, text: str, backup: bool = True) -> Path | N
         bak = path.with_name(path.name + ".bak")
         with atomic_path(bak) as tmp:
             shutil.copyfile(path, tmp)
-    atomic_write_text(path, text)
+    # through a symlink: renaming over the link itself would replace it with a copy, the target unedited
+    atomic_write_text(Path(os.path.realpath(path)), text)
     return bak
