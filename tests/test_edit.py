@@ -225,7 +225,7 @@ def test_edit_streams_step_events(pipe):
     ("a\nb", dict(lines=["2-5"]), "out of range"),
     ("abc", dict(), "no region"),
     ("a <<<b c", dict(), "never closed"),
-    ("a b>>> c", dict(), "no matching"),
+    ("a b>>> c", dict(), "no region"),  # a `>>>` alone is text (doctests), not a marker
     ("a <<<b <<<c>>> d>>>", dict(), "nest"),
     ("abc", dict(mode="nope"), "mode"),
     ("abc", dict(mode="instruction"), "instruction"),
@@ -393,3 +393,12 @@ def test_in_place_writes_through_a_symlink(tmp_path):
     bak = write_in_place(link, "x = 2\n")
     assert link.is_symlink() and real.read_text() == "x = 2\n"
     assert bak == tmp_path / "link.py.bak" and bak.read_text() == "x = 1\n"
+
+
+def test_doctest_prompts_are_text_not_markers(pipe):
+    text = 'def double(x):\n    """\n    >>> double(2)\n    4\n    """\n    return x * 2\n'
+    r = edit_text(pipe, text, lines=["6"], **FAST)
+    assert r.text.startswith(text[: text.index("    return")]) and r.spans == [line_span(text, "6")]
+    r = edit_text(pipe, text.replace("return x * 2", "<<<return x * 2>>>"), **FAST)
+    assert r.original == text and r.text.startswith(text[: text.index("    return") + 4])
+    assert edit_text(pipe, text, mode="auto", max_rounds=1, **FAST).original == text

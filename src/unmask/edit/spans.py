@@ -86,18 +86,16 @@ def line_span(text: str, spec: str | Sequence[int] | int) -> Span:
 
 
 def extract_markers(text: str, open_marker: str = OPEN_MARKER, close_marker: str = CLOSE_MARKER) -> tuple[str, list[Span]]:
-    """Remove `<<<`…`>>>` pairs; return the text without them and the spans they enclosed."""
+    """Remove `<<<`…`>>>` pairs; return the text without them and the spans they enclosed.
+
+    Only a `>>>` after an opening `<<<` closes a marker; any other `>>>` is text (a doctest prompt).
+    """
     out, spans, pos = [], [], 0
     n = 0  # length of the cleaned text so far
     while True:
         i = text.find(open_marker, pos)
-        j = text.find(close_marker, pos)
         if i < 0:
-            if j >= 0:
-                raise EditError(f"marker {close_marker!r} at character {j} has no matching {open_marker!r}")
             break
-        if 0 <= j < i:
-            raise EditError(f"marker {close_marker!r} at character {j} has no matching {open_marker!r}")
         j = text.find(close_marker, i + len(open_marker))
         if j < 0:
             raise EditError(f"marker {open_marker!r} at character {i} is never closed by {close_marker!r}")
@@ -116,7 +114,8 @@ def extract_markers(text: str, open_marker: str = OPEN_MARKER, close_marker: str
 
 
 def has_markers(text: str, open_marker: str = OPEN_MARKER, close_marker: str = CLOSE_MARKER) -> bool:
-    return open_marker in text or close_marker in text
+    # a `>>>` alone marks nothing: Python doctests and REPL transcripts are full of them
+    return open_marker in text
 
 
 def check_spans(text: str, spans: Iterable[Span]) -> list[Span]:
