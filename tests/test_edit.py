@@ -402,3 +402,15 @@ def test_doctest_prompts_are_text_not_markers(pipe):
     r = edit_text(pipe, text.replace("return x * 2", "<<<return x * 2>>>"), **FAST)
     assert r.original == text and r.text.startswith(text[: text.index("    return") + 4])
     assert edit_text(pipe, text, mode="auto", max_rounds=1, **FAST).original == text
+
+
+def test_diff_splits_lines_only_at_line_terminators():
+    from unmask.edit import unified_diff
+
+    before = 'a = 1\n\x0c\nc = "x\u2028y"\r\nd = 4'
+    after = before.replace("d = 4", "d = 5")
+    diff = unified_diff(before, after, "f.py")
+    # one hunk line per real line; the form feed and U+2028 stay inside theirs
+    assert diff.endswith(' \x0c\n c = "x\u2028y"\r\n-d = 4\n\\ No newline at end of file\n'
+                         '+d = 5\n\\ No newline at end of file\n')
+    assert "@@ -1,4 +1,4 @@" in diff and diff.count("No newline") == 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -66,13 +67,19 @@ class EditResult:
 
 def unified_diff(before: str, after: str, name: str = "text", context: int = 3) -> str:
     """A `patch`-compatible unified diff; line endings are kept as they are (CRLF shows as CRLF)."""
-    a, b = before.splitlines(keepends=True), after.splitlines(keepends=True)
+    a, b = _diff_lines(before), _diff_lines(after)
     lines = []
     for line in difflib.unified_diff(a, b, f"a/{name}", f"b/{name}", n=context):
         if not line.endswith(("\n", "\r")):
             line += "\n\\ No newline at end of file\n"
         lines.append(line)
     return "".join(lines)
+
+
+def _diff_lines(text: str) -> list[str]:
+    # only \r\n, \r and \n end a line (as for --lines): str.splitlines also splits at form feeds, \x85
+    # and U+2028, which would cut a line in two and put "No newline at end of file" in mid-diff
+    return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z", text)
 
 
 # --- choosing the regions ---------------------------------------------------------------------------
