@@ -100,3 +100,11 @@ def test_demo_samples_as_the_model_recommends(tmp_path, capsys, tiny_pipeline, m
     assert (o.temperature, o.top_p, o.frequency_penalty) == (0.6, 0.9, 0.3)
     assert (o.threshold, o.cache, o.seed) == (0.7, "dual", 0)  # the demo's own: parallel, fast, repeatable
     assert "tokens/s" in capsys.readouterr().err  # the figures go to stderr, the completion to stdout
+
+
+def test_demo_refuses_a_negative_delay(tmp_path, capsys, tiny_pipeline):
+    from unmask.cli.main import main
+
+    tiny_pipeline.save(tmp_path / "m")
+    assert main(["demo", "-m", str(tmp_path / "m"), "-n", "4", "--delay", "-1"]) == 2
+    assert "--delay" in capsys.readouterr().err

@@ -98,7 +98,7 @@ def demo(
     top_p: TopP = None,
     frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
     seed: int = typer.Option(0, "--seed"),
-    delay: float = typer.Option(0.05, "--delay", help="Seconds to hold each frame so the eye can follow."),
+    delay: float = typer.Option(0.05, "--delay", min=0.0, help="Seconds to hold each frame so the eye can follow."),
 ) -> None:
     """Complete code with the embedded model, showing the denoising live in the terminal."""
     import time
