@@ -231,6 +231,10 @@ def test_edit_streams_step_events(pipe):
     ("abc", dict(mode="instruction"), "instruction"),
     ("abc", dict(spans=["0:1"], length="longest"), "length"),
     ("abc", dict(spans=["0:1"], stepz=3), "unknown option"),
+    ("abc", dict(spans=["0:1"], extra_tokens=-2), "extra_tokens must be >= 0"),
+    ("abc", dict(mode="auto", neighbors=-1), "neighbors must be >= 0"),
+    ("abc", dict(mode="auto", probe_stride=0), "probe_stride must be >= 1"),
+    ("abc", dict(mode="auto", threshold=1.5), "--remask-below"),
 ])
 def test_bad_requests_give_clear_errors(pipe, text, kw, msg):
     with pytest.raises(UnmaskError, match=msg):

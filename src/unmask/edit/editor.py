@@ -158,6 +158,15 @@ def _check_model(pipe) -> None:
                         "this is a causal AR model")
 
 
+def _check_counts(**counts: int | None) -> None:
+    # silently wrong otherwise: a negative budget shrinks a region below its own size, probe_stride 0
+    # probes nothing and flags every token as improbable, negative neighbors are ignored
+    least = {"extra_tokens": 0, "neighbors": 0, "probe_stride": 1}
+    for name, value in counts.items():
+        if value is not None and value < least[name]:
+            raise EditError(f"{name} must be >= {least[name]}, got {value}")
+
+
 def edit_text(
     pipe,
     text: str,
@@ -196,6 +205,7 @@ def edit_text(
     if not isinstance(text, str):
         raise EditError("edit needs a str")
     _check_model(pipe)
+    _check_counts(extra_tokens=extra_tokens, neighbors=neighbors, probe_stride=probe_stride)
     options = _decode_options(pipe, options, overrides)
     relay = StepRelay(on_step, request_id)
     t0 = time.perf_counter()
@@ -211,8 +221,8 @@ def edit_text(
         result = _edit_instruction(pipe, text, regions or [(0, len(text))], instruction, strength, options,
                                    relay, extra_tokens)
     else:
-        if not 0.0 < threshold < 1.0:
-            raise EditError(f"threshold must be in (0, 1), got {threshold}")
+        if not 0.0 < threshold < 1.0:  # the CLI calls it --remask-below; --threshold is the decoder's
+            raise EditError(f"threshold (auto mode's --remask-below) must be in (0, 1), got {threshold}")
         if max_rounds < 1:
             raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
         text, regions = resolve_regions(text, spans, lines, markers, required=False)
