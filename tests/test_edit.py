@@ -418,3 +418,11 @@ def test_diff_splits_lines_only_at_line_terminators():
     assert diff.endswith(' \x0c\n c = "x\u2028y"\r\n-d = 4\n\\ No newline at end of file\n'
                          '+d = 5\n\\ No newline at end of file\n')
     assert "@@ -1,4 +1,4 @@" in diff and diff.count("No newline") == 2
+
+
+def test_a_byte_order_mark_stays_outside_line_and_whole_text_regions(pipe):
+    text = "\ufeffx = 1\r\ny = 2\r\n"
+    assert line_span(text, "1") == (1, 6) and line_span(text, "2") == (8, 13)
+    assert edit_text(pipe, text, lines=["1"], **FAST).text.startswith("\ufeff")
+    r = edit_text(pipe, text, mode="instruction", instruction="rename x", strength=1.0, **FAST)
+    assert r.text.startswith("\ufeff") and r.spans == [(1, len(text))]

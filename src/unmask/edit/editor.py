@@ -32,7 +32,8 @@ from unmask.decoding.result import GenerationResult
 from unmask.edit.canvas import Piece, encode_literal, encode_with_offsets, rebuild, split_pieces
 from unmask.edit.fill import FillOutput, StepRelay, default_extra, fill, geometric_lengths
 from unmask.edit.probe import token_probs
-from unmask.edit.spans import EditError, Span, check_spans, extract_markers, has_markers, line_span
+from unmask.edit.spans import (EditError, Span, check_spans, extract_markers, has_markers, line_span,
+                               whole_text)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def edit_text(
         if not 0.0 <= strength <= 1.0:
             raise EditError(f"strength must be in [0, 1], got {strength}")
         text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_instruction(pipe, text, regions or [(0, len(text))], instruction, strength, options,
+        result = _edit_instruction(pipe, text, regions or [whole_text(text)], instruction, strength, options,
                                    relay, extra_tokens)
     else:
         if not 0.0 < threshold < 1.0:  # the CLI calls it --remask-below; --threshold is the decoder's
@@ -226,7 +227,7 @@ def edit_text(
         if max_rounds < 1:
             raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
         text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_auto(pipe, text, regions or [(0, len(text))], threshold, neighbors, max_fraction,
+        result = _edit_auto(pipe, text, regions or [whole_text(text)], threshold, neighbors, max_fraction,
                             max_rounds, max_steps, probe_stride, extra_tokens or 0, length, options, relay)
     result.seconds = time.perf_counter() - t0
     if on_step is not None:

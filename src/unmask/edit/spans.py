@@ -82,7 +82,18 @@ def line_span(text: str, spec: str | Sequence[int] | int) -> Span:
     bounds = line_bounds(text)
     if b > len(bounds):
         raise EditError(f"line range {a}-{b} is out of range: the text has {len(bounds)} line(s)")
-    return bounds[a - 1][0], bounds[b - 1][1]
+    return max(bounds[a - 1][0], bom_length(text)), bounds[b - 1][1]
+
+
+def whole_text(text: str) -> Span:
+    """The region of "the whole text": all of it but a leading byte-order mark."""
+    return bom_length(text), len(text)
+
+
+def bom_length(text: str) -> int:
+    # a UTF-8 BOM marks the file's encoding, it is not text: a region never starts before it, so an edit
+    # of line 1 or of the whole file keeps it
+    return 1 if text.startswith("\ufeff") else 0
 
 
 def extract_markers(text: str, open_marker: str = OPEN_MARKER, close_marker: str = CLOSE_MARKER) -> tuple[str, list[Span]]:
