@@ -426,3 +426,15 @@ def test_a_byte_order_mark_stays_outside_line_and_whole_text_regions(pipe):
     assert edit_text(pipe, text, lines=["1"], **FAST).text.startswith("\ufeff")
     r = edit_text(pipe, text, mode="instruction", instruction="rename x", strength=1.0, **FAST)
     assert r.text.startswith("\ufeff") and r.spans == [(1, len(text))]
+
+
+def test_cli_flags_that_would_do_nothing_are_refused(saved_model_dir, tmp_path, capsys):
+    f = tmp_path / "code.py"
+    f.write_text("x = <<<FILL>>>\n")
+    model = str(saved_model_dir)
+    assert main(["edit", str(f), "-m", model, "--span", "0:1", "--no-backup"]) == 2
+    assert "--no-backup only applies with --in-place" in capsys.readouterr().err
+    assert main(["infill", str(f), "-m", model, "--no-backup"]) == 2
+    assert main(["infill", str(f), "-m", model, "--in-place", "--middle-only"]) == 2
+    assert "--middle-only" in capsys.readouterr().err
+    assert f.read_text() == "x = <<<FILL>>>\n" and not (tmp_path / "code.py.bak").exists()

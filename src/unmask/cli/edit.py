@@ -25,6 +25,14 @@ def _read(file: Path) -> str:
     return read_text_exact(file)
 
 
+def _check_write_flags(in_place: bool, no_backup: bool) -> None:
+    from unmask.edit import EditError
+
+    # a flag that would silently do nothing: the user believes something happened that did not
+    if no_backup and not in_place:
+        raise EditError("--no-backup only applies with --in-place")
+
+
 def _write(file: Path, text: str, backup: bool) -> None:
     """--in-place: rewrite FILE atomically; a failure (read-only folder, disk full) is a one-line error."""
     from unmask.edit import EditError, write_in_place
@@ -86,6 +94,7 @@ def edit(
 
     if in_place and str(file) == "-":
         raise EditError("--in-place needs a file, not stdin")
+    _check_write_flags(in_place, no_backup)
     text = _read(file)
     pipe = load_pipeline(model, device, dtype)
     opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
@@ -115,7 +124,7 @@ def infill(
     length: str = typer.Option("absorb", "--length", help="absorb | search | fixed"),
     middle_only: bool = typer.Option(False, "--middle-only", help="Print only the text written into the gap."),
     in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
-    no_backup: bool = typer.Option(False, "--no-backup"),
+    no_backup: bool = typer.Option(False, "--no-backup", help="With --in-place: do not keep FILE.bak."),
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
     block_length: BlockLength = None,
     steps: Steps = None,
@@ -141,6 +150,9 @@ def infill(
         raise EditError("give FILE with a marker, or --prefix and/or --suffix")
     if in_place and (file is None or str(file) == "-"):
         raise EditError("--in-place needs FILE")
+    _check_write_flags(in_place, no_backup)
+    if in_place and middle_only:
+        raise EditError("--middle-only prints the middle; with --in-place the whole file is written")
     pipe = load_pipeline(model, device, dtype)
     opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
                           temperature=temperature, seed=seed, cache=cache)
