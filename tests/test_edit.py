@@ -438,3 +438,32 @@ def test_cli_flags_that_would_do_nothing_are_refused(saved_model_dir, tmp_path, 
     assert main(["infill", str(f), "-m", model, "--in-place", "--middle-only"]) == 2
     assert "--middle-only" in capsys.readouterr().err
     assert f.read_text() == "x = <<<FILL>>>\n" and not (tmp_path / "code.py.bak").exists()
+
+
+def test_cli_stream_spinner_stops_when_the_edit_fails(saved_model_dir, tmp_path, capsys, monkeypatch):
+    import unmask.cli.edit as cli_edit
+
+    calls = []
+
+    class Status:
+        def start(self):
+            calls.append("start")
+
+        def update(self, *args):
+            pass
+
+        def stop(self):
+            calls.append("stop")
+
+        def __enter__(self):  # the model loader's spinner
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cli_edit.console, "status", lambda *a, **k: Status())
+    f = tmp_path / "long.py"
+    f.write_text("value = compute(alpha, beta)\n" * 200)  # far more than the tiny model's context
+    assert main(["edit", str(f), "-m", str(saved_model_dir), "--lines", "1-200", "--stream"]) == 2
+    assert "more than" in capsys.readouterr().err
+    assert calls == ["start", "stop"]

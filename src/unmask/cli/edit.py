@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,8 +45,14 @@ def _write(file: Path, text: str, backup: bool) -> None:
     console.print(f"[dim]wrote {file}" + (f" (original in {bak})" if bak else "") + "[/dim]")
 
 
-def _stream_printer():
-    """on_step callback: a one-line live status of the denoising on stderr."""
+@contextlib.contextmanager
+def _stream_printer(stream: bool):
+    """--stream: an on_step callback showing a one-line live status of the denoising on stderr (None
+    without --stream). Stopped however the edit ends: a spinner left running after an error stays on
+    screen and leaves the terminal's cursor hidden."""
+    if not stream:
+        yield None
+        return
     status = console.status("denoising …")
     status.start()
 
@@ -55,7 +62,10 @@ def _stream_printer():
         else:
             status.update(f"step {event.step} · {event.committed} tokens committed")
 
-    return on_step
+    try:
+        yield on_step
+    finally:
+        status.stop()
 
 
 @app.command()
@@ -99,9 +109,10 @@ def edit(
     pipe = load_pipeline(model, device, dtype)
     opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
                           temperature=temperature, seed=seed, cache=cache)
-    result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
-                       threshold=remask_below, neighbors=neighbors, max_rounds=rounds, extra_tokens=extra_tokens,
-                       length=length, options=opts, on_step=_stream_printer() if stream else None)
+    with _stream_printer(stream) as on_step:
+        result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
+                           threshold=remask_below, neighbors=neighbors, max_rounds=rounds,
+                           extra_tokens=extra_tokens, length=length, options=opts, on_step=on_step)
     if diff:
         sys.stdout.write(result.diff(name=file.name if str(file) != "-" else "stdin"))
     elif not in_place:
@@ -156,8 +167,9 @@ def infill(
     pipe = load_pipeline(model, device, dtype)
     opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
                           temperature=temperature, seed=seed, cache=cache)
-    result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length, options=opts,
-                         on_step=_stream_printer() if stream else None)
+    with _stream_printer(stream) as on_step:
+        result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length,
+                             options=opts, on_step=on_step)
     if in_place:
         _write(file, result.text, backup=not no_backup)
     else:
