@@ -175,7 +175,8 @@ def infill(
     else:
         sys.stdout.write(result.middle if middle_only else result.text)
         sys.stdout.flush()
-    console.print(f"[dim]{result.lengths[0]} token budget · {result.steps} steps · NFE {result.nfe} · "
+    budget = "tokens chosen" if length == "search" else "token budget"  # search reports the length it picked
+    console.print(f"[dim]{result.lengths[0]} {budget} · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.seconds:.2f} s[/dim]")
 
 
