@@ -478,3 +478,15 @@ def test_an_engine_failure_fails_its_requests_not_the_server(tiny_pipeline):
         assert streamed and "error" not in streamed[-1]  # the next requests are served normally
         assert c.post("/v1/completions", json={"prompt": "y", **FAST}).status_code == 200
         assert "simulated device error" in c.get("/health").json()["last_error"]
+
+
+def test_default_max_tokens_shrinks_to_the_room_a_long_prompt_leaves(client):
+    ids = [100 + i % 50 for i in range(256 - 5)]  # the tiny model's context is 256 tokens
+    r = client.post("/v1/completions", json={"prompt": ids, "block_length": 8, "steps": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 5
+    # an explicit max_tokens is the client's word: too many is still an error naming it
+    r = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 10})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = client.post("/v1/completions", json={"prompt": ids + [100] * 5})  # no room left at all
+    assert r.status_code == 400

@@ -126,6 +126,9 @@ class Server:
             opts = req.decode_options(self.defaults)
         except UnmaskError as e:
             raise ApiError(str(e), 400) from None
+        if req.max_tokens is None and n_context + opts.max_new_tokens > ctx and n_context < ctx:
+            # the default is a default: shorten it to the room the prompt leaves, as vLLM does
+            opts = opts.replace(max_new_tokens=ctx - n_context)
         if n_context + opts.max_new_tokens > ctx:
             raise ApiError(f"max_tokens: {n_context} prompt tokens + {opts.max_new_tokens} new tokens exceed the "
                            f"model context of {ctx} tokens", 400, "max_tokens")
