@@ -182,3 +182,12 @@ def test_distill_command_end_to_end(tmp_path, capsys, teacher_and_data, method):
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3], steps
     assert "teacher answered" not in capsys.readouterr().err
+
+
+def test_no_prompt_to_answer_is_a_clear_error(tmp_path, teacher_and_data):
+    teacher, _ = teacher_and_data
+    for source, texts, message in (("cut", ["x = 1\n"], "no document longer than 64"),
+                                   ("functions", ["x = 1\n"], "no function with a docstring")):
+        dcfg = DistillConfig(method="trajectory", prompt_source=source, prompt_tokens=64)
+        with pytest.raises(TrainConfigError, match=message):
+            collect_trajectories(teacher, texts, dcfg, tmp_path / "t.jsonl", progress=False)

@@ -173,7 +173,9 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
                          top_p=dcfg.teacher_top_p, frequency_penalty=dcfg.teacher_frequency_penalty)
     prompts = trajectory_prompts(pipe, texts, dcfg, rng)
     if not prompts:
-        raise TrainConfigError(f"no {dcfg.prompt_source} prompt of at most {dcfg.prompt_tokens} tokens in the data")
+        found = ("no function with a docstring whose prompt fits in" if dcfg.prompt_source == "functions"
+                 else "no document longer than")
+        raise TrainConfigError(f"{found} {dcfg.prompt_tokens} tokens in the data")
     row = dcfg.prompt_tokens + dcfg.answer_tokens
     with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f, \
             Progress(console=console, disable=not progress) as bar:
