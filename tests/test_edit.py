@@ -467,3 +467,28 @@ def test_cli_stream_spinner_stops_when_the_edit_fails(saved_model_dir, tmp_path,
     assert main(["edit", str(f), "-m", str(saved_model_dir), "--lines", "1-200", "--stream"]) == 2
     assert "more than" in capsys.readouterr().err
     assert calls == ["start", "stop"]
+
+
+def test_cli_in_place_leaves_an_unchanged_file_alone(saved_model_dir, tmp_path, capsys, monkeypatch):
+    """An edit whose result equals the file writes nothing: same mtime, no FILE.bak."""
+    import dataclasses
+    import os
+
+    from unmask.pipeline import Pipeline
+
+    work = tmp_path / "work"
+    work.mkdir()
+    f = work / "code.py"
+    f.write_text("def f(x):\n    return x + 1\n")
+    os.utime(f, (1_000_000, 1_000_000))
+    real_edit = Pipeline.edit
+
+    def same_text(self, text, **kwargs):
+        return dataclasses.replace(real_edit(self, text, **kwargs), text=text)
+
+    monkeypatch.setattr(Pipeline, "edit", same_text)
+    args = ["edit", str(f), "-m", str(saved_model_dir), "--lines", "2", "--in-place", "--policy", "fixed", "--steps", "2"]
+    assert main(args) == 0
+    assert "unchanged: nothing written" in " ".join(capsys.readouterr().err.split())
+    assert f.stat().st_mtime == 1_000_000
+    assert sorted(p.name for p in work.iterdir()) == ["code.py"]

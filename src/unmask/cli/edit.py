@@ -34,10 +34,14 @@ def _check_write_flags(in_place: bool, no_backup: bool) -> None:
         raise EditError("--no-backup only applies with --in-place")
 
 
-def _write(file: Path, text: str, backup: bool) -> None:
-    """--in-place: rewrite FILE atomically; a failure (read-only folder, disk full) is a one-line error."""
+def _write(file: Path, text: str, original: str, backup: bool) -> None:
+    """--in-place: rewrite FILE atomically; a failure (read-only folder, disk full) is a one-line error.
+    An edit that changed nothing leaves FILE alone: no new mtime for make/watchers, no .bak."""
     from unmask.edit import EditError, write_in_place
 
+    if text == original:
+        console.print(f"[dim]{file} unchanged: nothing written[/dim]")
+        return
     try:
         bak = write_in_place(file, text, backup=backup)
     except OSError as e:
@@ -119,7 +123,7 @@ def edit(
         sys.stdout.write(result.text)
     sys.stdout.flush()
     if in_place:
-        _write(file, result.text, backup=not no_backup)
+        _write(file, result.text, text, backup=not no_backup)
     console.print(f"[dim]{len(result.spans)} region(s) · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.seconds:.2f} s" + (f" · {result.rounds} round(s)" if mode == "auto" else "") + "[/dim]")
 
@@ -171,7 +175,7 @@ def infill(
         result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length,
                              options=opts, on_step=on_step)
     if in_place:
-        _write(file, result.text, backup=not no_backup)
+        _write(file, result.text, text, backup=not no_backup)
     else:
         sys.stdout.write(result.middle if middle_only else result.text)
         sys.stdout.flush()
