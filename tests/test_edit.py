@@ -492,3 +492,12 @@ def test_cli_in_place_leaves_an_unchanged_file_alone(saved_model_dir, tmp_path, 
     assert "unchanged: nothing written" in " ".join(capsys.readouterr().err.split())
     assert f.stat().st_mtime == 1_000_000
     assert sorted(p.name for p in work.iterdir()) == ["code.py"]
+
+
+def test_git_conflict_markers_are_named_not_mistaken_for_edit_markers():
+    text = "x = 1\r\n<<<<<<< HEAD\r\ny = 2\r\n=======\r\ny = 3\r\n>>>>>>> feature\r\n"
+    with pytest.raises(EditError, match=r"line 2 is a git conflict marker \('<<<<<<< HEAD'\)"):
+        extract_markers(text)
+    # seven '<' inside a line are not a conflict marker
+    with pytest.raises(EditError, match="nested marker"):
+        extract_markers("s = '<<<<<<<'\n")

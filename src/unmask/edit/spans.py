@@ -15,6 +15,7 @@ Span = tuple[int, int]  # [start, end) in characters of the original text
 
 OPEN_MARKER = "<<<"
 CLOSE_MARKER = ">>>"
+GIT_CONFLICT = re.compile(r"^<{7}(?: .*)?$", re.MULTILINE)
 
 # a line is its content plus its terminator; \r\n, \r and \n all end a line (as universal newlines do)
 _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n|$)")
@@ -101,6 +102,11 @@ def extract_markers(text: str, open_marker: str = OPEN_MARKER, close_marker: str
 
     Only a `>>>` after an opening `<<<` closes a marker; any other `>>>` is text (a doctest prompt).
     """
+    conflict = GIT_CONFLICT.search(text)
+    if conflict:  # `<<<<<<<` would otherwise read as a marker that nests: say what it really is
+        line = text.count("\n", 0, conflict.start()) + 1
+        raise EditError(f"line {line} is a git conflict marker ({conflict.group().strip()!r}): resolve the "
+                        "conflict first, or choose the region with spans or line ranges")
     out, spans, pos = [], [], 0
     n = 0  # length of the cleaned text so far
     while True:
