@@ -499,5 +499,5 @@ def test_git_conflict_markers_are_named_not_mistaken_for_edit_markers():
     with pytest.raises(EditError, match=r"line 2 is a git conflict marker \('<<<<<<< HEAD'\)"):
         extract_markers(text)
     # seven '<' inside a line are not a conflict marker
-    with pytest.raises(EditError, match="nested marker"):
+    with pytest.raises(EditError, match="never closed"):
         extract_markers("s = '<<<<<<<'\n")
