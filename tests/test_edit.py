@@ -234,7 +234,9 @@ def test_edit_streams_step_events(pipe):
     ("abc", dict(spans=["0:1"], extra_tokens=-2), "extra_tokens must be >= 0"),
     ("abc", dict(mode="auto", neighbors=-1), "neighbors must be >= 0"),
     ("abc", dict(mode="auto", probe_stride=0), "probe_stride must be >= 1"),
-    ("abc", dict(mode="auto", threshold=1.5), "--remask-below"),
+    ("abc", dict(mode="auto", remask_below=1.5), "--remask-below"),
+    # `threshold` is the decoder's, as in pipe.generate(), in every mode: never silently auto mode's
+    ("abc", dict(spans=["0:1"], threshold=1.5), r"threshold must be in \(0, 1\]"),
 ])
 def test_bad_requests_give_clear_errors(pipe, text, kw, msg):
     with pytest.raises(UnmaskError, match=msg):

@@ -115,7 +115,7 @@ def edit(
                           temperature=temperature, seed=seed, cache=cache)
     with _stream_printer(stream) as on_step:
         result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
-                           threshold=remask_below, neighbors=neighbors, max_rounds=rounds,
+                           remask_below=remask_below, neighbors=neighbors, max_rounds=rounds,
                            extra_tokens=extra_tokens, length=length, options=opts, on_step=on_step)
     if diff:
         sys.stdout.write(result.diff(name=file.name if str(file) != "-" else "stdin"))

@@ -3,7 +3,7 @@
 Three ways to choose what changes (`mode=`):
   spans        the caller names the regions (character spans, line ranges, or <<< >>> markers); each is
                re-masked with a length budget (fill.py) and denoised with the rest as context.
-  auto         self-correction: tokens the model finds improbable, p(x_i | rest) < threshold (probe.py),
+  auto         self-correction: tokens the model finds improbable, p(x_i | rest) < remask_below (probe.py),
                plus `neighbors` tokens either side, are re-masked and denoised; repeated until nothing is
                flagged, the text stops changing, or the round / step budget is spent.
   instruction  the instruction is the prompt (chat template when the tokenizer has one), the original text
@@ -176,7 +176,7 @@ def edit_text(
     mode: str = "spans",
     instruction: str | None = None,
     strength: float = 0.5,
-    threshold: float = 0.05,
+    remask_below: float = 0.05,
     neighbors: int = 0,
     max_fraction: float = 0.1,
     max_rounds: int = 4,
@@ -199,6 +199,8 @@ def edit_text(
     length        absorb | search | fixed (fill.py)
     options       DecodeOptions for the denoiser (block length, policy, steps, temperature, seed...);
                   keyword overrides are applied on top
+    remask_below  auto mode: re-mask tokens whose probability given the rest is below this (`threshold`,
+                  like every decoding option, is the decoder's confidence threshold)
     on_step       receives every StepEvent (step counted over the whole edit) and a final one with done=True
     """
     if mode not in MODES:
@@ -222,12 +224,12 @@ def edit_text(
         result = _edit_instruction(pipe, text, regions or [whole_text(text)], instruction, strength, options,
                                    relay, extra_tokens)
     else:
-        if not 0.0 < threshold < 1.0:  # the CLI calls it --remask-below; --threshold is the decoder's
-            raise EditError(f"threshold (auto mode's --remask-below) must be in (0, 1), got {threshold}")
+        if not 0.0 < remask_below < 1.0:
+            raise EditError(f"remask_below (--remask-below) must be in (0, 1), got {remask_below}")
         if max_rounds < 1:
             raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
         text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_auto(pipe, text, regions or [whole_text(text)], threshold, neighbors, max_fraction,
+        result = _edit_auto(pipe, text, regions or [whole_text(text)], remask_below, neighbors, max_fraction,
                             max_rounds, max_steps, probe_stride, extra_tokens or 0, length, options, relay)
     result.seconds = time.perf_counter() - t0
     if on_step is not None:

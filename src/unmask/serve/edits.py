@@ -28,7 +28,7 @@ def check_edit(req: EditRequest, mode: str) -> None:
 
 def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> Callable:
     kwargs: dict[str, Any] = {"mode": mode, "spans": req.spans, "instruction": req.instruction, "options": options}
-    for ours, theirs in (("strength", "strength"), ("threshold", "flag_below"), ("max_rounds", "max_rounds"),
+    for ours, theirs in (("strength", "strength"), ("remask_below", "flag_below"), ("max_rounds", "max_rounds"),
                          ("length", "length")):
         value = getattr(req, theirs)
         if value is not None:
