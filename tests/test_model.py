@@ -81,6 +81,7 @@ def test_context_overflow_is_a_clear_error(tokenizer):
 @pytest.mark.parametrize("bad, msg", [
     (dict(attention="sideways"), "attention must be"),
     (dict(dim=65), "divisible"),
+    (dict(head_dim=15), "head_dim 15 must be even"),
     (dict(mask_id=10_000), "outside the vocabulary"),
 ])
 def test_bad_configs_are_rejected(bad, msg):
@@ -88,6 +89,25 @@ def test_bad_configs_are_rejected(bad, msg):
         ModelConfig(**{"vocab_size": 512, "dim": 64, "n_heads": 4, **bad})
 
 
-def test_param_count_matches_module(tokenizer):
-    model = tiny_model(tokenizer, qk_norm=True, attn_bias=True)
+@pytest.mark.parametrize("head_dim", [None, 24])
+def test_param_count_matches_module(tokenizer, head_dim):
+    model = tiny_model(tokenizer, qk_norm=True, attn_bias=True, head_dim=head_dim)
     assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_decoupled_head_dim_shapes_the_projections(tokenizer):
+    # Qwen3-style: 4 heads of 24 on a 64-wide model (4 * 24 != 64)
+    model = tiny_model(tokenizer, head_dim=24, qk_norm=True)
+    attn = model.layers[0].attention
+    assert attn.wq.weight.shape == (4 * 24, 64) and attn.wk.weight.shape == (2 * 24, 64)
+    assert attn.wo.weight.shape == (64, 4 * 24) and attn.q_norm.weight.shape == (24,)
+    x = torch.randint(10, 500, (2, 12))
+    full = model(x)
+    cache = model.new_cache(2, 12)
+    assert cache.k.shape[-1] == 24
+    assert torch.allclose(model(x, cache=cache), full, atol=1e-5)
+
+
+def test_config_without_head_dim_takes_dim_over_heads():
+    # config.json files saved before head_dim existed (models/code-small) have no such key
+    assert ModelConfig.from_dict({"vocab_size": 512, "dim": 64, "n_heads": 4}).head_dim == 16

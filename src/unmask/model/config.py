@@ -24,6 +24,7 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    head_dim: int | None = None  # None = dim // n_heads; Qwen3 decouples it (q/k/v project to n_heads * head_dim)
     ffn_hidden: int | None = None  # None = SwiGLU default, ~8/3 * dim rounded to 64
     max_seq_len: int = 512
     rope_theta: float = 10000.0
@@ -46,6 +47,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads} (or set head_dim)")
+            self.head_dim = self.dim // self.n_heads
         if self.ffn_hidden is None:
             hidden = int(8 * self.dim / 3)
             self.ffn_hidden = 64 * ((hidden + 63) // 64)
@@ -54,22 +59,16 @@ class ModelConfig:
     def validate(self) -> None:
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError("head dim must be even for RoPE")
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.attention == "block_causal" and self.block_size < 1:
             raise ConfigError("block_size must be >= 1 for block_causal attention")
         for name in ("mask_id", "eos_id", "pad_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name} {value} is outside the vocabulary (size {self.vocab_size})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
