@@ -1,5 +1,5 @@
-"""Tiny random checkpoints in the published layouts (LLaDA, Dream, Fast-dLLM v2 block Qwen), written the way the
-real folders are: the published config.json keys, the published tensor names, safetensors shards with
+"""Tiny random checkpoints in the published layouts (LLaDA, Dream, Fast-dLLM v2 block Qwen, SDAR/TraDo block
+Qwen3), written the way the real folders are: the published config.json keys, the published tensor names, safetensors shards with
 model.safetensors.index.json, tokenizer.json with the family's special tokens and tokenizer_config.json with
 its chat template. Used by the family, chat, HumanEval and lm-eval tests."""
 
@@ -20,6 +20,7 @@ LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_h
                   "<|eot_id|>"]
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
 FAST_DLLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|"]
+SDAR_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|MASK|>"]
 
 # LLaDA-8B-Instruct's template (Llama-3 style headers, BOS before the first turn)
 LLADA_TEMPLATE = (
@@ -56,15 +57,18 @@ def family_tokenizer(specials: list[str], vocab_size: int = 300) -> HFTokenizer:
 
 
 def write_tokenizer(path: Path, hf: HFTokenizer, template: str, bos: str | None, eos: str, pad: str,
-                    slow: bool = False) -> None:
+                    slow: bool = False, jinja_file: bool = False) -> None:
     """tokenizer.json + tokenizer_config.json; with `slow`, Dream-v0's files instead: vocab.json + merges.txt and a
-    tokenizer_config.json naming its slow DreamTokenizer (the published Dream folders have no tokenizer.json)."""
+    tokenizer_config.json naming its slow DreamTokenizer (the published Dream folders have no tokenizer.json).
+    `jinja_file`: the chat template in chat_template.jinja (as the SDAR folders ship it), not tokenizer_config.json."""
     path.mkdir(parents=True, exist_ok=True)
     added = {str(hf.token_to_id(t.content)): {"content": t.content, "lstrip": False, "normalized": False,
                                               "rstrip": False, "single_word": False, "special": True}
              for t in hf.get_added_tokens_decoder().values()}
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added, "chat_template": template,
            "bos_token": bos, "eos_token": eos, "pad_token": pad, "model_max_length": 4096}
+    if jinja_file:
+        (path / "chat_template.jinja").write_text(cfg.pop("chat_template"))
     if slow:
         hf.model.save(str(path))  # vocab.json + merges.txt
         cfg.update(tokenizer_class="DreamTokenizer", errors="replace", split_special_tokens=False,
@@ -145,6 +149,36 @@ def llada_checkpoint(path: Path, *, d=64, n_layers=2, n_heads=4, n_kv_heads=4, h
     return config, t
 
 
+def qwen_tensors(seed: int, *, vocab: int, d: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 hidden: int, tie: bool, store_tied_head: bool, qwen3: bool) -> dict[str, torch.Tensor]:
+    """Random weights under the published Qwen names: Qwen2 (q/k/v biases) or Qwen3 (no biases; per-head q_norm and
+    k_norm; head_dim need not be d / n_heads)."""
+    gen = torch.Generator().manual_seed(seed)
+    q_out, kv_out = n_heads * head_dim, n_kv_heads * head_dim
+    t = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=gen)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = _norm(gen, d)
+        for name, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
+            t[p + f"self_attn.{name}.weight"] = _linear(gen, out, d)
+            if not qwen3:
+                t[p + f"self_attn.{name}.bias"] = 0.3 * torch.randn(out, generator=gen)
+        t[p + "self_attn.o_proj.weight"] = _linear(gen, d, q_out)
+        if qwen3:
+            t[p + "self_attn.q_norm.weight"] = _norm(gen, head_dim)
+            t[p + "self_attn.k_norm.weight"] = _norm(gen, head_dim)
+        t[p + "post_attention_layernorm.weight"] = _norm(gen, d)
+        t[p + "mlp.gate_proj.weight"] = _linear(gen, hidden, d)
+        t[p + "mlp.up_proj.weight"] = _linear(gen, hidden, d)
+        t[p + "mlp.down_proj.weight"] = _linear(gen, d, hidden)
+    t["model.norm.weight"] = _norm(gen, d)
+    if not tie:
+        t["lm_head.weight"] = _linear(gen, vocab, d)
+    elif store_tied_head:
+        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+    return t
+
+
 def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=160,
                      tie=False, store_tied_head=False, bd_size=8, seed=0, n_shards=3,
                      with_mask_id=True, slow_tokenizer=False) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -175,32 +209,45 @@ def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_hea
                                     "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"}})
         if with_mask_id:
             config["mask_token_id"] = mask
-    gen = torch.Generator().manual_seed(seed)
-    hd = d // n_heads
-    t = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=gen)}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = _norm(gen, d)
-        t[p + "self_attn.q_proj.weight"] = _linear(gen, d, d)
-        t[p + "self_attn.q_proj.bias"] = 0.3 * torch.randn(d, generator=gen)
-        t[p + "self_attn.k_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
-        t[p + "self_attn.k_proj.bias"] = 0.3 * torch.randn(n_kv_heads * hd, generator=gen)
-        t[p + "self_attn.v_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
-        t[p + "self_attn.v_proj.bias"] = 0.3 * torch.randn(n_kv_heads * hd, generator=gen)
-        t[p + "self_attn.o_proj.weight"] = _linear(gen, d, d)
-        t[p + "post_attention_layernorm.weight"] = _norm(gen, d)
-        t[p + "mlp.gate_proj.weight"] = _linear(gen, hidden, d)
-        t[p + "mlp.up_proj.weight"] = _linear(gen, hidden, d)
-        t[p + "mlp.down_proj.weight"] = _linear(gen, d, hidden)
-    t["model.norm.weight"] = _norm(gen, d)
-    if not tie:
-        t["lm_head.weight"] = _linear(gen, vocab, d)
-    elif store_tied_head:
-        t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+    t = qwen_tensors(seed, vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     head_dim=d // n_heads, hidden=hidden, tie=tie, store_tied_head=store_tied_head, qwen3=False)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_shards(path, t, n_shards)
     write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|endoftext|>" if kind == "dream" else "<|im_end|>",
                     pad="<|endoftext|>", slow=slow_tokenizer)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
+    return config, t
+
+
+def sdar_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden=96, tie=False,
+                    block_size=None, seed=0, n_shards=3) -> tuple[dict, dict[str, torch.Tensor]]:
+    """JetLM/SDAR-4B-Chat's layout at toy width (Qwen3: head_dim decoupled from d / n_heads, q_norm/k_norm), with the
+    keys a fine-tuned SDAR/TraDo folder adds (mask_token_id; block_size when given: the released ones omit it)."""
+    hf = family_tokenizer(SDAR_SPECIALS)
+    vocab = 64 * math.ceil((hf.get_vocab_size() + 1) / 64)
+    eos = hf.token_to_id("<|endoftext|>")
+    config = {
+        "architectures": ["SDARForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                     "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+        "attention_bias": False, "attention_dropout": 0.0, "attn_implementation": "flex_attention",
+        "bos_token_id": eos, "debug": False, "eos_token_id": eos, "ep_size": 1, "fuse_cross_entropy": True,
+        "head_dim": head_dim, "hidden_act": "silu", "hidden_size": d, "initializer_range": 0.02,
+        "intermediate_size": hidden, "mask_token_id": hf.token_to_id("<|MASK|>"), "max_position_embeddings": 512,
+        "max_window_layers": n_layers, "micro_forward": False, "model_type": "sdar", "num_attention_heads": n_heads,
+        "num_hidden_layers": n_layers, "num_key_value_heads": n_kv_heads, "rms_norm_eps": 1e-06, "rope_scaling": None,
+        "rope_theta": 1000000, "skip_checkpoint": False, "sliding_window": None, "tie_word_embeddings": tie,
+        "torch_dtype": "float32", "transformers_version": "4.52.4", "use_cache": False, "use_deepep": False,
+        "use_sliding_window": False, "vocab_size": vocab,
+    }
+    if block_size is not None:
+        config["block_size"] = block_size
+    t = qwen_tensors(seed, vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                     head_dim=head_dim, hidden=hidden, tie=tie, store_tied_head=False, qwen3=True)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(path, t, n_shards)
+    write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>", jinja_file=True)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
     return config, t

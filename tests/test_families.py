@@ -1,7 +1,8 @@
 """Published checkpoint layouts load into our Transformer and compute what the published code computes.
 
 Each reference forward below is written from the published architecture (LLaDA's OLMo llama block, Qwen2 for
-Dream and Fast-dLLM v2), in plain PyTorch on the *published* tensor names, independent of unmask's model code.
+Dream and Fast-dLLM v2, Qwen3 for SDAR/TraDo), in plain PyTorch on the *published* tensor names, independent of
+unmask's model code.
 Mutation tests load the same folders with a deliberately wrong mapping and check the comparison catches it.
 """
 
@@ -15,11 +16,12 @@ import pytest
 import torch
 
 import unmask
-from published_checkpoints import llada_checkpoint, qwen2_checkpoint
+from published_checkpoints import llada_checkpoint, qwen2_checkpoint, sdar_checkpoint
 from unmask.model import checkpoints
 from unmask.model.checkpoints import CheckpointError, load_model, read_config
 from unmask.model.config import shape_config
 from unmask.model.families import published
+from unmask.model.transformer import Transformer
 
 ATOL = 1e-4
 
@@ -42,15 +44,17 @@ def rotate_half(x):
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def attention(x, wq, wk, wv, wo, n_heads, n_kv, theta, allowed, bq=None, bk=None, bv=None):
+def attention(x, wq, wk, wv, wo, n_heads, n_kv, theta, allowed, bq=None, bk=None, bv=None, head_dim=None,
+              q_norm=None, k_norm=None, eps=None):
     B, T, D = x.shape
-    hd = D // n_heads
+    hd = head_dim or D // n_heads
     q = x @ wq.T + (0 if bq is None else bq)
     k = x @ wk.T + (0 if bk is None else bk)
     v = x @ wv.T + (0 if bv is None else bv)
-    q = q.view(B, T, n_heads, hd).transpose(1, 2)
-    k = k.view(B, T, n_kv, hd).transpose(1, 2)
-    v = v.view(B, T, n_kv, hd).transpose(1, 2)
+    q, k, v = q.view(B, T, n_heads, hd), k.view(B, T, n_kv, hd), v.view(B, T, n_kv, hd)
+    if q_norm is not None:  # Qwen3: RMSNorm over each head's head_dim features, before RoPE
+        q, k = rms(q, q_norm, eps), rms(k, k_norm, eps)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = rope_tables(T, hd, theta)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     # repeat_kv: query head h reads kv head h // (n_heads / n_kv)
@@ -59,7 +63,7 @@ def attention(x, wq, wk, wv, wo, n_heads, n_kv, theta, allowed, bq=None, bk=None
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = scores.softmax(-1) @ v
-    return out.transpose(1, 2).reshape(B, T, D) @ wo.T
+    return out.transpose(1, 2).reshape(B, T, n_heads * hd) @ wo.T
 
 
 def llada_reference(t, cfg, ids):
@@ -81,6 +85,30 @@ def llada_reference(t, cfg, ids):
     return x @ head.T
 
 
+def qwen_decoder(t, cfg, ids, allowed, qwen3=False):
+    """Unshifted logits of a Qwen2 decoder (q/k/v biases) or, with `qwen3`, a Qwen3 one (no biases; q_norm/k_norm;
+    head_dim from config.json), with GQA and the attention pattern `allowed` [T, T]."""
+    eps = cfg["rms_norm_eps"]
+    x = t["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        b = f"model.layers.{i}."
+        a = b + "self_attn."
+        if qwen3:
+            extra = dict(head_dim=cfg["head_dim"], q_norm=t[a + "q_norm.weight"], k_norm=t[a + "k_norm.weight"], eps=eps)
+        else:
+            extra = dict(bq=t[a + "q_proj.bias"], bk=t[a + "k_proj.bias"], bv=t[a + "v_proj.bias"])
+        h = rms(x, t[b + "input_layernorm.weight"], eps)
+        x = x + attention(h, t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"],
+                          t[a + "o_proj.weight"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                          cfg["rope_theta"], allowed, **extra)
+        h = rms(x, t[b + "post_attention_layernorm.weight"], eps)
+        m = b + "mlp."
+        x = x + (torch.nn.functional.silu(h @ t[m + "gate_proj.weight"].T) * (h @ t[m + "up_proj.weight"].T)) @ t[m + "down_proj.weight"].T
+    x = rms(x, t["model.norm.weight"], eps)
+    head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
+    return x @ head.T
+
+
 def qwen2_reference(t, cfg, ids, block_size=None):
     """Qwen2 decoder with q/k/v biases and GQA; Dream/Fast-dLLM read token i from output i-1 (the shift)."""
     T = ids.shape[1]
@@ -89,22 +117,18 @@ def qwen2_reference(t, cfg, ids, block_size=None):
         allowed = torch.ones(T, T, dtype=torch.bool)
     else:  # Fast-dLLM v2 eval mask: q_block >= kv_block
         allowed = (i_idx[:, None] // block_size) >= (i_idx[None, :] // block_size)
-    eps = cfg["rms_norm_eps"]
-    x = t["model.embed_tokens.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        b = f"model.layers.{i}."
-        a = b + "self_attn."
-        h = rms(x, t[b + "input_layernorm.weight"], eps)
-        x = x + attention(h, t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"],
-                          t[a + "o_proj.weight"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
-                          cfg["rope_theta"], allowed, t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"])
-        h = rms(x, t[b + "post_attention_layernorm.weight"], eps)
-        m = b + "mlp."
-        x = x + (torch.nn.functional.silu(h @ t[m + "gate_proj.weight"].T) * (h @ t[m + "up_proj.weight"].T)) @ t[m + "down_proj.weight"].T
-    x = rms(x, t["model.norm.weight"], eps)
-    head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
-    logits = x @ head.T
+    logits = qwen_decoder(t, cfg, ids, allowed)
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def sdar_reference(t, cfg, ids, block_length):
+    """SDAR/TraDo (modeling_sdar.py): Qwen3 decoder under generate.py's mask, tril over blocks repeated block_length
+    times along both axes; output i predicts token i (no shift)."""
+    T = ids.shape[1]
+    n = -(-T // block_length)
+    blocks = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    allowed = blocks.repeat_interleave(block_length, 0).repeat_interleave(block_length, 1)[:T, :T]
+    return qwen_decoder(t, cfg, ids, allowed, qwen3=True)
 
 
 def _ids(vocab, T=21, B=2, seed=1):
@@ -127,6 +151,16 @@ def _with_family(monkeypatch, family):
     monkeypatch.setattr(published, "FAMILIES", fams)
 
 
+def _block_checkpoint(path, family):
+    """A tiny block-diffusion checkpoint: (config.json, its reference forward, model block, logits shifted?).
+    Fast-dLLM v2 with bd_size 8; SDAR without block_size, as released, so the published default 4 applies."""
+    if family == "block_qwen":
+        cfg, t = qwen2_checkpoint(path, kind="fast_dllm", bd_size=8)
+        return cfg, lambda ids: qwen2_reference(t, cfg, ids, block_size=8), 8, True
+    cfg, t = sdar_checkpoint(path)
+    return cfg, lambda ids: sdar_reference(t, cfg, ids, block_length=4), 4, False
+
+
 # --- logits match the published architecture ------------------------------------------------------
 @pytest.mark.parametrize("n_kv_heads,weight_tying", [(4, False), (2, True)])
 def test_llada_layout_matches_reference(tmp_path, n_kv_heads, weight_tying):
@@ -145,16 +179,33 @@ def test_dream_layout_matches_reference(tmp_path, tie, store_tied_head):
     assert _max_diff(_ours(tmp_path / "dream", ids), qwen2_reference(t, cfg, ids)) < ATOL
 
 
-def test_block_qwen_layout_matches_reference(tmp_path):
-    cfg, t = qwen2_checkpoint(tmp_path / "bq", kind="fast_dllm", bd_size=8)
+@pytest.mark.parametrize("family", ["block_qwen", "sdar"])
+def test_block_layout_matches_reference(tmp_path, family):
+    cfg, reference, block, shift = _block_checkpoint(tmp_path / "m", family)
     ids = _ids(cfg["vocab_size"])
-    ours = _ours(tmp_path / "bq", ids)
-    assert _max_diff(ours, qwen2_reference(t, cfg, ids, block_size=8)) < ATOL
-    # block-causal: logits of the first block do not depend on later blocks (shift reads from i-1 <= 7)
+    ours = _ours(tmp_path / "m", ids)
+    assert _max_diff(ours, reference(ids)) < ATOL
+    # block-causal: logits of the first block do not depend on later blocks (a shift reads output `block` from i-1)
+    keep = block + shift
     changed = ids.clone()
-    changed[:, 8:] = (changed[:, 8:] + 1) % cfg["vocab_size"]
-    assert _max_diff(_ours(tmp_path / "bq", changed)[:, :9], ours[:, :9]) < ATOL
-    assert _max_diff(_ours(tmp_path / "bq", changed)[:, 9:], ours[:, 9:]) > 1e-2
+    changed[:, block:] = (changed[:, block:] + 1) % cfg["vocab_size"]
+    again = _ours(tmp_path / "m", changed)
+    assert _max_diff(again[:, :keep], ours[:, :keep]) < ATOL
+    assert _max_diff(again[:, keep:], ours[:, keep:]) > 1e-2
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sdar_layout_matches_reference(tmp_path, tie):
+    """head_dim 16 with 4 heads on a 48-wide model (Qwen3 decouples them), 2 kv heads, q_norm/k_norm, 3 shards."""
+    cfg, t = sdar_checkpoint(tmp_path / "sdar", tie=tie)
+    assert cfg["num_attention_heads"] * cfg["head_dim"] != cfg["hidden_size"]
+    assert len(set(json.loads((tmp_path / "sdar" / "model.safetensors.index.json").read_text())["weight_map"].values())) == 3
+    ids = _ids(cfg["vocab_size"])
+    model = load_model(tmp_path / "sdar", device="cpu", dtype=torch.float32)
+    c = model.config
+    assert (c.family, c.head_dim, c.qk_norm, c.attn_bias, c.logits_shift, c.block_size) == ("sdar", 16, True, False, False, 4)
+    with torch.no_grad():
+        assert _max_diff(model(ids), sdar_reference(t, cfg, ids, block_length=4)) < ATOL
 
 
 # --- a wrong mapping must fail the comparison ------------------------------------------------------
@@ -180,19 +231,36 @@ def test_mutation_swapped_gate_up_is_caught(tmp_path, monkeypatch):
     assert _max_diff(_ours(tmp_path / "dream", ids), qwen2_reference(t, cfg, ids)) > 1e-2
 
 
-def test_mutation_missing_shift_is_caught(tmp_path, monkeypatch):
-    cfg, t = qwen2_checkpoint(tmp_path / "dream", kind="dream")
+@pytest.mark.parametrize("family", ["dream", "sdar"])
+def test_mutation_wrong_shift_is_caught(tmp_path, monkeypatch, family):
+    """Dream loaded without its shift, or SDAR (unshifted) with one, must fail the comparison."""
+    if family == "dream":
+        cfg, t = qwen2_checkpoint(tmp_path / "m", kind="dream")
+        reference, fam = (lambda ids: qwen2_reference(t, cfg, ids)), published.DREAM
+    else:
+        cfg, t = sdar_checkpoint(tmp_path / "m")
+        reference, fam = (lambda ids: sdar_reference(t, cfg, ids, block_length=4)), published.SDAR
     ids = _ids(cfg["vocab_size"])
 
-    def no_shift(raw):
-        return dataclasses.replace(published.dream_config(raw), logits_shift=False)
+    def flipped(raw):
+        config = fam.to_config(raw)
+        return dataclasses.replace(config, logits_shift=not config.logits_shift)
 
-    _with_family(monkeypatch, dataclasses.replace(published.DREAM, to_config=no_shift))
-    ours = _ours(tmp_path / "dream", ids)
-    ref = qwen2_reference(t, cfg, ids)
+    _with_family(monkeypatch, dataclasses.replace(fam, to_config=flipped))
+    ours, ref = _ours(tmp_path / "m", ids), reference(ids)
     assert _max_diff(ours, ref) > 1e-2
-    # ... and it is exactly the shift that is missing
-    assert _max_diff(ours[:, :-1], ref[:, 1:]) < ATOL
+    # ... and it is exactly the shift that is wrong: unshifted output i equals shifted output i+1
+    unshifted, shifted = (ours, ref) if family == "dream" else (ref, ours)
+    assert _max_diff(unshifted[:, :-1], shifted[:, 1:]) < ATOL
+
+
+def test_mutation_swapped_qk_norm_is_caught(tmp_path, monkeypatch):
+    cfg, t = sdar_checkpoint(tmp_path / "sdar")
+    ids = _ids(cfg["vocab_size"])
+    swapped = _swap(published.QWEN3_NAMES, "model.layers.{}.self_attn.q_norm.weight",
+                    "model.layers.{}.self_attn.k_norm.weight")
+    _with_family(monkeypatch, dataclasses.replace(published.SDAR, name_map=swapped))
+    assert _max_diff(_ours(tmp_path / "sdar", ids), sdar_reference(t, cfg, ids, block_length=4)) > 1e-2
 
 
 def test_mutation_wrong_rope_style_is_caught(tmp_path, monkeypatch):
@@ -211,17 +279,19 @@ def test_mutation_wrong_rope_style_is_caught(tmp_path, monkeypatch):
     assert _max_diff(_ours(tmp_path / "llada", ids), llada_reference(t, cfg, ids)) > 1e-2
 
 
+@pytest.mark.parametrize("family", ["block_qwen", "sdar"])
 @pytest.mark.parametrize("mutation", ["bidirectional", "block_size"])
-def test_mutation_wrong_block_mask_is_caught(tmp_path, monkeypatch, mutation):
-    cfg, t = qwen2_checkpoint(tmp_path / "bq", kind="fast_dllm", bd_size=8)
+def test_mutation_wrong_block_mask_is_caught(tmp_path, monkeypatch, family, mutation):
+    cfg, reference, block, _ = _block_checkpoint(tmp_path / "m", family)
     ids = _ids(cfg["vocab_size"])
-    change = {"attention": "bidirectional"} if mutation == "bidirectional" else {"block_size": 4}
+    change = {"attention": "bidirectional"} if mutation == "bidirectional" else {"block_size": 2 * block}
+    fam = published.BLOCK_QWEN if family == "block_qwen" else published.SDAR
 
     def wrong(raw):
-        return dataclasses.replace(published.block_qwen_config(raw), **change)
+        return dataclasses.replace(fam.to_config(raw), **change)
 
-    _with_family(monkeypatch, dataclasses.replace(published.BLOCK_QWEN, to_config=wrong))
-    assert _max_diff(_ours(tmp_path / "bq", ids), qwen2_reference(t, cfg, ids, block_size=8)) > 1e-2
+    _with_family(monkeypatch, dataclasses.replace(fam, to_config=wrong))
+    assert _max_diff(_ours(tmp_path / "m", ids), reference(ids)) > 1e-2
 
 
 # --- configs: published keys at full size ---------------------------------------------------------
@@ -255,6 +325,75 @@ def test_published_full_size_configs_map_to_the_known_shapes(tmp_path):
     config, fam, _ = read_config(tmp_path / "fd")
     assert (fam.name, config.attention, config.block_size, config.logits_shift) == ("block_qwen", "block_causal", 32, True)
     assert (config.mask_id, config.eos_id) == (151665, 151645)  # |<MASK>| when config.json does not say
+
+
+# JetLM/SDAR-4B-Chat's config.json as released (no block_size, no mask_token_id)
+SDAR_4B = {"architectures": ["SDARForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+           "attn_implementation": "flex_attention", "auto_map": {"AutoConfig": "configuration_sdar.SDARConfig",
+           "AutoModel": "modeling_sdar.SDARModel", "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+           "bos_token_id": 151643, "debug": False, "eos_token_id": 151643, "ep_size": 1, "fuse_cross_entropy": True,
+           "head_dim": 128, "hidden_act": "silu", "hidden_size": 2560, "initializer_range": 0.02,
+           "intermediate_size": 9728, "max_position_embeddings": 32768, "max_window_layers": 36, "micro_forward": False,
+           "model_type": "sdar", "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
+           "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "skip_checkpoint": False,
+           "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+           "transformers_version": "4.52.4", "use_cache": False, "use_deepep": False, "use_sliding_window": False,
+           "vocab_size": 151936}
+
+
+def _read_raw(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return read_config(tmp_path)
+
+
+def test_sdar_full_size_config(tmp_path):
+    config, fam, _ = _read_raw(tmp_path, SDAR_4B)
+    assert fam.name == "sdar"
+    assert (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.ffn_hidden) == (2560, 32, 8, 128, 9728)
+    assert (config.attention, config.block_size, config.logits_shift, config.qk_norm, config.attn_bias) == \
+        ("block_causal", 4, False, True, False)
+    assert (config.mask_id, config.eos_id, config.rope_theta, config.tie_embeddings) == (151669, 151643, 1e6, False)
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert model.layers[0].attention.wq.weight.shape == (32 * 128, 2560)  # 4096 != hidden_size
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+    # a fine-tuned folder (TraDo, SFT runs) writes the keys the training code reads: they win
+    config, _, _ = _read_raw(tmp_path, {**SDAR_4B, "block_size": 16, "mask_token_id": 151670})
+    assert (config.block_size, config.mask_id) == (16, 151670)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128,
+      "num_experts_per_tok": 8, "moe_intermediate_size": 768}, "mixture of experts"),
+    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"block_size": 0}, "block_size must be a positive integer"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+])
+def test_unsupported_sdar_configs_are_refused_by_name(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        _read_raw(tmp_path, {**SDAR_4B, **change})
+
+
+def test_sdar_head_dim_absent_takes_the_published_default(tmp_path):
+    """configuration_sdar's head_dim defaults to 128, not hidden_size / heads: a tiny folder without the key must
+    then disagree with its 16-wide heads, by name, rather than load as 12-wide heads."""
+    sdar_checkpoint(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["head_dim"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight.*\(64, 48\).*\(512, 48\)"):
+        unmask.load(tmp_path / "m", device="cpu")
+
+
+def test_qwen3_layout_in_a_qwen2_family_is_refused(tmp_path):
+    """A Qwen3-based Fast-dLLM port (not an official release): its q_norm/k_norm and own head_dim do not fit the
+    Qwen2 layout, so the config is refused by name instead of failing later on a tensor."""
+    qwen2_checkpoint(tmp_path / "m", kind="fast_dllm")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(model_type="Fast_dLLM_Qwen3", architectures=["Fast_dLLM_Qwen3ForCausalLM"])
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="Fast_dLLM_Qwen3.*Qwen3-based"):
+        unmask.load(tmp_path / "m", device="cpu")
 
 
 @pytest.mark.parametrize("key,value", [("alibi", True), ("block_type", "sequential"), ("layer_norm_type", "default"),
@@ -325,9 +464,10 @@ def test_llada_tokenizer_ids_and_template(tmp_path):
     assert ids[0] == tok.bos_id and tok.token_to_id("<|eot_id|>") in ids  # special tokens encode as one id
 
 
-@pytest.mark.parametrize("kind,mask", [("dream", "<|mask|>"), ("fast_dllm", "|<MASK>|")])
+@pytest.mark.parametrize("kind,mask", [("dream", "<|mask|>"), ("fast_dllm", "|<MASK>|"), ("sdar", "<|MASK|>")])
 def test_qwen_tokenizer_ids_and_template(tmp_path, kind, mask):
-    qwen2_checkpoint(tmp_path / "m", kind=kind)
+    # SDAR ships its template as chat_template.jinja
+    sdar_checkpoint(tmp_path / "m") if kind == "sdar" else qwen2_checkpoint(tmp_path / "m", kind=kind)
     pipe = unmask.load(tmp_path / "m", device="cpu")
     tok = pipe.tokenizer
     assert tok.mask_id == pipe.config.mask_id == tok.token_to_id(mask)

@@ -1,9 +1,10 @@
-"""Published checkpoint layouts: LLaDA (OLMo names), Dream (Qwen2 names, shifted logits) and block-diffusion
-Qwen2.5 models (Fast-dLLM v2: Qwen2 names, block-causal attention, shifted logits).
+"""Published checkpoint layouts: LLaDA (OLMo names), Dream (Qwen2 names, shifted logits), block-diffusion
+Qwen2.5 models (Fast-dLLM v2: Qwen2 names, block-causal attention, shifted logits) and block-diffusion Qwen3
+models (SDAR and TraDo: Qwen3 names with QK-norm, block-causal attention, unshifted logits).
 
 Each family reads the checkpoint's own config.json keys and maps its tensor names onto our Transformer
-(tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo}, layers.{i}.feed_forward.{w1 gate, w3 up, w2 down},
-attention_norm, ffn_norm, norm, output). Anything the published code can express but our network cannot
+(tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo,q_norm,k_norm}, layers.{i}.feed_forward.{w1 gate, w3 up,
+w2 down}, attention_norm, ffn_norm, norm, output). Anything the published code can express but our network cannot
 (ALiBi, LayerNorm with bias, RoPE scaling, sliding windows, ...) is refused with a ConfigError naming the key,
 instead of loading into a model that silently computes something else.
 
@@ -18,6 +19,20 @@ Facts relied on (REFERENCE.md §3, checked against the published config.json / m
   Fast-dLLM v2  architectures ["Fast_dLLM_QwenForCausalLM"], model_type "Fast_dLLM_Qwen"; Qwen2 keys plus
          bd_size (block size, 32); its eval mask is block-causal (q_block >= k_block); token shift as Dream;
          the mask token "|<MASK>|" is id 151665 when config.json does not say mask_token_id.
+         Official releases are Qwen2.5-based only; a Qwen3-based port (model_type "Fast_dLLM_Qwen3") is refused.
+  SDAR   JetLM/SDAR-1.7B/4B/8B-Chat, Gen-Verse/TraDo-4B/8B: architectures ["SDARForCausalLM"], model_type "sdar"
+         (JetLM/SDAR-4B-Chat config.json: hidden 2560, 32 heads, 8 kv heads, head_dim 128, attention_bias false,
+         untied). modeling_sdar.py (JetAstra/SDAR training/model/SDAR-4B-Chat; darkshapes/divisor divisor/trado)
+         is Qwen3's attention: q/k/v/o project to heads * head_dim, head_dim its own key (SDARConfig default 128),
+         bias=attention_bias on all four; q_norm/k_norm = RMSNorm(head_dim) on each head of q_proj(x)/k_proj(x),
+         before rotate-half RoPE. Logits are not shifted: training scores hidden_states[masked] against
+         labels[same positions]; generate.py (JetAstra/SDAR) samples a block from that block's own logits, under
+         a mask tril(blocks) repeated block_length times (block-causal). Released config.json has no block size:
+         generate.py / README benchmarks, JetEngine (Labman42/JetEngine jetengine/config.py), TraDo
+         (Gen-Verse/dLLM-RL README) and SGLang's DLLM_PARAMS all use 4; the modeling code reads config.block_size
+         (fine-tuned folders write it), so that key wins. Folders trained with other blocks (-b16, -b64) must
+         say block_size. Mask "<|MASK|>" 151669 (added_tokens.json; mask_token_id wins), EOS 151643.
+         SDAR-30B-A3B (model_type "sdar_moe", SDARMoeForCausalLM) is a mixture of experts: refused.
 """
 
 from __future__ import annotations
@@ -28,8 +43,10 @@ from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family
 
 LLADA_MASK_ID, LLADA_EOS_ID = 126336, 126081
-DREAM_MASK_ID, DREAM_EOS_ID = 151666, 151643
+QWEN_EOS_ID = 151643  # <|endoftext|> of the Qwen2.5 and Qwen3 tokenizers
+DREAM_MASK_ID = 151666
 FAST_DLLM_MASK_ID = 151665
+SDAR_MASK_ID, SDAR_BLOCK_SIZE, SDAR_HEAD_DIM = 151669, 4, 128
 
 
 def _require(raw: dict[str, Any], *keys: str) -> None:
@@ -51,6 +68,13 @@ def _refuse(raw: dict[str, Any], key: str, ok: Any, why: str, default: Any = _AB
     if value not in allowed:
         absent = "" if key in raw else ", the published default when the key is absent"
         raise ConfigError(f"{key}={value!r}{absent} is not supported ({why})")
+
+
+def _positive_int(raw: dict[str, Any], key: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
 
 
 def _first_id(value: Any, default: int | None) -> int | None:
@@ -120,7 +144,7 @@ def is_llada(raw: dict[str, Any]) -> bool:
     return str(raw.get("model_type", "")).lower() == "llada" or "LLaDAModelLM" in (raw.get("architectures") or [])
 
 
-# --- Qwen2 layout: Dream and block-diffusion Qwen2.5 -----------------------------------------------------
+# --- Qwen2 layout: Dream and block-diffusion Qwen2.5; Qwen3 layout: SDAR / TraDo ------------------------------
 QWEN2_NAMES: dict[str, str | None] = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
@@ -141,10 +165,33 @@ QWEN2_NAMES: dict[str, str | None] = {
     "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
     "model.rotary_emb.inv_freq": None,
 }
+# Qwen3: no q/k/v biases (attention_bias is refused), plus the per-head QK RMSNorm weights
+QWEN3_NAMES: dict[str, str | None] = {k: v for k, v in QWEN2_NAMES.items() if not k.endswith("_proj.bias")} | {
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
+}
 
 
-def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_default: int,
-                 attention: str, block_size: int = 32) -> ModelConfig:
+def _qwen2_attention(raw: dict[str, Any], d: int, n_heads: int) -> tuple[int, bool]:
+    """(head_dim, q/k/v biases) of Qwen2 attention: the heads split hidden_size and q/k/v always carry biases."""
+    names = [str(raw.get("model_type", ""))] + [str(a) for a in raw.get("architectures") or []]
+    if any("qwen3" in name.lower() for name in names):  # e.g. a Fast_dLLM_Qwen3 port: q_norm/k_norm, own head_dim
+        raise ConfigError(f"model_type={raw.get('model_type')!r} is not supported (a Qwen3-based variant of a "
+                          "Qwen2.5 family; only its Qwen2.5-based releases were verified)")
+    if raw.get("head_dim") not in (None, d // n_heads):
+        raise ConfigError(f"head_dim={raw['head_dim']} is not supported (must be hidden_size / num_attention_heads)")
+    return d // n_heads, bool(raw.get("attention_bias", True))
+
+
+def _qwen3_attention(raw: dict[str, Any]) -> tuple[int, bool]:
+    """(head_dim, biases) of Qwen3 attention: head_dim is its own key, and attention_bias would bias o_proj too."""
+    _refuse(raw, "attention_bias", False, "no attention biases: Qwen3's include one on o_proj, which we lack")
+    return _positive_int(raw, "head_dim", SDAR_HEAD_DIM), False
+
+
+def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_default: int, attention: str,
+                 block_size: int = 32, logits_shift: bool = True, qwen3: bool = False) -> ModelConfig:
+    """Qwen2-style config keys -> ModelConfig; `qwen3` for Qwen3 attention (per-head q_norm/k_norm, own head_dim)."""
     _require(raw, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
     _refuse(raw, "hidden_act", "silu", "SwiGLU with silu")
     # RoPE: rope_theta + rope_scaling, or (configs written by transformers >= 5) one rope_parameters dict holding
@@ -157,18 +204,16 @@ def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_def
     _refuse(raw, "use_sliding_window", False, "full attention")
     _refuse(raw, "use_mrope", False, "1-D RoPE")
     d, n_heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-    if raw.get("head_dim") not in (None, d // n_heads):
-        raise ConfigError(f"head_dim={raw['head_dim']} is not supported (must be hidden_size / num_attention_heads)")
+    head_dim, attn_bias = _qwen3_attention(raw) if qwen3 else _qwen2_attention(raw, d, n_heads)
     eos = _first_id(raw.get("eos_token_id"), eos_default)
     return ModelConfig(
         vocab_size=int(raw["vocab_size"]), dim=d, n_layers=int(raw["num_hidden_layers"]), n_heads=n_heads,
-        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), ffn_hidden=int(raw["intermediate_size"]),
-        max_seq_len=int(raw.get("max_position_embeddings", 32768)),
-        rope_theta=float(theta), norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        attn_bias=bool(raw.get("attention_bias", True)),  # Qwen2 always has q/k/v biases
+        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), head_dim=head_dim,
+        ffn_hidden=int(raw["intermediate_size"]), max_seq_len=int(raw.get("max_position_embeddings", 32768)),
+        rope_theta=float(theta), norm_eps=float(raw.get("rms_norm_eps", 1e-6)), qk_norm=qwen3, attn_bias=attn_bias,
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         attention=attention, block_size=block_size,
-        logits_shift=True,  # AR-initialised: output i-1 predicts token i
+        logits_shift=logits_shift,  # AR-initialised Dream / Fast-dLLM: output i-1 predicts token i
         mask_id=_first_id(raw.get("mask_token_id"), mask_default), eos_id=eos,
         pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
         family=family,
@@ -180,7 +225,7 @@ def is_dream(raw: dict[str, Any]) -> bool:
 
 
 def dream_config(raw: dict[str, Any]) -> ModelConfig:
-    return qwen2_config(raw, family="dream", mask_default=DREAM_MASK_ID, eos_default=DREAM_EOS_ID,
+    return qwen2_config(raw, family="dream", mask_default=DREAM_MASK_ID, eos_default=QWEN_EOS_ID,
                         attention="bidirectional")
 
 
@@ -193,15 +238,34 @@ def is_block_qwen(raw: dict[str, Any]) -> bool:
 
 
 def block_qwen_config(raw: dict[str, Any]) -> ModelConfig:
-    block = raw.get("bd_size", raw.get("block_size", 32))
-    if not isinstance(block, int) or block < 1:
-        raise ConfigError(f"bd_size must be a positive integer, got {block!r}")
-    return qwen2_config(raw, family="block_qwen", mask_default=FAST_DLLM_MASK_ID, eos_default=DREAM_EOS_ID,
+    block = _positive_int(raw, "bd_size", raw.get("block_size", 32))
+    return qwen2_config(raw, family="block_qwen", mask_default=FAST_DLLM_MASK_ID, eos_default=QWEN_EOS_ID,
                         attention="block_causal", block_size=block)
+
+
+def is_sdar(raw: dict[str, Any]) -> bool:
+    """SDAR and TraDo (model_type "sdar", SDARForCausalLM), and the MoE sibling, matched so it is refused by name."""
+    model_type = str(raw.get("model_type", "")).lower()
+    return model_type.startswith("sdar") or any(str(a).startswith("SDAR") for a in raw.get("architectures") or [])
+
+
+def _refuse_moe(raw: dict[str, Any]) -> None:
+    archs = [str(a) for a in raw.get("architectures") or []]
+    if "moe" in str(raw.get("model_type", "")).lower() or "num_experts" in raw or any("Moe" in a for a in archs):
+        raise ConfigError(f"model_type={raw.get('model_type')!r} (architectures={archs!r}) is not supported: a "
+                          "mixture of experts (e.g. SDAR-30B-A3B), and our network has one dense MLP per layer")
+
+
+def sdar_config(raw: dict[str, Any]) -> ModelConfig:
+    _refuse_moe(raw)
+    return qwen2_config(raw, family="sdar", mask_default=SDAR_MASK_ID, eos_default=QWEN_EOS_ID,
+                        attention="block_causal", block_size=_positive_int(raw, "block_size", SDAR_BLOCK_SIZE),
+                        logits_shift=False, qwen3=True)
 
 
 LLADA = Family(name="llada", matches=is_llada, to_config=llada_config, name_map=LLADA_NAMES)
 DREAM = Family(name="dream", matches=is_dream, to_config=dream_config, name_map=QWEN2_NAMES)
 BLOCK_QWEN = Family(name="block_qwen", matches=is_block_qwen, to_config=block_qwen_config, name_map=QWEN2_NAMES)
+SDAR = Family(name="sdar", matches=is_sdar, to_config=sdar_config, name_map=QWEN3_NAMES)
 
-FAMILIES = [LLADA, DREAM, BLOCK_QWEN]
+FAMILIES = [LLADA, DREAM, BLOCK_QWEN, SDAR]
