@@ -10,9 +10,14 @@ from unmask.model.transformer import KVCache
 
 
 def sharp_model(tokenizer, seed: int = 0, **overrides):
-    """A random tiny model whose output depends strongly on context (sharper attention, larger residual
-    branches, peaked softmax), so cache approximations and batching bugs show up as different tokens."""
-    model = tiny_model(tokenizer, seed=seed, **overrides)
+    """A random tiny model whose output depends strongly on context, so cache approximations and batching bugs
+    show up as different tokens."""
+    return sharpen(tiny_model(tokenizer, seed=seed, **overrides))
+
+
+def sharpen(model):
+    """Sharper attention, larger residual branches, a peaked softmax: a random model whose tokens depend on
+    context instead of repeating what the (mask) embedding alone predicts."""
     with torch.no_grad():
         for layer in model.layers:
             layer.attention.wq.weight.mul_(4)
