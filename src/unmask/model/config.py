@@ -122,6 +122,11 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_seq_len=2048, rope_theta=1000000.0, norm_eps=1e-6, attn_bias=True, logits_shift=True,
         mask_id=151666, eos_id=151643, pad_id=151643, family="dream",
     ),
+    "sdar-4b": dict(  # JetLM/SDAR-4B-Chat, TraDo-4B: Qwen3-4B with block-causal attention (blocks of 4)
+        vocab_size=151936, dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_hidden=9728,
+        max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, attention="block_causal",
+        block_size=4, mask_id=151669, eos_id=151643, pad_id=151643, bos_id=151643, family="sdar",
+    ),
 }
 
 
