@@ -101,3 +101,21 @@ def test_checkpoint_special_tokens_are_skipped_on_request(llada_dir):
     ids = tok.encode("hello<|eot_id|><|start_header_id|>")
     assert "<|eot_id|>" in tok.decode(ids)
     assert tok.decode(ids, skip_special=True) == "hello"
+
+
+def test_chat_template_variables_from_the_command_line(tmp_path, llada_dir, capsys, monkeypatch):
+    from unmask.cli.checkpoints import template_variables
+    from unmask.tokenizer import Tokenizer
+
+    assert template_variables(["enable_thinking=false", "who=ada", "n=3"]) == \
+        {"enable_thinking": False, "who": "ada", "n": 3}
+    seen = []
+    real = Tokenizer.apply_chat_template
+    monkeypatch.setattr(Tokenizer, "apply_chat_template",
+                        lambda self, messages, add_generation_prompt=True, **kw: seen.append(kw) or
+                        real(self, messages, add_generation_prompt, **kw))
+    args = ["chat", str(llada_dir), "--message", "hi", "-n", "4", "--steps", "2", "--device", "cpu"]
+    assert main([*args, "--template-var", "enable_thinking=false"]) == 0
+    assert seen == [{"enable_thinking": False}]
+    assert main([*args, "--template-var", "messages=[]"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -490,3 +490,18 @@ def test_default_max_tokens_shrinks_to_the_room_a_long_prompt_leaves(client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = client.post("/v1/completions", json={"prompt": ids + [100] * 5})  # no room left at all
     assert r.status_code == 400
+
+
+def test_chat_template_kwargs_reach_the_template(client, tiny_pipeline, monkeypatch):
+    """vLLM's chat_template_kwargs: e.g. enable_thinking=false closes an empty think block for Qwen3 models."""
+    template = tiny_pipeline.tokenizer.chat_template + "{% if enable_thinking is false %}<think></think>{% endif %}"
+    monkeypatch.setattr(tiny_pipeline.tokenizer, "chat_template", template)
+    req = {"messages": [{"role": "user", "content": "Sort a list"}], **FAST}
+    plain = client.post("/v1/chat/completions", json=req).json()["usage"]["prompt_tokens"]
+    r = client.post("/v1/chat/completions", json={**req, "chat_template_kwargs": {"enable_thinking": False}})
+    assert r.status_code == 200, r.text
+    think = tiny_pipeline.encode(tiny_pipeline.tokenizer.apply_chat_template(req["messages"], enable_thinking=False))
+    assert r.json()["usage"]["prompt_tokens"] == len(think) > plain
+    r = client.post("/v1/chat/completions", json={**req, "chat_template_kwargs": {"messages": []}})
+    assert r.status_code == 422 and "'messages' cannot be a chat template variable" in r.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", json=req).status_code == 200  # still serving

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from unmask.decoding.options import DecodeOptions
 from unmask.decoding.result import GenerationResult
@@ -50,8 +50,10 @@ class ChatTurn:
 class ChatSession:
     """Holds the conversation; `send(text)` formats it with the template, generates and records the reply."""
 
-    def __init__(self, pipe: "Pipeline", options: DecodeOptions | None = None, system: str | None = None):
+    def __init__(self, pipe: "Pipeline", options: DecodeOptions | None = None, system: str | None = None,
+                 template_variables: dict[str, Any] | None = None):
         self.pipe = pipe
+        self.template_variables = template_variables or {}  # e.g. Qwen3's enable_thinking
         self.options = options or DecodeOptions(max_new_tokens=256)
         self.system = system
         self.stops = end_of_turn_strings(pipe)
@@ -62,7 +64,8 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def prompt(self) -> str:
-        return self.pipe.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        return self.pipe.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True,
+                                                       **self.template_variables)
 
     def send(self, text: str, on_step: Callable | None = None) -> ChatTurn:
         self.messages.append({"role": "user", "content": text})

@@ -8,6 +8,7 @@ from unmask.errors import UnmaskError
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -174,24 +175,46 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """Render the chat template as transformers does; `variables` are extra template variables, as the
+        keyword arguments of HF's apply_chat_template (e.g. Qwen3's `enable_thinking=False`)."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        import datetime
+        import jinja2
 
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        try:
+            tmpl = _template_env().from_string(self.chat_template)
+            return tmpl.render(**self._special_token_strings(), **variables, messages=messages,
+                               add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # a broken template or one that needs what we do not pass
+            raise TokenizerError(f"chat template: {e}") from None
 
-        # templates ship inside downloaded checkpoints: render them sandboxed, with the globals HF provides
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        tmpl = env.from_string(self.chat_template)
-        return tmpl.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.hf.id_to_token(self.bos_id) if self.bos_id is not None else "",
-            eos_token=self.hf.id_to_token(self.eos_id),
-        )
+    def _special_token_strings(self) -> dict[str, str]:
+        """bos_token / eos_token / pad_token as templates see them (HF passes the special tokens map)."""
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
+        return {name: self.hf.id_to_token(i) if i is not None else "" for name, i in names.items()}
+
+
+def _template_env():
+    import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # templates ship inside downloaded checkpoints: render them sandboxed, with what HF's renderer provides
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_template_error
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    """HF's tojson: plain json.dumps. jinja's own escapes <, >, & and ' for HTML and sorts keys, which would
+    change the tool definitions a model was trained to read."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 # Qwen2's pre-tokenizer split (the same regex as transformers' Qwen2Tokenizer and Dream's DreamTokenizer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -15,6 +15,25 @@ from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, 
 def _stats(result) -> str:
     return (f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
             f"{result.tokens_per_second:.1f} tokens/s[/dim]")
+
+
+def template_variables(pairs: list[str]) -> dict[str, Any]:
+    """--template-var KEY=VALUE pairs -> template variables; VALUE is JSON when it parses (false, 3, [..])."""
+    import json
+
+    from unmask.errors import UnmaskError
+
+    variables: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier() or key in ("messages", "add_generation_prompt"):
+            raise UnmaskError(f"--template-var {pair!r}: expected KEY=VALUE with KEY a variable name other than "
+                              "messages and add_generation_prompt")
+        try:
+            variables[key] = json.loads(value)
+        except json.JSONDecodeError:
+            variables[key] = value
+    return variables
 
 
 @app.command()
@@ -32,6 +51,9 @@ def chat(
     seed: Seed = None,
     cache: Cache = None,
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each formatted prompt (to stderr)."),
+    template_var: Optional[list[str]] = typer.Option(None, "--template-var", metavar="KEY=VALUE",
+                                           help="A chat template variable (VALUE as JSON, else a string), "
+                                                "e.g. enable_thinking=false for Qwen3-based models. Repeatable."),
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -45,7 +67,7 @@ def chat(
     options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
                              policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,
                              cache=cache)
-    session = ChatSession(pipe, options, system=system)
+    session = ChatSession(pipe, options, system=system, template_variables=template_variables(template_var or []))
 
     def turn(text: str) -> None:
         with console.status("denoising …"):

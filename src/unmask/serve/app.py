@@ -161,7 +161,8 @@ class Server:
                            400, "messages")
         try:
             prompt = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
-                                                        add_generation_prompt=True)
+                                                        add_generation_prompt=True,
+                                                        **(req.chat_template_kwargs or {}))
         except UnmaskError as e:
             raise ApiError(f"messages: {e}", 400, "messages") from None
         prompt_ids = self.tokenizer.encode(prompt)

@@ -163,6 +163,17 @@ class ChatCompletionRequest(DecodingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     # OpenAI's current name for max_tokens in chat (its SDK documents max_tokens as deprecated there)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # vLLM's name: extra chat template variables, e.g. {"enable_thinking": false} for Qwen3-based models
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def template_variables_are_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in value or {}:
+            if not key.isidentifier() or key in ("messages", "add_generation_prompt"):
+                raise PydanticCustomError("template_variable", "'{key}' cannot be a chat template variable "
+                                          "(a name other than messages and add_generation_prompt)", {"key": key})
+        return value
 
     @model_validator(mode="after")
     def max_completion_tokens_is_max_tokens(self) -> "ChatCompletionRequest":
