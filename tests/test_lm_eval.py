@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import math
 import sys
 import types
@@ -17,6 +18,7 @@ import torch.nn as nn
 from conftest import tiny_model
 from published_checkpoints import qwen2_checkpoint
 import unmask
+from unmask.cli.main import main
 from unmask.diffusion.objective import token_nll
 from unmask.eval import lm_eval as adapter
 from unmask.eval.lm_eval import UnmaskLM, continuation_nll, greedy_matches
@@ -182,3 +184,86 @@ def test_real_harness_registry():
 
     cls = get_model("unmask")
     assert cls.__name__ == "UnmaskLM" and issubclass(cls, LM)
+
+
+def write_local_tasks(folder, word: str, expected: str, gen_args: dict) -> None:
+    """Two harness tasks read from local json files (nothing from the hub): a multiple-choice one whose right
+    answers are the continuations made of `word`, and a generation one whose target is `expected`."""
+    rows = {"mc": [{"q": "a =", "choices": [word * 2, " 1 + 2"], "answer": 0},
+                   {"q": "b =", "choices": [" [None]", word * 3], "answer": 1}],
+            "gen": [{"prompt": "x = 1\ny =", "target": expected}]}
+    for name, docs in rows.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    common = "dataset_path: json\ntest_split: test\n"
+    (folder / "mc.yaml").write_text(
+        f"task: unmask_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{q}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n")
+    (folder / "gen.yaml").write_text(
+        f"task: unmask_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{target}}'\n"
+        f"generation_kwargs: {json.dumps(gen_args)}\nmetric_list:\n  - metric: exact_match\n")
+
+
+def rig_to_prefer_a_word(pipe) -> str:
+    """Make every position favour one single-token word; return it."""
+    tok = pipe.tokenizer
+    word = next(w for w in (" self", " return", " def", " if") if len(tok.encode(w)) == 1)
+    liked = tok.encode(word)[0]
+
+    def prefer(module, args, output):
+        output = output.clone()
+        output[..., liked] += 30.0
+        return output
+
+    pipe.model.output.register_forward_hook(prefer)
+    return word
+
+
+GEN_ARGS = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
+
+
+def test_harness_runs_local_tasks_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
+    """lm_eval.simple_evaluate on two local tasks: multiple choice scored by the ELBO, generation by the engine.
+    The model is rigged to prefer one token, so the answers are known."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    word = rig_to_prefer_a_word(tiny_pipeline)
+    lm = UnmaskLM(pipeline=tiny_pipeline, mc_samples=4, seed=0)
+    expected = lm.generate_until([Req(("x = 1\ny =", GEN_ARGS))])[0]
+    assert word.strip() in expected  # the rig works: generation is dominated by the liked token
+    write_local_tasks(tmp_path, word, expected, GEN_ARGS)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["unmask_mc", "unmask_gen"],
+                                  task_manager=TaskManager(include_path=str(tmp_path)), bootstrap_iters=0)
+    assert out["results"]["unmask_mc"]["acc,none"] == 1.0  # the liked continuation wins both questions
+    assert out["results"]["unmask_gen"]["exact_match,none"] == 1.0
+    assert out["samples"]["unmask_gen"][0]["resps"] == [[expected]]
+
+
+def test_harness_command_line_sees_the_unmask_model(saved_model_dir, tmp_path, monkeypatch):
+    """`unmask eval lm-eval ARGS` is lm-eval's CLI with "unmask" registered (a bare `lm_eval --model unmask`
+    cannot find it): it loads the folder from --model_args and scores as the Python API does."""
+    pytest.importorskip("lm_eval")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_local_tasks(tmp_path, " self", "", GEN_ARGS)
+    lm = UnmaskLM(pretrained=str(saved_model_dir), device="cpu", mc_samples=4, seed=0)
+    direct = lm_eval.simple_evaluate(model=lm, tasks=["unmask_mc"], bootstrap_iters=0, log_samples=True,
+                                     task_manager=TaskManager(include_path=str(tmp_path)))
+    out = tmp_path / "results"
+    assert main(["eval", "lm-eval", "--model", "unmask", "--model_args",
+                 f"pretrained={saved_model_dir},mc_samples=4,seed=0,device=cpu", "--tasks", "unmask_mc",
+                 "--include_path", str(tmp_path), "--output_path", str(out),
+                 "--log_samples"]) == 0
+    written = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert written["config"]["model"] == "unmask"
+    assert written["results"]["unmask_mc"]["acc,none"] == direct["results"]["unmask_mc"]["acc,none"]
+    samples = [json.loads(line) for line in next(out.rglob("samples_unmask_mc_*.jsonl")).read_text().splitlines()]
+    ours = [[float(r[0][0]) for r in s["resps"]] for s in samples]  # each choice's ELBO log-likelihood
+    theirs = [[float(r[0][0]) for r in s["resps"]] for s in direct["samples"]["unmask_mc"]]
+    assert [x for row in ours for x in row] == pytest.approx([x for row in theirs for x in row], rel=1e-6)

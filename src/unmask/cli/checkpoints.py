@@ -100,6 +100,16 @@ def chat(
             console.print(f"[red]error:[/red] {e} (try /reset)")
 
 
+@eval_app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                  add_help_option=False)
+def eval_lm_eval(ctx: typer.Context) -> None:
+    """lm-evaluation-harness with unmask models: every argument goes to lm_eval, e.g.
+    `unmask eval lm-eval --model unmask --model_args pretrained=PATH,mc_samples=64 --tasks hellaswag`."""
+    from unmask.eval.lm_eval import run_harness_cli
+
+    run_harness_cli(list(ctx.args))
+
+
 @eval_app.command("humaneval")
 def humaneval(
     model: Path = typer.Argument(..., help="Model folder."),

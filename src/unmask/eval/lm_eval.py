@@ -1,8 +1,8 @@
 """lm-evaluation-harness adapter: run harness tasks on any unmask model.
 
-    import unmask.eval.lm_eval  # registers the model name "unmask"
-    lm_eval --model unmask --model_args pretrained=PATH,mc_samples=64 --tasks hellaswag ...
-    (or lm_eval.simple_evaluate(model="unmask", ...) / model=UnmaskLM(pipeline=pipe))
+    unmask eval lm-eval --model unmask --model_args pretrained=PATH,mc_samples=64 --tasks hellaswag ...
+    (lm_eval's own CLI with the model registered; in Python `import unmask.eval.lm_eval`, then
+    lm_eval.simple_evaluate(model="unmask", ...) or model=UnmaskLM(pipeline=pipe))
 
 loglikelihood(context, continuation)  masked diffusion has no exact likelihood: the continuation's log-probability
     is bounded by LLaDA's Monte-Carlo ELBO with only the continuation masked (l ~ U{1..L} of its L tokens masked,
@@ -12,8 +12,8 @@ loglikelihood(context, continuation)  masked diffusion has no exact likelihood: 
 loglikelihood_rolling(text)  the same bound over windows of the model context.
 generate_until(context, gen_kwargs)  the decoding engine (Pipeline.generate), cut at `until`.
 
-lm-eval is optional (it is heavy): without it the class is a plain object with the same methods, usable with
-any request objects that carry `.args`.
+lm-eval is optional (`pip install unmask[eval]`; it is heavy): without it the class is a plain object with the
+same methods, usable with any request objects that carry `.args`.
 """
 
 from __future__ import annotations
@@ -115,8 +115,13 @@ class UnmaskLM(_Base):
         for part in filter(None, (p.strip() for p in arg_string.split(","))):
             key, _, value = part.partition("=")
             args[key.strip()] = _parse(value.strip())
+        return cls.create_from_arg_obj(args, additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "UnmaskLM":
+        """The harness's batch_size / device fill in what model_args leaves out; model_args win."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k != "max_batch_size"}
-        return cls(**args, **extra)
+        return cls(**{**extra, **arg_dict})
 
     # --- helpers --------------------------------------------------------------------------------
     @property
@@ -208,3 +213,18 @@ class UnmaskLM(_Base):
     @property
     def tokenizer_name(self) -> str:
         return str(self.pipe.path or "unmask").replace("/", "__")
+
+
+def run_harness_cli(args: list[str]) -> None:
+    """lm-eval's own command line with the "unmask" model registered: the harness looks models up only in its
+    own package, so a bare `lm_eval --model unmask` cannot see this one."""
+    if _Base is object:
+        from unmask.errors import UnmaskError
+
+        raise UnmaskError("lm-eval is not installed: pip install 'unmask[eval]' (or lm-eval)")
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *args]
+    cli_evaluate()
