@@ -197,3 +197,20 @@ def test_minutes_must_be_positive(tmp_path, corpus_dir):
 
     with pytest.raises(TrainConfigError, match="minutes must be > 0"):
         Trainer(tiny_train_config(corpus_dir, tmp_path / "run", minutes=0), progress=False)
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"log_interval": 0}, "log_interval must be >= 1"),
+    ({"eval_samples": 0}, "eval_samples must be >= 1"),
+    ({"checkpoint_interval": -1}, "checkpoint_interval must be >= 0"),
+    ({"optim": {"decay_fraction": 2.0}}, "decay_fraction must be in"),
+    ({"optim": {"warmup_steps": -5}}, "warmup_steps must be >= 0"),
+    ({"dtype": "float77"}, "dtype must be one of"),
+    ({"save_dtype": "int8"}, "save_dtype must be one of"),  # not after the whole run, when saving
+])
+def test_bad_values_fail_before_training(tmp_path, corpus_dir, over, message):
+    from unmask.train.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=message):
+        tiny_train_config(corpus_dir, tmp_path / "run", **over)
+    assert not (tmp_path / "run").exists()

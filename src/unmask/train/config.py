@@ -20,6 +20,7 @@ from unmask.model.config import ModelConfig
 
 MODES = ("diffusion", "ar", "sft")
 SCHEDULES = ("cosine", "wsd", "constant")
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # as unmask.pipeline.parse_dtype reads them
 
 
 class TrainConfigError(UnmaskError, ValueError):
@@ -102,6 +103,23 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_interval", "eval_sequences", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name} must be >= 0 (0: only at the end), got {getattr(self, name)}")
+        if self.optim.warmup_steps < 0:
+            raise TrainConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if not 0 < self.optim.decay_fraction <= 1:
+            raise TrainConfigError(f"optim.decay_fraction must be in (0, 1], got {self.optim.decay_fraction}")
+        if not 0 <= self.optim.min_lr_ratio <= 1:
+            raise TrainConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}")
+        # checked now, not when the final weights are written after the whole run
+        for name in ("dtype", "save_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise TrainConfigError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
         if self.minutes is not None and not self.minutes > 0:
             raise TrainConfigError(f"minutes must be > 0, got {self.minutes}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
