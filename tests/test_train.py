@@ -109,6 +109,11 @@ def test_resume_continues_with_identical_losses(tmp_path, corpus_dir):
     assert resumed.step == 3
     resumed.fit()
     assert losses(resumed)[3:] == expected[3:]
+    # log.jsonl is the checkpoint's history plus the resumed steps: the steps after the checkpoint, which the
+    # interrupted run had logged too, appear once
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert logged == json.loads(json.dumps(resumed.history))
 
 
 def test_resume_latest_and_no_checkpoint(tmp_path, corpus_dir):

@@ -146,6 +146,8 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "train_config.yaml")
+            if self.step:  # resumed: drop the rows an interrupted run logged after its last checkpoint
+                atomic_write_text(self.out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     # --- setup -------------------------------------------------------------------------------------
     def _load_tokenizer(self) -> Tokenizer:
