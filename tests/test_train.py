@@ -219,3 +219,11 @@ def test_bad_values_fail_before_training(tmp_path, corpus_dir, over, message):
     with pytest.raises(TrainConfigError, match=message):
         tiny_train_config(corpus_dir, tmp_path / "run", **over)
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_init_from_is_named(tmp_path, corpus_dir):
+    from unmask.train.config import TrainConfigError
+
+    # not "no tokenizer.json in ..." (the tokenizer defaults to init_from's): the folder itself is missing
+    with pytest.raises(TrainConfigError, match="model folder not found: .*nope"):
+        Trainer(tiny_train_config(corpus_dir, tmp_path / "run", init_from=str(tmp_path / "nope")), progress=False)

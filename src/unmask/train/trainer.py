@@ -155,6 +155,8 @@ class Trainer:
         for source in (d.corpus, d.train):
             if source and not Path(source).exists():
                 raise TrainConfigError(f"training data not found: {source} (build a corpus with `unmask corpus`)")
+        if self.cfg.init_from and not Path(self.cfg.init_from).is_dir():
+            raise TrainConfigError(f"model folder not found: {self.cfg.init_from} (init_from)")
         folder = d.tokenizer
         if folder is None and self.cfg.init_from:
             folder = self.cfg.init_from
