@@ -82,6 +82,19 @@ def test_corpus_errors_are_clear(tmp_path):
         build_corpus(CorpusSpec(files=[str(bad)]), tmp_path / "o")
 
 
+def test_a_corpus_without_documents_keeps_the_previous_one(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("def f():\n    return 1\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    out = tmp_path / "corpus"
+    build_corpus(CorpusSpec(dirs=[str(tmp_path / "src")], val_fraction=0.0), out)
+    before = (out / "train.jsonl").read_text()
+    with pytest.raises(CorpusError, match="no text documents"):
+        build_corpus(CorpusSpec(files=[str(tmp_path / "empty.jsonl")]), out)
+    assert (out / "train.jsonl").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train.jsonl", "val.jsonl"]
+
+
 def test_shards_round_trip_with_exact_byte_counts(tmp_path, tokenizer, corpus_texts):
     texts = corpus_texts[:3] + ["héllo wörld ✓ 漢字\n"]
     meta = write_shard(texts, tokenizer, tmp_path / "s.bin")

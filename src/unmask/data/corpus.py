@@ -199,8 +199,8 @@ def build_corpus(spec: CorpusSpec, out_dir: str | Path) -> dict:
                     totals[split][1] += nbytes
                 rows.append(source.row())
                 log.info("%s %s: %d documents, %d bytes", source.kind, source.name, source.documents, source.bytes)
-    if not seen:
-        raise CorpusError("the sources hold no text documents")
+            if not seen:  # raised inside: an earlier corpus in out_dir is kept, not replaced by empty files
+                raise CorpusError("the sources hold no text documents")
     manifest = {
         "format": "unmask-corpus-v1",
         "val_fraction": spec.val_fraction,
