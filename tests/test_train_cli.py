@@ -61,6 +61,16 @@ def test_corpus_tokenizer_train_eval_from_the_command_line(tmp_path, capsys, rec
     assert rc == 0 and "bits/byte" in out
 
 
+def test_shards_of_a_file_find_the_tokenizer_trained_on_it(tmp_path, capsys):
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(20)))
+    rc, out, err = run(capsys, "tokenizer", data, "--vocab-size", 300)
+    assert rc == 0, err
+    rc, out, err = run(capsys, "shards", data)  # the default --tokenizer is where `unmask tokenizer` wrote it
+    assert rc == 0, err
+    assert (tmp_path / "tokens" / "train.bin").exists() and "tokens" in out
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys, recipe):
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  lrr: 0.1\n")

@@ -116,15 +116,19 @@ def tokenizer(
         raise CorpusError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs 256 bytes + specials")
     if not corpus_dir.exists():
         raise CorpusError(f"no such corpus: {corpus_dir}")
-    default = corpus_dir / "tokenizer" if corpus_dir.is_dir() else corpus_dir.with_suffix("") / "tokenizer"
-    _train_tokenizer(corpus_dir, vocab_size, out_dir or default, min_frequency)
+    _train_tokenizer(corpus_dir, vocab_size, out_dir or _default_tokenizer_dir(corpus_dir), min_frequency)
+
+
+def _default_tokenizer_dir(corpus: Path) -> Path:
+    """Where `unmask tokenizer` writes and `unmask shards` looks: CORPUS/tokenizer, or FILE-without-suffix/tokenizer."""
+    return corpus / "tokenizer" if corpus.is_dir() else corpus.with_suffix("") / "tokenizer"
 
 
 @app.command()
 def shards(
     corpus_dir: Path = typer.Argument(..., help="Corpus folder (train.jsonl / val.jsonl) or a .jsonl / .txt file."),
-    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json "
-                                                 "(default CORPUS_DIR/tokenizer)."),
+    tokenizer_dir: Optional[Path] = typer.Option(None, "--tokenizer", help="Folder with tokenizer.json (default: "
+                                                 "where `unmask tokenizer` puts it, CORPUS_DIR/tokenizer)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default CORPUS_DIR/tokens)."),
     text_field: str = typer.Option("text", "--text-field"),
 ) -> None:
@@ -135,7 +139,7 @@ def shards(
 
     if not corpus_dir.exists():
         raise CorpusError(f"no such corpus: {corpus_dir}")
-    tok = Tokenizer.from_dir(tokenizer_dir or corpus_dir / "tokenizer")
+    tok = Tokenizer.from_dir(tokenizer_dir or _default_tokenizer_dir(corpus_dir))
     dest = out_dir or (corpus_dir / "tokens" if corpus_dir.is_dir() else corpus_dir.parent / "tokens")
     splits = ["train", "val"] if corpus_dir.is_dir() else ["train"]
     for split in splits:
