@@ -98,6 +98,18 @@ def test_eval_elbo_rejects_a_corrupt_shard(tmp_path, capsys, saved_model_dir, to
                    "no such data")
 
 
+@pytest.mark.parametrize("flag,value", [("--max-windows", 0), ("--samples", 0), ("--samples", -1),
+                                        ("--batch-size", 0), ("--seq-len", 0), ("--split", "test")])
+def test_eval_elbo_rejects_values_that_give_no_number(tmp_path, capsys, saved_model_dir, flag, value):
+    """0 windows reported 0.0000 bits/byte, 0 samples NaN, -1 samples 0.0000; batch 0 was a traceback and
+    an unknown --split silently scored the val split."""
+    data = tmp_path / "v.txt"
+    data.write_text("def f(x):\n    return x\n" * 20)
+    rc, out, err = run(capsys, "eval", "elbo", saved_model_dir, "--data", data, flag, value)
+    assert rc == 2 and "bits/byte" not in out, out
+    assert flag in err, err
+
+
 def test_bench_train_prints_tokens_per_second(capsys):
     rc, out, err = run(capsys, "bench", "train", "--shape", "tiny", "--steps", 2, "--warmup", 1,
                        "--batch-size", 2, "--seq-len", 32, "--device", "cpu", "--peak-tflops", 1)

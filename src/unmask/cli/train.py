@@ -49,10 +49,10 @@ def elbo(
     model: Path = typer.Argument(..., help="Model folder."),
     data: Path = typer.Option(..., "--data", help="Corpus folder (its val.jsonl), .jsonl, .txt or .bin shard."),
     split: str = typer.Option("val", "--split", help="Split of a corpus folder: val | train."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Window length in tokens (capped by the model context)."),
-    samples: int = typer.Option(8, "--samples", help="Monte-Carlo samples per window (diffusion ELBO)."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    seq_len: int = typer.Option(512, "--seq-len", min=1, help="Window length in tokens (capped by the model context)."),
+    samples: int = typer.Option(8, "--samples", min=1, help="Monte-Carlo samples per window (diffusion ELBO)."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Score at most this many windows."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
@@ -64,6 +64,8 @@ def elbo(
     from unmask.data.shards import ShardError, TokenShard, tokenizer_digest
     from unmask.eval.elbo import evaluate_bits_per_byte, token_stream
 
+    if split not in ("val", "train"):
+        raise typer.BadParameter(f"{split!r} is not val or train", param_hint="--split")
     if not data.exists():
         raise ShardError(f"no such data: {data}")
     pipe = load_pipeline(model, device, dtype)
