@@ -115,3 +115,19 @@ def test_bench_train_prints_tokens_per_second(capsys):
                        "--batch-size", 2, "--seq-len", 32, "--device", "cpu", "--peak-tflops", 1)
     assert rc == 0, err
     assert "tokens/s" in out and "MFU" in out and "%" in out
+
+
+@pytest.mark.parametrize("args,text", [(["--steps", 0], "--steps"), (["--batch-size", 0], "--batch-size"),
+                                       (["--device", "gpu"], "unknown device"),
+                                       (["--mode", "ar", "--attention", "bidirectional"], "cannot train")])
+def test_bench_train_rejects_bad_arguments_in_one_line(capsys, args, text):
+    rc, out, err = run(capsys, "bench", "train", "--shape", "tiny", "--steps", 1, "--warmup", 0,
+                       "--batch-size", 2, "--seq-len", 16, "--device", "cpu", *args)
+    assert rc == 2 and "Traceback" not in err and text in err, err
+
+
+def test_bench_train_seq_len_beyond_the_shape_context(capsys):
+    rc, out, err = run(capsys, "bench", "train", "--shape", "tiny", "--steps", 1, "--warmup", 0,
+                       "--batch-size", 1, "--seq-len", 300, "--device", "cpu")  # tiny's context is 256
+    assert rc == 0, err
+    assert "× 300" in out and "tokens/s" in out

@@ -97,10 +97,10 @@ def elbo(
 @bench_app.command("train")
 def bench_train(
     shape: str = typer.Option("small-34m", "--shape", help="Named model shape (model.config.SHAPES)."),
-    steps: int = typer.Option(20, "--steps"),
-    warmup: int = typer.Option(3, "--warmup", help="Untimed steps first (compilation)."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Default: the shape's context."),
+    steps: int = typer.Option(20, "--steps", min=1),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first (compilation)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Default: the shape's context."),
     mode: str = typer.Option("diffusion", "--mode", help="diffusion | ar"),
     attention: Optional[str] = typer.Option(None, "--attention", help="Override the shape's attention mode."),
     compile: bool = typer.Option(False, "--compile/--no-compile"),
@@ -109,6 +109,7 @@ def bench_train(
 ) -> None:
     """Training tokens/s and MFU on random tokens."""
     from unmask.model.config import shape_config
+    from unmask.pipeline import parse_device
     from unmask.train.bench import bench_train as run
     from unmask.train.config import TrainConfigError
 
@@ -118,11 +119,15 @@ def bench_train(
     if attention:
         overrides["attention"] = attention
     config = shape_config(shape, **overrides)
+    if (mode == "ar") != (config.attention == "causal"):  # as `unmask train` refuses it
+        raise TrainConfigError(f"--mode {mode} cannot train {config.attention} attention")
     L = seq_len or config.max_seq_len
-    if config.attention == "block_causal" and mode != "ar" and 2 * L > config.max_seq_len:
-        config = shape_config(shape, **overrides, max_seq_len=2 * L)
-    r = run(config, batch_size, L, steps=steps, warmup=warmup, mode=mode, device=device, compile=compile,
-            peak=peak_tflops)
+    need = 2 * L if config.attention == "block_causal" and mode != "ar" else L
+    if need > config.max_seq_len:  # random weights: a longer context only lengthens the RoPE tables
+        config = shape_config(shape, **overrides, max_seq_len=need)
+    dev = parse_device(device)
+    r = run(config, batch_size, L, steps=steps, warmup=warmup, mode=mode, device=str(dev) if dev else None,
+            compile=compile, peak=peak_tflops)
     mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f} TFLOP/s" if r.mfu is not None else "n/a (give --peak-tflops)"
     out.print(f"{shape} ({r.params / 1e6:.1f}M params) {mode} {config.attention} · batch {batch_size} × {L} · "
               f"{r.device}{' · compiled' if compile else ''}")
