@@ -1,5 +1,7 @@
 """`unmask bench decode` runs end to end on a random tiny model and prints every decoder's row."""
 
+import pytest
+
 from unmask.cli.main import main
 
 
@@ -22,3 +24,23 @@ def test_bench_decode_rejects_bad_arguments(capsys):
     assert main(["bench", "decode", "--shape", "tiny", "--compare", "gpt"]) == 2
     assert "--compare must be 'ar'" in capsys.readouterr().err
     assert main(["bench", "decode", "--shape", "nope"]) == 2
+
+
+
+@pytest.mark.parametrize("flag", ["--new-tokens", "--block-length", "--repeats"])
+def test_bench_decode_zero_is_a_usage_error(capsys, flag):
+    assert main(["bench", "decode", "--shape", "tiny", "--prompt-len", "4", "--new-tokens", "8", flag, "0"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_bench_decode_ar_model_implies_compare_ar(capsys, tmp_path, tokenizer):
+    from unmask.model.checkpoints import save_model
+    from unmask.model.config import shape_config
+    from unmask.model.transformer import Transformer
+
+    twin = Transformer(shape_config("tiny", attention="causal")).init_weights(0)
+    save_model(twin, tmp_path / "twin")
+    tokenizer.save(tmp_path / "twin")
+    assert main(["bench", "decode", "--shape", "tiny", "--prompt-len", "4", "--new-tokens", "8",
+                 "--block-length", "8", "--device", "cpu", "--ar-model", str(tmp_path / "twin")]) == 0
+    assert "AR twin" in capsys.readouterr().out

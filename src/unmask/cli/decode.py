@@ -19,14 +19,14 @@ def bench_decode_cmd(
     shape: Optional[str] = typer.Option(None, "--shape", help="Random weights of a named shape: tiny, small-34m, "
                                         "llada-8b, dream-7b (used when --model is not given)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'ar': add the causal twin with a KV cache."),
-    ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Trained AR twin (default: random weights "
-                                            "of the same shape)."),
-    prompt_len: int = typer.Option(64, "--prompt-len", help="Prompt tokens (random ids; with --model: a code "
-                                   "prompt, repeated to this length)."),
-    new_tokens: int = typer.Option(256, "--new-tokens", "-n"),
-    block_length: int = typer.Option(32, "--block-length"),
+    ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Trained AR twin for --compare ar (default: "
+                                            "random weights of the same shape); implies --compare ar."),
+    prompt_len: int = typer.Option(64, "--prompt-len", min=0, help="Prompt tokens (random ids; with --model: a "
+                                   "code prompt, repeated to this length)."),
+    new_tokens: int = typer.Option(256, "--new-tokens", "-n", min=1),
+    block_length: int = typer.Option(32, "--block-length", min=1),
     threshold: float = typer.Option(0.9, "--threshold"),
-    repeats: int = typer.Option(1, "--repeats", help="Best of N timed runs (after one warm-up)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Best of N timed runs (after one warm-up)."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 (default: bf16 on CUDA)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's forward passes."),
@@ -47,6 +47,8 @@ def bench_decode_cmd(
 
     if compare not in (None, "ar"):
         raise UnmaskError(f"--compare must be 'ar', got {compare!r}")
+    if ar_model is not None:
+        compare = "ar"
     if model is not None and shape is not None:
         raise UnmaskError("give --model or --shape, not both")
     dev = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
