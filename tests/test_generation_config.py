@@ -108,3 +108,17 @@ def test_demo_refuses_a_negative_delay(tmp_path, capsys, tiny_pipeline):
     tiny_pipeline.save(tmp_path / "m")
     assert main(["demo", "-m", str(tmp_path / "m"), "-n", "4", "--delay", "-1"]) == 2
     assert "--delay" in capsys.readouterr().err
+
+
+def test_steps_flag_sets_the_step_budget(tmp_path, capsys, tiny_pipeline):
+    """--steps without --policy decodes with the fixed policy (the default threshold policy ignored it)."""
+    from unmask.cli.main import main
+
+    tiny_pipeline.defaults = DecodeOptions()  # policy threshold
+    tiny_pipeline.save(tmp_path / "m")
+    assert main(["generate", "def f(x):", "-m", str(tmp_path / "m"), "-n", "16", "--block-length", "16",
+                 "--steps", "4"]) == 0
+    assert "· 4 steps · NFE 4 ·" in capsys.readouterr().err
+    assert main(["generate", "def f(x):", "-m", str(tmp_path / "m"), "-n", "16", "--block-length", "16",
+                 "--steps", "4", "--policy", "threshold", "--threshold", "1.0"]) == 0
+    assert "· 4 steps" not in capsys.readouterr().err  # an explicit --policy still wins

@@ -25,7 +25,8 @@ import typer  # noqa: E402
 # None = not given: the model's generation_config.json decides, then DecodeOptions' defaults.
 MaxNewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="New tokens (masked positions).")]
 BlockLength = Annotated[Optional[int], typer.Option("--block-length", help="Masked positions decoded together.")]
-Steps = Annotated[Optional[int], typer.Option("--steps", help="Total denoising steps (fixed policy).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", help="Total denoising steps (the fixed policy: "
+                                                               "implies --policy fixed unless --policy is given).")]
 Policy = Annotated[Optional[str], typer.Option("--policy", help="fixed | threshold | factor")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Confidence threshold of the threshold policy.")]
 Temperature = Annotated[Optional[float], typer.Option("--temperature")]
@@ -46,4 +47,6 @@ def decode_options(pipe=None, **values):
     from unmask.decoding.options import DecodeOptions
 
     given = {k: v for k, v in values.items() if v is not None}
+    if "steps" in given and "policy" not in given:
+        given["policy"] = "fixed"  # only the fixed policy takes a step budget: under threshold --steps did nothing
     return pipe.options(**given) if pipe is not None else DecodeOptions(**given)

@@ -40,7 +40,7 @@ def generate(
                  threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
     pipe = load_pipeline(model, device, dtype)
-    result = pipe.generate(prompt, **{k: v for k, v in given.items() if v is not None})
+    result = pipe.generate(prompt, decode_options(pipe, **given))
     out.print(prompt + result.text, markup=False, highlight=False)
     console.print(f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.tokens_per_step:.2f} tokens/step · {result.tokens_per_second:.1f} tokens/s[/dim]")
