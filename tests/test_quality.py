@@ -75,3 +75,17 @@ def test_speed_quality_command_prints_table_plot_and_json(tmp_path, capsys, toke
     assert rows[2]["tokens_per_step"] == pytest.approx(1.0)  # the AR twin: one token per forward
     assert all(r["gen_bpb"] > 0 for r in rows)
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("steps,thresholds", [("8,x", "0.9"), ("8", "0.9;0.7"), ("", "")])
+def test_speed_quality_bad_budgets_are_usage_errors(tmp_path, capsys, saved_model_dir, steps, thresholds):
+    """A typo in a list was a ValueError traceback; empty lists printed an empty table and plot."""
+    from unmask.cli.main import main
+
+    code = tmp_path / "held_out.py"
+    code.write_text(SOURCE)
+    rc = main([str(a) for a in ["eval", "speed-quality", saved_model_dir, "--data", code, "--steps", steps,
+                                "--thresholds", thresholds, "--plot", tmp_path / "sq.png"]])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "Traceback" not in err and ("--steps" in err or "--thresholds" in err), err
+    assert not (tmp_path / "sq.png").exists()

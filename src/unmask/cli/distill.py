@@ -12,12 +12,12 @@ from unmask.cli.apps import app, eval_app
 from unmask.cli.common import FrequencyPenalty, Temperature, TopP, console, load_pipeline, out
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s",
+                                 param_hint=option) from None
 
 
 @app.command()
@@ -105,6 +105,9 @@ def speed_quality(
     from unmask.eval.quality import function_prompts
     from unmask.eval.speed_quality import evaluate, plot, settings
 
+    step_budgets, taus = _numbers(steps, int, "--steps"), _numbers(thresholds, float, "--thresholds")
+    if not (step_budgets or taus):
+        raise typer.BadParameter("nothing to compare: give --steps or --thresholds (or both)", param_hint="--steps")
     texts = list(iter_corpus_texts(data, split="val")) if data.is_dir() and (data / "val.jsonl").exists() \
         else list(iter_corpus_texts(data))
     prompts = function_prompts(texts, limit=n_prompts)
@@ -117,7 +120,7 @@ def speed_quality(
             tokens = token_stream(texts, pipe.tokenizer)[:elbo_tokens]
             elbo[name] = evaluate_bits_per_byte(pipe.model, pipe.tokenizer, tokens, seq_len=min(256, pipe.config.max_seq_len)).bits_per_byte
     ar = load_pipeline(ar_model, device) if ar_model else None
-    grid = settings(max_new_tokens, block_length, _ints(steps), _floats(thresholds), temperature=temperature,
+    grid = settings(max_new_tokens, block_length, step_budgets, taus, temperature=temperature,
                     top_p=top_p, frequency_penalty=frequency_penalty)
     with Progress(console=console) as bar:
         task = bar.add_task("speed-quality", total=len(pipes) * len(grid))
