@@ -109,3 +109,15 @@ def test_eval_infill_samples_and_scores(pipe, tokenizer, capsys, saved_model_dir
     out = capsys.readouterr().out
     assert "exact match" in out and "AR twin" in out
     assert main(["eval", "infill", str(saved_model_dir), "--data", "/nonexistent/dir"]) == 2
+
+
+def test_eval_infill_samples_distinct_lines(tmp_path):
+    """--limit beyond the data's usable lines: each line once (it was drawn again and again and counted)."""
+    from unmask.edit.spans import EditError
+
+    (tmp_path / "a.py").write_text("def f(x):\n    y = x + 1\n    return y\n")
+    samples = make_samples(str(tmp_path), 10)
+    assert sorted(s.middle for s in samples) == ["def f(x):", "return y", "y = x + 1"]
+    (tmp_path / "a.py").write_text("x\n\n")
+    with pytest.raises(EditError, match="no usable line"):
+        make_samples(str(tmp_path), 5)

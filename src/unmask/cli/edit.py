@@ -189,7 +189,7 @@ def eval_infill(
     model: Path = typer.Argument(..., help="Diffusion model folder."),
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Causal twin folder (given the prefix only)."),
     data: str = typer.Option(..., "--data", help="Folder of held-out source files, or an importable package name."),
-    limit: int = typer.Option(50, "--limit", help="Number of masked lines."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Number of masked lines (distinct; fewer if the data has fewer)."),
     length: Optional[list[str]] = typer.Option(None, "--length",
                                                help="Diffusion length modes to report: oracle absorb search "
                                                     "(repeatable; default oracle + absorb)."),

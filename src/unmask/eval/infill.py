@@ -65,10 +65,11 @@ def find_files(data: str, pattern: str = "*.py") -> list[Path]:
 
 def make_samples(data: str, n: int, seed: int = 0, context_lines: int = 40, pattern: str = "*.py",
                  min_chars: int = 4, max_chars: int = 80) -> list[InfillSample]:
-    """n masked lines drawn at random (seeded) from the files; at most `context_lines` lines either side."""
+    """n distinct masked lines drawn at random (seeded) from the files; at most `context_lines` lines either side."""
     rng = random.Random(seed)
     files = find_files(data, pattern)
     samples: list[InfillSample] = []
+    taken: set[tuple[Path, int]] = set()  # a line drawn twice would be counted twice in the table
     tries = 0
     while len(samples) < n and tries < 50 * n:
         tries += 1
@@ -82,6 +83,9 @@ def make_samples(data: str, n: int, seed: int = 0, context_lines: int = 40, patt
         if not good:
             continue
         i = rng.choice(good)
+        if (f, i) in taken:
+            continue
+        taken.add((f, i))
         s, e = bounds[i]
         line = text[s:e]
         s += len(line) - len(line.lstrip())  # keep the indentation: the task is the code, not the spaces
@@ -89,6 +93,8 @@ def make_samples(data: str, n: int, seed: int = 0, context_lines: int = 40, patt
         lo = bounds[max(0, i - context_lines)][0]
         hi = bounds[min(len(bounds) - 1, i + context_lines)][1]
         samples.append(InfillSample(text[lo:s], text[s:e], text[e:hi], f"{f.name}:{i + 1}"))
+    if not samples:
+        raise EditError(f"no usable line ({min_chars}-{max_chars} characters) in the {pattern} files of {data}")
     if len(samples) < n:
         log.warning("only %d usable lines found (asked for %d)", len(samples), n)
     return samples
