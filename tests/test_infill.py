@@ -121,3 +121,15 @@ def test_eval_infill_samples_distinct_lines(tmp_path):
     (tmp_path / "a.py").write_text("x\n\n")
     with pytest.raises(EditError, match="no usable line"):
         make_samples(str(tmp_path), 5)
+
+
+def test_eval_infill_steps_set_the_step_budget(saved_model_dir, monkeypatch, capsys):
+    """--steps without --policy: the fixed policy takes it (under the threshold default it was ignored)."""
+    from unmask.eval import infill
+
+    seen = []
+    real = infill.run_infill_eval
+    monkeypatch.setattr(infill, "run_infill_eval", lambda *a, **kw: seen.append(kw["options"]) or real(*a, **kw))
+    assert main(["eval", "infill", str(saved_model_dir), "--data", "json", "--limit", "1", "--length", "oracle",
+                 "--steps", "2"]) == 0
+    assert seen[0].policy == "fixed" and seen[0].steps == 2

@@ -199,7 +199,7 @@ def eval_infill(
     seed: int = typer.Option(0, "--seed", help="Picks the lines (and seeds sampling)."),
     block_length: BlockLength = 32,
     steps: Steps = None,
-    policy: Policy = "threshold",
+    policy: Policy = None,  # threshold (DecodeOptions), or fixed when --steps is given
     threshold: Threshold = 0.9,
     cache: Cache = "prefix",
     device: Device = None,
