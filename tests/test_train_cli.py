@@ -131,3 +131,23 @@ def test_bench_train_seq_len_beyond_the_shape_context(capsys):
                        "--batch-size", 1, "--seq-len", 300, "--device", "cpu")  # tiny's context is 256
     assert rc == 0, err
     assert "× 300" in out and "tokens/s" in out
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_leaves_no_partial_folder(tmp_path, capsys, recipe,
+                                                                                  monkeypatch):
+    import errno
+
+    from unmask.train import trainer
+
+    assert run(capsys, "corpus", "--recipe", recipe)[0] == 0
+
+    def full(model, path, **kw):
+        (path / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path / "model.safetensors"))
+
+    monkeypatch.setattr(trainer, "save_model", full)
+    rc, out, err = run(capsys, "train", "--config", recipe, "--quiet")
+    assert rc == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: No space left on device: ") and "model.safetensors" in last, err
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []  # no half-written .tmp-step_* folder

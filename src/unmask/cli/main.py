@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, read-only file system: the system's reason and the path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

@@ -405,14 +405,19 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist_utils.barrier()
-        torch.save(self.rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
-        if self.dist.is_main:
-            self._export(tmp, model_state)
-            torch.save({"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
-                        "sampler": self.sampler.state_dict(), "world_size": self.dist.world_size,
-                        "train_seconds": self.train_seconds,
-                        "planned_steps": cfg_steps_if_planned(self.cfg, self.budget),
-                        "config": self.cfg.to_dict(), "history": self.history}, tmp / TRAINER_STATE)
+        try:
+            torch.save(self.rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
+            if self.dist.is_main:
+                self._export(tmp, model_state)
+                torch.save({"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                            "sampler": self.sampler.state_dict(), "world_size": self.dist.world_size,
+                            "train_seconds": self.train_seconds,
+                            "planned_steps": cfg_steps_if_planned(self.cfg, self.budget),
+                            "config": self.cfg.to_dict(), "history": self.history}, tmp / TRAINER_STATE)
+        except BaseException:  # disk full, interrupted: no half-written folder left to fill the disk
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         dist_utils.barrier()
         final = root / name
         if self.dist.is_main:
