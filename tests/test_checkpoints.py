@@ -80,3 +80,25 @@ def test_bad_device_is_a_clear_error(saved_model_dir):
         with pytest.raises(UnmaskError, match="CUDA is not available"):
             unmask.load(saved_model_dir, device="cuda")
     assert unmask.load(saved_model_dir, device="").device.type in ("cpu", "cuda")  # "" = the default
+
+
+def test_a_failed_resave_keeps_the_previous_weights(tmp_path, tokenizer, monkeypatch):
+    """Saving over a folder with another sharding: the old files go only after the new ones are written."""
+    from unmask.model.checkpoints import load_model
+
+    old, new = tiny_model(tokenizer, seed=0), tiny_model(tokenizer, seed=1)
+    save_model(old, tmp_path, max_shard_bytes=50_000)  # sharded
+    assert (tmp_path / "model.safetensors.index.json").exists()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("unmask.model.checkpoints.save_file", disk_full)
+    with pytest.raises(OSError):
+        save_model(new, tmp_path)  # one file this time
+    monkeypatch.undo()
+    x = torch.randint(0, old.config.vocab_size, (1, 12))
+    assert torch.equal(load_model(tmp_path)(x), old(x))
+    save_model(new, tmp_path)  # and a save that succeeds leaves only its own files
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(load_model(tmp_path)(x), new(x))

@@ -52,12 +52,11 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 <<
             size = 0
         shards[-1][name] = t
         size += nbytes
-    # remove stale weight files from an earlier save with a different sharding
-    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-        old.unlink(missing_ok=True)
+    written = []
     if len(shards) == 1:
         with atomic_path(path / SINGLE_FILE) as tmp:
             save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        written.append(path / SINGLE_FILE)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
@@ -65,9 +64,16 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 <<
             with atomic_path(path / fname) as tmp:
                 save_file(shard, str(tmp), metadata={"format": "pt"})
             weight_map.update({name: fname for name in shard})
+            written.append(path / fname)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        written.append(path / INDEX_FILE)
+    # only now drop the files of an earlier save with another sharding: a save that fails half-way leaves
+    # the previous weights loadable instead of a folder without any
+    for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+        if old not in written:
+            old.unlink(missing_ok=True)
     cfg = {"model_type": "unmask", "architectures": ["UnmaskTransformer"], **model.config.to_dict()}
     atomic_write_text(path / "config.json", json.dumps(cfg, indent=2) + "\n")
 
