@@ -191,3 +191,16 @@ def test_no_prompt_to_answer_is_a_clear_error(tmp_path, teacher_and_data):
         dcfg = DistillConfig(method="trajectory", prompt_source=source, prompt_tokens=64)
         with pytest.raises(TrainConfigError, match=message):
             collect_trajectories(teacher, texts, dcfg, tmp_path / "t.jsonl", progress=False)
+
+
+def test_sdtt_summary_names_the_rounds_it_compares(teacher_and_data, tmp_path, capsys):
+    """Two rounds: the summary's two losses are against different teachers, and it says so."""
+    from unmask.cli.main import main
+
+    teacher, data = teacher_and_data
+    args = ["distill", "--teacher", teacher, "--out", tmp_path / "s", "--method", "sdtt", "--data", data,
+            "--rounds", "2", "--steps-per-round", "1", "--teacher-steps", "4", "--set", "seq_len=48",
+            "--set", "batch_size=4", "--set", "device=cpu"]
+    assert main([str(a) for a in args]) == 0
+    summary = " ".join(capsys.readouterr().err.split())
+    assert "at the start of round 0" in summary and "at the end of round 1 (against that round's teacher)" in summary

@@ -70,10 +70,14 @@ def distill(
         train_data = str(traj)
     cfg = distill_config(teacher, out_dir, train_data, dcfg, base)
     trainer = Distiller(cfg, dcfg, resume=resume)
-    before = trainer.few_step_loss()
+    first, before = trainer.round, trainer.few_step_loss()
     metrics = trainer.fit()
-    after = trainer.few_step_loss()
-    console.print(f"few-step loss of the last round: {before:.4f} -> {after:.4f}; model in {out_dir}")
+    last, after = trainer.round, trainer.few_step_loss()
+    if first == last:
+        console.print(f"few-step loss of round {last}: {before:.4f} -> {after:.4f}; model in {out_dir}")
+    else:  # each round has its own teacher and step count: the two numbers measure different objectives
+        console.print(f"few-step loss: {before:.4f} at the start of round {first}, {after:.4f} at the end of round "
+                      f"{last} (against that round's teacher); model in {out_dir}")
     if metrics:
         console.print(" ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
