@@ -100,6 +100,8 @@ def test_eval_infill_samples_and_scores(pipe, tokenizer, capsys, saved_model_dir
     rows = run_infill_eval(pipe, samples[:2], ar_pipe=ar, lengths=["oracle"], max_new_tokens=4)
     assert [r.system for r in rows] == ["diffusion, oracle length", "AR twin, prefix only"]
     assert all(r.n == 2 and 0 <= r.exact <= r.token_accuracy <= 1 for r in rows)
+    with pytest.raises(EditError, match="leaves no context"):  # the prefix slice [-0:] would keep it all
+        run_infill_eval(pipe, samples[:1], ar_pipe=ar, lengths=[], max_new_tokens=ar.config.max_seq_len)
     # the CLI prints the table
     ar_dir = tmp_path / "ar"
     ar.save(ar_dir)

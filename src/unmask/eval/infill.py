@@ -139,6 +139,9 @@ def run_infill_eval(pipe, samples: list[InfillSample], ar_pipe=None, lengths: li
         if ar_pipe.config.attention != "causal":
             raise EditError("--ar-model must be a causal model folder")
         c = ar_pipe.config
+        if max_new_tokens >= c.max_seq_len:  # no room left for any of the prefix
+            raise EditError(f"--max-new-tokens {max_new_tokens} leaves no context in the AR twin's "
+                            f"{c.max_seq_len} positions")
         scores, nfe, t0 = [], [], time.perf_counter()
         for s in samples:
             ids = encode_literal(ar_pipe.tokenizer, s.prefix)[-(c.max_seq_len - max_new_tokens):] or [c.eos_id]
