@@ -151,6 +151,8 @@ def test_bad_distill_settings_are_clear():
         DistillConfig(rounds=5, teacher_steps=8).validate()
     with pytest.raises(TrainConfigError, match="prompt source"):
         DistillConfig(method="trajectory", prompt_source="random").validate()
+    with pytest.raises(TrainConfigError, match="entropy_weight must be >= 0"):
+        DistillConfig(method="trajectory", entropy_weight=-0.5).validate()
 
 
 @pytest.mark.parametrize("method", ["trajectory", "sdtt"])

@@ -138,6 +138,9 @@ def test_cli_humaneval_limit_2(tokenizer, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
     assert all(r["nfe"] > 0 and "completion" in r for r in rows)
+    # a zero timeout would fail every program without running it
+    assert main(["eval", "humaneval", str(tmp_path / "m"), "--limit", "1", "--timeout", "0"]) == 2
+    assert "--timeout" in capsys.readouterr().err
 
 
 def test_chat_format_prefills_the_function(tmp_path):

@@ -124,7 +124,7 @@ def humaneval(
     seed: Seed = 0,
     cache: Cache = None,
     chat_format: bool = typer.Option(False, "--chat", help="Ask in the chat template (instruct models)."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per program in the sandbox."),
+    timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per program in the sandbox."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per problem."),
     device: Device = None,
     dtype: Dtype = None,

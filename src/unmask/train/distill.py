@@ -69,8 +69,9 @@ class DistillConfig:
             raise TrainConfigError(f"{self.rounds} rounds halve {self.teacher_steps} teacher steps below 1")
         if self.prompt_source not in PROMPT_SOURCES:
             raise TrainConfigError(f"prompt source must be one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
-        if self.teacher_temperature < 0:
-            raise TrainConfigError(f"teacher_temperature must be >= 0, got {self.teacher_temperature}")
+        for name in ("teacher_temperature", "entropy_weight"):  # a negative entropy weight rewards doubt
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("rounds", "steps_per_round", "teacher_steps", "prompts", "prompt_tokens", "answer_tokens"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
