@@ -162,3 +162,15 @@ def test_sft_rows_pad_answers_with_eos(tmp_path, tokenizer):
     row = data.ids[0].tolist()
     assert int(data.prompt_len[0]) == p and row[p : p + len(a)] == a
     assert set(row[p + len(a) :]) == {tokenizer.eos_id}
+
+
+def test_corpus_command_reports_skipped_files(tmp_path, capsys):
+    from unmask.cli.main import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def f():\n    return 1\n")
+    (src / "b.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))  # not UTF-8
+    assert main(["corpus", str(tmp_path / "out"), "--dir", str(src), "--val-fraction", "0"]) == 0
+    report = " ".join(capsys.readouterr().err.split())
+    assert "1 docs" in report and "1 skipped (binary, not UTF-8, empty or too large)" in report

@@ -64,8 +64,11 @@ def corpus(
         manifest = build_corpus(spec, out_dir)
     for row in manifest["sources"]:
         extra = f" {row['version']} ({row.get('license', '?')})" if row["kind"] == "package" else ""
+        notes = [f"{row[k]} {label}" for k, label in (("duplicates", "duplicates"),
+                                                      ("skipped", "skipped (binary, not UTF-8, empty or too large)"))
+                 if row.get(k)]
         console.print(f"  {row['kind']:8s} {row['name']}{extra}: {row['documents']} docs, {row['bytes']:,} bytes"
-                      f"{', ' + str(row['duplicates']) + ' duplicates' if row['duplicates'] else ''}")
+                      + "".join(", " + n for n in notes))
     out.print(f"{out_dir}: {manifest['documents']['train']} train / {manifest['documents']['val']} val documents, "
               f"{manifest['bytes']['train']:,} / {manifest['bytes']['val']:,} bytes, "
               f"{manifest['duplicates']} duplicates dropped")
