@@ -1,11 +1,15 @@
+import dataclasses
 import json
 
 import pytest
 import torch
 
+import unmask
+
 from conftest import tiny_model
 from unmask.diffusion.objective import masked_diffusion_loss
 from unmask.pipeline import Pipeline
+from unmask.tokenizer import Tokenizer
 from unmask.train.config import TrainConfig, TrainConfigError
 from unmask.train.distill import (DistillConfig, Distiller, certainty_forcing_loss, collect_trajectories, distill_config,
                                   divergence)
@@ -127,6 +131,37 @@ def test_function_prompts_get_answers_that_fill_their_rows(tmp_path, teacher_and
     assert distill_config(teacher, tmp_path / "s", str(traj), dcfg, TrainConfig(seq_len=512)).seq_len == 64
 
 
+def test_answers_can_come_from_the_ar_twin(tmp_path, teacher_and_data, corpus_texts, tokenizer):
+    """Sequence-level distillation: the AR twin's greedy answers, not the teacher's, become the rows."""
+    teacher, _ = teacher_and_data
+    twin = tmp_path / "twin"
+    Pipeline(tiny_model(tokenizer, seed=7, attention="causal"), tokenizer).save(twin)
+    dcfg = DistillConfig(method="trajectory", prompts=4, prompt_source="functions", prompt_tokens=48, answer_tokens=16,
+                         answer_model=str(twin))
+    traj = tmp_path / "from-twin.jsonl"
+    assert collect_trajectories(teacher, corpus_texts[:20], dcfg, traj, progress=False) == 4
+    rows = [json.loads(line) for line in traj.read_text().splitlines()]
+    ar = unmask.load(twin)
+    for r in rows:  # each answer is exactly the twin's greedy continuation of its prompt, filling the row
+        expected = ar.generate(r["prompt"], ar.options(max_new_tokens=64 - len(tokenizer.encode(r["prompt"])),
+                                                       temperature=0.0))
+        assert r["answer"] == expected.text
+    own = tmp_path / "own.jsonl"
+    collect_trajectories(teacher, corpus_texts[:20], dataclasses.replace(dcfg, answer_model=None), own, progress=False)
+    assert [json.loads(x)["answer"] for x in own.read_text().splitlines()] != [r["answer"] for r in rows]
+
+
+def test_answer_model_with_another_tokenizer_is_refused(tmp_path, teacher_and_data, corpus_texts):
+    teacher, _ = teacher_and_data
+    other_tok = Tokenizer.train(corpus_texts[:30], vocab_size=300)
+    other = tmp_path / "other"
+    Pipeline(tiny_model(other_tok, attention="causal"), other_tok).save(other)
+    dcfg = DistillConfig(method="trajectory", prompts=2, prompt_tokens=24, answer_tokens=16, answer_model=str(other))
+    with pytest.raises(TrainConfigError, match="another tokenizer"):
+        collect_trajectories(teacher, corpus_texts[:20], dcfg, tmp_path / "t.jsonl", progress=False)
+    assert not (tmp_path / "t.jsonl").exists()
+
+
 def test_certainty_forcing_only_counts_answer_tokens(tokenizer):
     model = tiny_model(tokenizer)
     x = torch.randint(10, 500, (2, 24))
@@ -206,3 +241,14 @@ def test_sdtt_summary_names_the_rounds_it_compares(teacher_and_data, tmp_path, c
     assert main([str(a) for a in args]) == 0
     summary = " ".join(capsys.readouterr().err.split())
     assert "at the start of round 0" in summary and "at the end of round 1 (against that round's teacher)" in summary
+
+
+def test_answers_from_is_refused_for_sdtt(teacher_and_data, tmp_path, capsys):
+    from unmask.cli.main import main
+
+    teacher, data = teacher_and_data
+    args = ["distill", "--teacher", teacher, "--out", tmp_path / "s", "--method", "sdtt", "--data", data,
+            "--answers-from", teacher]
+    assert main([str(a) for a in args]) == 2
+    assert "only trajectory distillation" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "s").exists()

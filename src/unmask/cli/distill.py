@@ -46,6 +46,9 @@ def distill(
     teacher_top_p: Optional[float] = typer.Option(None, "--teacher-top-p"),
     teacher_frequency_penalty: float = typer.Option(0.0, "--teacher-frequency-penalty",
                                                     help="trajectory: against loops in the teacher's answers."),
+    answers_from: Optional[Path] = typer.Option(None, "--answers-from",
+                                                help="trajectory: another model answers the prompts (same "
+                                                     "tokenizer, e.g. the AR twin): sequence-level distillation."),
     steps: int = typer.Option(500, "--steps", help="trajectory: optimizer steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -58,8 +61,12 @@ def distill(
                          divergence=divergence, prompts=prompts, prompt_source=prompt_source,
                          prompt_tokens=prompt_tokens, answer_tokens=answer_tokens, entropy_weight=entropy_weight,
                          teacher_temperature=teacher_temperature, teacher_top_p=teacher_top_p,
-                         teacher_frequency_penalty=teacher_frequency_penalty)
+                         teacher_frequency_penalty=teacher_frequency_penalty,
+                         answer_model=str(answers_from) if answers_from else None)
     dcfg.validate()
+    if answers_from and method != "trajectory":
+        raise typer.BadParameter("only trajectory distillation has answers to take from another model",
+                                 param_hint="--answers-from")
     base = load_config(config, [f"steps={steps}", *overrides], base={"data": {"train": str(data)}})
     train_data = str(data)
     if method == "trajectory":

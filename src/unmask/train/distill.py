@@ -8,7 +8,9 @@ trajectory  dParallel-style certainty forcing. The teacher answers prompts from 
             random, or the signature + docstring of its functions); the student is trained on its own teacher's
             answers (SFT masking: prompt kept, answer masked) with cross-entropy plus an entropy penalty on
             masked tokens it already predicts right, so it becomes confident earlier and can decode with a
-            lower threshold. Every row is prompt + answer = prompt_tokens + answer_tokens tokens: a shorter
+            lower threshold. The answers may come from another model with the same tokenizer
+            (`answer_model`, e.g. the AR twin): sequence-level distillation, which gives the student one
+            deterministic answer per prompt where a small teacher's own answers are loops. Every row is prompt + answer = prompt_tokens + answer_tokens tokens: a shorter
             (function) prompt gets a longer answer, so no row ends in EOS padding the teacher never wrote.
 
 Both run on the training stack (`Trainer`): same checkpoints, `--resume`, torchrun, progress bar.
@@ -58,6 +60,7 @@ class DistillConfig:
     teacher_temperature: float = 0.0
     teacher_top_p: float | None = None
     teacher_frequency_penalty: float = 0.0
+    answer_model: str | None = None  # who answers the prompts (same tokenizer); None: the teacher itself
     entropy_weight: float = 0.5
 
     def validate(self) -> None:
@@ -158,8 +161,9 @@ def trajectory_prompts(pipe, texts, dcfg: DistillConfig, rng: np.random.Generato
 
 def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, out_file: Path, seed: int = 0,
                          progress: bool = True) -> int:
-    """Let the teacher answer `dcfg.prompts` prompts from `texts`; write {prompt, answer} jsonl.
-    Each answer fills its row up to prompt_tokens + answer_tokens tokens."""
+    """Let the teacher (or `dcfg.answer_model`) answer `dcfg.prompts` prompts from `texts`; write
+    {prompt, answer} jsonl. Each answer fills its row up to prompt_tokens + answer_tokens tokens (an AR
+    answerer may stop earlier, at its EOS)."""
     import unmask
     from rich.progress import Progress
 
@@ -167,7 +171,9 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
     from unmask.decoding.options import DecodeOptions
     from unmask.io import atomic_path
 
-    pipe = unmask.load(teacher_dir)
+    pipe = unmask.load(dcfg.answer_model or teacher_dir)
+    if dcfg.answer_model:
+        check_same_tokenizer(teacher_dir, dcfg.answer_model, pipe.tokenizer)
     rng = np.random.default_rng(seed)
     opts = DecodeOptions(block_length=min(32, dcfg.answer_tokens), policy="threshold",
                          threshold=dcfg.teacher_threshold, early_stop=False, temperature=dcfg.teacher_temperature,
@@ -187,6 +193,16 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
             f.write(json.dumps({"prompt": prompt, "answer": result.text}) + "\n")
             bar.advance(task)
     return len(prompts)
+
+
+def check_same_tokenizer(teacher_dir: str | Path, answer_dir: str | Path, answer_tokenizer) -> None:
+    """The student re-reads the answers as token ids: a different vocabulary would teach it other tokens."""
+    from unmask.tokenizer import Tokenizer
+
+    teacher_vocab = Tokenizer.from_dir(teacher_dir).hf.get_vocab()
+    if answer_tokenizer.hf.get_vocab() != teacher_vocab:
+        raise TrainConfigError(f"the answer model {answer_dir} has another tokenizer than the teacher {teacher_dir}; "
+                               "sequence-level distillation needs the same vocabulary")
 
 
 # --- the distiller ---------------------------------------------------------------------------------
