@@ -7,6 +7,8 @@ import torch
 import unmask
 
 from conftest import tiny_model
+from unmask.decoding.ar import ar_generate
+from unmask.decoding.engine import Engine
 from unmask.diffusion.objective import masked_diffusion_loss
 from unmask.pipeline import Pipeline
 from unmask.tokenizer import Tokenizer
@@ -111,13 +113,13 @@ def test_function_prompts_get_answers_that_fill_their_rows(tmp_path, teacher_and
                                                            monkeypatch):
     teacher, _ = teacher_and_data
     asked = []
-    generate = Pipeline.generate
+    submit = Engine.submit
 
-    def spy(self, prompt, options=None, **kw):
-        asked.append((len(self.encode(prompt)), options.max_new_tokens, options.frequency_penalty))
-        return generate(self, prompt, options, **kw)
+    def spy(self, prompt_ids, options, *args, **kw):
+        asked.append((len(prompt_ids), options.max_new_tokens, options.frequency_penalty))
+        return submit(self, prompt_ids, options, *args, **kw)
 
-    monkeypatch.setattr(Pipeline, "generate", spy)
+    monkeypatch.setattr(Engine, "submit", spy)
     dcfg = DistillConfig(method="trajectory", prompts=5, prompt_source="functions", prompt_tokens=48,
                          answer_tokens=16, teacher_frequency_penalty=0.5)
     traj = tmp_path / "functions.jsonl"
@@ -143,9 +145,8 @@ def test_answers_can_come_from_the_ar_twin(tmp_path, teacher_and_data, corpus_te
     rows = [json.loads(line) for line in traj.read_text().splitlines()]
     ar = unmask.load(twin)
     for r in rows:  # each answer is exactly the twin's greedy continuation of its prompt, filling the row
-        expected = ar.generate(r["prompt"], ar.options(max_new_tokens=64 - len(tokenizer.encode(r["prompt"])),
-                                                       temperature=0.0))
-        assert r["answer"] == expected.text
+        ids = tokenizer.encode(r["prompt"])
+        assert r["answer"] == tokenizer.decode(ar_generate(ar.model, ids, max_new_tokens=64 - len(ids)).tokens)
     own = tmp_path / "own.jsonl"
     collect_trajectories(teacher, corpus_texts[:20], dataclasses.replace(dcfg, answer_model=None), own, progress=False)
     assert [json.loads(x)["answer"] for x in own.read_text().splitlines()] != [r["answer"] for r in rows]

@@ -342,3 +342,39 @@ def test_a_model_that_prefers_the_mask_token_still_finishes(tokenizer):
     model = ScriptedModel(tokenizer, lambda pos, cur: (tokenizer.mask_id, 0.9))
     out = denoise(model, [5, 6] + [tokenizer.mask_id] * 8, opts())
     assert tokenizer.mask_id not in out.canvas and out.steps <= 8
+
+
+def test_batched_ar_rows_of_different_lengths_equal_each_alone(tokenizer):
+    """Left-padded AR batch: each row, with its own budget, writes what it writes alone (EOS ends a row)."""
+    from unmask.decoding.ar import ar_generate_batch
+
+    model = tiny_model(tokenizer, attention="causal", seed=5)
+    prompts = [tokenizer.encode(p) for p in PROMPTS] + [[tokenizer.eos_id, *tokenizer.encode("x = ")]]
+    budgets = [9, 3, 14, 6]
+    for penalty, stop in ((0.0, True), (0.7, False)):
+        batch = ar_generate_batch(model, prompts, budgets, frequency_penalty=penalty, stop_at_eos=stop)
+        alone = [ar_generate(model, p, n, frequency_penalty=penalty, stop_at_eos=stop) for p, n in zip(prompts, budgets)]
+        assert [r.tokens for r in batch] == [r.tokens for r in alone]
+        assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
+        assert batch[0].nfe == max(r.nfe for r in alone)  # one forward pass per step serves every row
+    with pytest.raises(ValueError, match="2 budgets for 4 prompts"):
+        ar_generate_batch(model, prompts, [1, 2])
+
+
+@pytest.mark.parametrize("attention", ["block_causal", "causal"])
+def test_generate_many_yields_every_prompt_as_decoded_alone(tokenizer, attention):
+    from unmask.decoding.generate import generate_many
+    from unmask.pipeline import Pipeline
+
+    model = sharp_model(tokenizer, attention=attention) if attention != "causal" else tiny_model(tokenizer, attention="causal")
+    pipe = Pipeline(model, tokenizer)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    options = [opts(max_new_tokens=n, stop=["\n\n"] if n == 8 else []) for n in (8, 16, 12)]
+    got = dict(generate_many(pipe, prompts, options, max_batch=2))
+    assert sorted(got) == [0, 1, 2]
+    for i, (p, o) in enumerate(zip(prompts, options)):
+        alone = pipe.generate(p, o)  # ids: no healing, as generate_many
+        assert got[i].tokens == alone.tokens and got[i].text == alone.text
+    if attention == "causal":
+        with pytest.raises(OptionsError, match="same sampling options"):
+            list(generate_many(pipe, prompts, [options[0], opts(temperature=0.5), options[2]]))

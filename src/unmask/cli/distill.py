@@ -49,6 +49,7 @@ def distill(
     answers_from: Optional[Path] = typer.Option(None, "--answers-from",
                                                 help="trajectory: another model answers the prompts (same "
                                                      "tokenizer, e.g. the AR twin): sequence-level distillation."),
+    answer_batch: int = typer.Option(32, "--answer-batch", help="trajectory: prompts answered together."),
     steps: int = typer.Option(500, "--steps", help="trajectory: optimizer steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out."),
 ) -> None:
@@ -62,7 +63,7 @@ def distill(
                          prompt_tokens=prompt_tokens, answer_tokens=answer_tokens, entropy_weight=entropy_weight,
                          teacher_temperature=teacher_temperature, teacher_top_p=teacher_top_p,
                          teacher_frequency_penalty=teacher_frequency_penalty,
-                         answer_model=str(answers_from) if answers_from else None)
+                         answer_model=str(answers_from) if answers_from else None, answer_batch=answer_batch)
     dcfg.validate()
     if answers_from and method != "trajectory":
         raise typer.BadParameter("only trajectory distillation has answers to take from another model",

@@ -1,9 +1,10 @@
-"""Autoregressive decoding with a KV cache, for the causal twin: the fair baseline for speed figures."""
+"""Autoregressive decoding with a KV cache, for the causal twin: the fair baseline for speed figures, and
+the batched answerer of sequence-level distillation (many prompts of different lengths, left-padded)."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -30,43 +31,88 @@ def ar_generate(
 ) -> GenerationResult:
     """Greedy/sampled AR decoding. `on_step` gets one StepEvent per new token (the final one done=True);
     `first_allowed` (bool [vocab]) restricts the first new token (token healing)."""
+    on_token = None
+    if on_step is not None:
+        def on_token(row: int, out: list[int]) -> None:
+            on_step(StepEvent("0", len(out), list(out), len(out), changed=[len(out) - 1]))
+
+    [result] = ar_generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
+                                 first_allowed, presence_penalty, frequency_penalty, on_token)
+    if on_step is not None:
+        on_step(StepEvent("0", len(result.tokens), list(result.tokens), len(result.tokens), done=True, result=result))
+    return result
+
+
+@torch.no_grad()
+def ar_generate_batch(
+    model: Transformer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int | Sequence[int] = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    first_allowed: torch.Tensor | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    on_token: Callable[[int, list[int]], None] | None = None,
+) -> list[GenerationResult]:
+    """AR decoding of several prompts in one batch, each with its own budget (`max_new_tokens`: one for all
+    or one per prompt). Prompts are left-padded: padding is invalid in the cache, and RoPE positions start
+    at each prompt's first token, so a row computes what it would alone. A row that ends (EOS or budget)
+    stops growing; the batch runs until every row has ended. `on_token(row, tokens)` after each new token.
+    Results carry the batch's forward passes and wall time (shared by its rows)."""
     c = model.config
     if c.attention != "causal":
         raise ValueError(f"AR decoding needs a causal model, this one is {c.attention}")
-    if not prompt_ids:
+    if not prompts or any(not p for p in prompts):
         raise ValueError("AR decoding needs at least one prompt token")
-    total = len(prompt_ids) + max_new_tokens
-    if total > c.max_seq_len:
-        raise ValueError(f"prompt + new tokens = {total} exceeds the model context of {c.max_seq_len}")
+    B = len(prompts)
+    budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != B:
+        raise ValueError(f"{len(budgets)} budgets for {B} prompts")
+    P = max(len(p) for p in prompts)
+    for p, n in zip(prompts, budgets):
+        if len(p) + n > c.max_seq_len:
+            raise ValueError(f"prompt + new tokens = {len(p) + n} exceeds the model context of {c.max_seq_len}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     device = model.output.weight.device
     t0 = time.perf_counter()
-    cache = model.new_cache(1, total)
-    logits = model(torch.tensor([prompt_ids], device=device), cache=cache, cache_start=0)
+    total = P + max(budgets)
+    cache = model.new_cache(B, total)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)[:, None]
+    slots = torch.arange(total, device=device)[None, :]
+    cache.set_layout((slots - pad).clamp_min(0), slots >= pad)
+    rows = torch.tensor([[c.eos_id] * (P - len(p)) + list(p) for p in prompts], device=device)
+    logits = model(rows, cache=cache, cache_start=0)[:, -1]
     if first_allowed is not None:
-        logits[:, -1].masked_fill_(~first_allowed.to(device), float("-inf"))
-    nfe, out, pos = 1, [], len(prompt_ids)
-    finish = "length"
-    counts = torch.zeros(logits.shape[-1], device=device)
-    for _ in range(max_new_tokens):
+        logits.masked_fill_(~first_allowed.to(device), float("-inf"))
+    outs: list[list[int]] = [[] for _ in range(B)]
+    finish = ["length"] * B
+    live = [n > 0 for n in budgets]
+    counts = torch.zeros(B, logits.shape[-1], device=device)
+    nfe, pos = 1, P
+    while any(live):
         if presence_penalty or frequency_penalty:
-            logits[:, -1] = penalize(logits[:, -1], counts, presence_penalty, frequency_penalty)
-        tok, _ = sample_tokens(logits[:, -1], temperature, top_k, top_p, gen)
-        counts[tok] += 1
-        t = int(tok)
-        if stop_at_eos and t == c.eos_id:
-            finish = "eos"
+            logits = penalize(logits, counts, presence_penalty, frequency_penalty)
+        tok, _ = sample_tokens(logits, temperature, top_k, top_p, gen)
+        counts.scatter_add_(1, tok[:, None], torch.ones(B, 1, device=device))
+        for b, t in enumerate(tok.tolist()):
+            if not live[b]:
+                continue
+            if stop_at_eos and t == c.eos_id:
+                finish[b], live[b] = "eos", False
+                continue
+            outs[b].append(t)
+            if on_token is not None:
+                on_token(b, outs[b])
+            live[b] = len(outs[b]) < budgets[b]
+        if not any(live):
             break
-        out.append(t)
-        if on_step is not None:
-            on_step(StepEvent("0", len(out), list(out), len(out), changed=[len(out) - 1]))
-        if len(out) == max_new_tokens:
-            break
-        logits = model(tok.view(1, 1), cache=cache, cache_start=pos)
+        logits = model(tok[:, None], cache=cache, cache_start=pos)[:, -1]
         pos += 1
         nfe += 1
-    result = GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=time.perf_counter() - t0,
-                              finish_reason=finish, prompt_tokens=len(prompt_ids))
-    if on_step is not None:
-        on_step(StepEvent("0", len(out), list(out), len(out), done=True, result=result))
-    return result
+    seconds = time.perf_counter() - t0
+    return [GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=seconds, finish_reason=f,
+                             prompt_tokens=len(p)) for out, f, p in zip(outs, finish, prompts)]

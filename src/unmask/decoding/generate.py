@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from unmask.decoding.ar import ar_generate
+from unmask.decoding.ar import ar_generate, ar_generate_batch
 from unmask.decoding.engine import Engine
 from unmask.decoding.healing import heal
 from unmask.decoding.events import StepEvent
@@ -71,3 +71,42 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
         if stopped:
             result.finish_reason = "stop"
     return result
+
+
+def generate_many(pipe: "Pipeline", prompts: list[list[int]], options: list[DecodeOptions],
+                  max_batch: int = 32) -> Iterator[tuple[int, GenerationResult]]:
+    """Token-id prompts (no healing), `max_batch` decoded together; yields (index, result) as each finishes,
+    with its text cut at its stop strings. Diffusion models share one engine queue, each request with its own
+    options; causal twins decode `max_batch` prompts at a time with ar_generate_batch, so their options may
+    differ only in max_new_tokens, seed (a chunk samples from its first seed) and stop strings."""
+    if len(options) != len(prompts):
+        raise OptionsError(f"{len(options)} options for {len(prompts)} prompts")
+    for ids, o in zip(prompts, options):
+        check_context(len(ids), o.max_new_tokens, pipe.config.max_seq_len)
+
+    def finish(i: int, result: GenerationResult) -> tuple[int, GenerationResult]:
+        result.text = pipe.tokenizer.decode(result.tokens)
+        if options[i].stop:
+            result.text, stopped = apply_stop(result.text, options[i].stop)
+            result.finish_reason = "stop" if stopped else result.finish_reason
+        return i, result
+
+    if pipe.config.attention == "causal":
+        sampling = [o.replace(max_new_tokens=1, seed=None, stop=[]) for o in options]
+        if any(x != sampling[0] for x in sampling):
+            raise OptionsError("batched AR decoding needs the same sampling options for every prompt")
+        o = options[0]
+        for start in range(0, len(prompts), max_batch):
+            chunk = range(start, min(start + max_batch, len(prompts)))
+            results = ar_generate_batch(pipe.model, [prompts[i] for i in chunk],
+                                        [options[i].max_new_tokens for i in chunk], o.temperature, o.top_k, o.top_p,
+                                        options[start].seed, presence_penalty=o.presence_penalty,
+                                        frequency_penalty=o.frequency_penalty)
+            yield from (finish(i, r) for i, r in zip(chunk, results))
+        return
+    engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts))
+    index = {engine.submit(ids, o): i for i, (ids, o) in enumerate(zip(prompts, options))}
+    while engine.has_work():
+        for event in engine.step():
+            if event.done:
+                yield finish(index[event.request_id], event.result)

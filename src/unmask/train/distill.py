@@ -61,6 +61,7 @@ class DistillConfig:
     teacher_top_p: float | None = None
     teacher_frequency_penalty: float = 0.0
     answer_model: str | None = None  # who answers the prompts (same tokenizer); None: the teacher itself
+    answer_batch: int = 32  # prompts answered together (one engine queue, or one batch of AR rows)
     entropy_weight: float = 0.5
 
     def validate(self) -> None:
@@ -75,7 +76,8 @@ class DistillConfig:
         for name in ("teacher_temperature", "entropy_weight"):  # a negative entropy weight rewards doubt
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("rounds", "steps_per_round", "teacher_steps", "prompts", "prompt_tokens", "answer_tokens"):
+        for name in ("rounds", "steps_per_round", "teacher_steps", "prompts", "prompt_tokens", "answer_tokens",
+                     "answer_batch"):
             if getattr(self, name) < 1:
                 raise TrainConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -168,6 +170,7 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
     from rich.progress import Progress
 
     from unmask.cli.common import console
+    from unmask.decoding.generate import generate_many
     from unmask.decoding.options import DecodeOptions
     from unmask.io import atomic_path
 
@@ -184,14 +187,16 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
                  else "no document longer than")
         raise TrainConfigError(f"{found} {dcfg.prompt_tokens} tokens in the data")
     row = dcfg.prompt_tokens + dcfg.answer_tokens
-    with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f, \
-            Progress(console=console, disable=not progress) as bar:
+    options = [opts.replace(max_new_tokens=row - len(ids), seed=int(rng.integers(2**31))) for ids in prompts]
+    answers: list[str | None] = [None] * len(prompts)
+    with Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("teacher trajectories", total=len(prompts))
-        for ids in prompts:
-            prompt = pipe.tokenizer.decode(ids)
-            result = pipe.generate(prompt, opts.replace(max_new_tokens=row - len(ids), seed=int(rng.integers(2**31))))
-            f.write(json.dumps({"prompt": prompt, "answer": result.text}) + "\n")
+        for i, result in generate_many(pipe, prompts, options, max_batch=dcfg.answer_batch):
+            answers[i] = result.text
             bar.advance(task)
+    with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for ids, answer in zip(prompts, answers):
+            f.write(json.dumps({"prompt": pipe.tokenizer.decode(ids), "answer": answer}) + "\n")
     return len(prompts)
 
 
