@@ -7,8 +7,6 @@ import torch
 import unmask
 
 from conftest import tiny_model
-from unmask.decoding.ar import ar_generate
-from unmask.decoding.engine import Engine
 from unmask.diffusion.objective import masked_diffusion_loss
 from unmask.pipeline import Pipeline
 from unmask.tokenizer import Tokenizer
@@ -112,14 +110,16 @@ def test_trajectory_round_learns_the_teachers_answers(tmp_path, teacher_and_data
 def test_function_prompts_get_answers_that_fill_their_rows(tmp_path, teacher_and_data, corpus_texts, tokenizer,
                                                            monkeypatch):
     teacher, _ = teacher_and_data
+    import unmask.decoding.generate as generate
+
     asked = []
-    submit = Engine.submit
+    many = generate.generate_many
 
-    def spy(self, prompt_ids, options, *args, **kw):
-        asked.append((len(prompt_ids), options.max_new_tokens, options.frequency_penalty))
-        return submit(self, prompt_ids, options, *args, **kw)
+    def spy(pipe, prompts, options, **kw):
+        asked.extend((len(pipe.encode(p)), o.max_new_tokens, o.frequency_penalty) for p, o in zip(prompts, options))
+        return many(pipe, prompts, options, **kw)
 
-    monkeypatch.setattr(Engine, "submit", spy)
+    monkeypatch.setattr(generate, "generate_many", spy)
     dcfg = DistillConfig(method="trajectory", prompts=5, prompt_source="functions", prompt_tokens=48,
                          answer_tokens=16, teacher_frequency_penalty=0.5)
     traj = tmp_path / "functions.jsonl"
@@ -144,9 +144,9 @@ def test_answers_can_come_from_the_ar_twin(tmp_path, teacher_and_data, corpus_te
     assert collect_trajectories(teacher, corpus_texts[:20], dcfg, traj, progress=False) == 4
     rows = [json.loads(line) for line in traj.read_text().splitlines()]
     ar = unmask.load(twin)
-    for r in rows:  # each answer is exactly the twin's greedy continuation of its prompt, filling the row
-        ids = tokenizer.encode(r["prompt"])
-        assert r["answer"] == tokenizer.decode(ar_generate(ar.model, ids, max_new_tokens=64 - len(ids)).tokens)
+    for r in rows:  # each answer is exactly the twin's greedy (healed) continuation of its prompt, filling the row
+        alone = ar.generate(r["prompt"], max_new_tokens=64 - len(tokenizer.encode(r["prompt"])), temperature=0.0)
+        assert r["answer"] == alone.text
     own = tmp_path / "own.jsonl"
     collect_trajectories(teacher, corpus_texts[:20], dataclasses.replace(dcfg, answer_model=None), own, progress=False)
     assert [json.loads(x)["answer"] for x in own.read_text().splitlines()] != [r["answer"] for r in rows]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import torch
 
 from unmask.decoding.ar import ar_generate, ar_generate_batch
 from unmask.decoding.engine import Engine
-from unmask.decoding.healing import heal
+from unmask.decoding.healing import Healing, heal
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.result import GenerationResult
@@ -41,27 +44,31 @@ def stop_checker(tokenizer, stop: list[str], skip: str = "") -> Callable[[list[i
     return stop_when
 
 
-def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions,
-                  on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
-    """Diffusion models decode with the engine (streaming StepEvents to `on_step`); causal twins with AR.
-    A text prompt is token-healed (options.heal): its last token is re-decoded as the start of the answer,
-    and that text is taken off the answer again, so `prompt + result.text` is what the model wrote."""
+@dataclass
+class Prepared:
+    """A prompt ready to decode: its ids (healed: without the last token) and the healing to undo."""
+    ids: list[int]
+    healing: Healing | None
+
+    @property
+    def first_allowed(self) -> torch.Tensor | None:
+        return self.healing.allowed if self.healing is not None else None
+
+
+def prepare(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions) -> Prepared:
+    """Tokenise, check the context, heal a text prompt (options.heal). The healed token is one of the
+    max_new_tokens: same canvas, same block plan."""
     ids = pipe.encode(prompt) if isinstance(prompt, str) else list(prompt)
     c = pipe.config
     check_context(len(ids), options.max_new_tokens, c.max_seq_len)
     healing = heal(pipe.tokenizer, ids, c.vocab_size) if options.heal and isinstance(prompt, str) else None
-    first_allowed = None
-    if healing is not None:  # the healed token is one of the max_new_tokens: same canvas, same block plan
-        ids, first_allowed = healing.prompt_ids, healing.allowed
-    if c.attention == "causal":
-        result = ar_generate(pipe.model, ids, options.max_new_tokens, options.temperature, options.top_k,
-                             options.top_p, options.seed, on_step=on_step, first_allowed=first_allowed,
-                             presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)
-    else:
-        stop_when = stop_checker(pipe.tokenizer, options.stop, skip=healing.removed if healing else "")
-        result = Engine(pipe.model, max_batch=1).generate(ids, options, on_step=on_step, stop_when=stop_when,
-                                                          first_allowed=first_allowed)
+    return Prepared(healing.prompt_ids if healing is not None else ids, healing)
+
+
+def finish(pipe: "Pipeline", result: GenerationResult, prepared: Prepared, options: DecodeOptions) -> GenerationResult:
+    """The answer's text: the healed prompt's token text taken off again, cut at the first stop string."""
     result.text = pipe.tokenizer.decode(result.tokens)
+    healing = prepared.healing
     if healing is not None:
         result.prompt_tokens += 1  # the healed token is the prompt's, not the model's
         if result.text.startswith(healing.removed):
@@ -73,40 +80,57 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
     return result
 
 
-def generate_many(pipe: "Pipeline", prompts: list[list[int]], options: list[DecodeOptions],
+def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions,
+                  on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+    """Diffusion models decode with the engine (streaming StepEvents to `on_step`); causal twins with AR.
+    A text prompt is token-healed (options.heal): its last token is re-decoded as the start of the answer,
+    and that text is taken off the answer again, so `prompt + result.text` is what the model wrote."""
+    p = prepare(pipe, prompt, options)
+    if pipe.config.attention == "causal":
+        result = ar_generate(pipe.model, p.ids, options.max_new_tokens, options.temperature, options.top_k,
+                             options.top_p, options.seed, on_step=on_step, first_allowed=p.first_allowed,
+                             presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)
+    else:
+        stop_when = stop_checker(pipe.tokenizer, options.stop, skip=p.healing.removed if p.healing else "")
+        result = Engine(pipe.model, max_batch=1).generate(p.ids, options, on_step=on_step, stop_when=stop_when,
+                                                          first_allowed=p.first_allowed)
+    return finish(pipe, result, p, options)
+
+
+def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options: Sequence[DecodeOptions],
                   max_batch: int = 32) -> Iterator[tuple[int, GenerationResult]]:
-    """Token-id prompts (no healing), `max_batch` decoded together; yields (index, result) as each finishes,
-    with its text cut at its stop strings. Diffusion models share one engine queue, each request with its own
-    options; causal twins decode `max_batch` prompts at a time with ar_generate_batch, so their options may
-    differ only in max_new_tokens, seed (a chunk samples from its first seed) and stop strings."""
+    """generate_text for many prompts, `max_batch` decoded together; yields (index, result) as each
+    finishes. Diffusion models share one engine queue, each request with its own options; causal twins
+    decode `max_batch` prompts at a time with ar_generate_batch, so their options may differ only in
+    max_new_tokens, seed (a chunk samples from its first seed) and stop strings."""
     if len(options) != len(prompts):
         raise OptionsError(f"{len(options)} options for {len(prompts)} prompts")
-    for ids, o in zip(prompts, options):
-        check_context(len(ids), o.max_new_tokens, pipe.config.max_seq_len)
-
-    def finish(i: int, result: GenerationResult) -> tuple[int, GenerationResult]:
-        result.text = pipe.tokenizer.decode(result.tokens)
-        if options[i].stop:
-            result.text, stopped = apply_stop(result.text, options[i].stop)
-            result.finish_reason = "stop" if stopped else result.finish_reason
-        return i, result
-
+    prepared = [prepare(pipe, prompt, o) for prompt, o in zip(prompts, options)]
     if pipe.config.attention == "causal":
         sampling = [o.replace(max_new_tokens=1, seed=None, stop=[]) for o in options]
         if any(x != sampling[0] for x in sampling):
             raise OptionsError("batched AR decoding needs the same sampling options for every prompt")
         o = options[0]
+        vocab = pipe.config.vocab_size
         for start in range(0, len(prompts), max_batch):
             chunk = range(start, min(start + max_batch, len(prompts)))
-            results = ar_generate_batch(pipe.model, [prompts[i] for i in chunk],
+            allowed = torch.stack([prepared[i].first_allowed[:vocab] if prepared[i].healing else
+                                   torch.ones(vocab, dtype=torch.bool) for i in chunk])
+            results = ar_generate_batch(pipe.model, [prepared[i].ids for i in chunk],
                                         [options[i].max_new_tokens for i in chunk], o.temperature, o.top_k, o.top_p,
-                                        options[start].seed, presence_penalty=o.presence_penalty,
-                                        frequency_penalty=o.frequency_penalty)
-            yield from (finish(i, r) for i, r in zip(chunk, results))
+                                        options[start].seed, first_allowed=allowed,
+                                        presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty)
+            yield from ((i, finish(pipe, r, prepared[i], options[i])) for i, r in zip(chunk, results))
         return
     engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts))
-    index = {engine.submit(ids, o): i for i, (ids, o) in enumerate(zip(prompts, options))}
+    index = {}
+    for i, (p, o) in enumerate(zip(prepared, options)):
+        skip = p.healing.removed if p.healing else ""
+        rid = engine.submit(p.ids, o, stop_when=stop_checker(pipe.tokenizer, o.stop, skip=skip),
+                            first_allowed=p.first_allowed)
+        index[rid] = i
     while engine.has_work():
         for event in engine.step():
             if event.done:
-                yield finish(index[event.request_id], event.result)
+                i = index[event.request_id]
+                yield i, finish(pipe, event.result, prepared[i], options[i])

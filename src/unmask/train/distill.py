@@ -188,15 +188,16 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
         raise TrainConfigError(f"{found} {dcfg.prompt_tokens} tokens in the data")
     row = dcfg.prompt_tokens + dcfg.answer_tokens
     options = [opts.replace(max_new_tokens=row - len(ids), seed=int(rng.integers(2**31))) for ids in prompts]
+    texts = [pipe.tokenizer.decode(ids) for ids in prompts]  # text prompts: token-healed as in generate()
     answers: list[str | None] = [None] * len(prompts)
     with Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("teacher trajectories", total=len(prompts))
-        for i, result in generate_many(pipe, prompts, options, max_batch=dcfg.answer_batch):
+        for i, result in generate_many(pipe, texts, options, max_batch=dcfg.answer_batch):
             answers[i] = result.text
             bar.advance(task)
     with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for ids, answer in zip(prompts, answers):
-            f.write(json.dumps({"prompt": pipe.tokenizer.decode(ids), "answer": answer}) + "\n")
+        for prompt, answer in zip(texts, answers):
+            f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
     return len(prompts)
 
 
