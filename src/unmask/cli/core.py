@@ -58,6 +58,8 @@ def info(model: Path = typer.Argument(..., help="Model folder.")) -> None:
     table = Table(title=str(model), show_header=False)
     table.add_row("family", family.name)
     table.add_row("parameters", f"{config.num_params():,}")
+    if config.n_experts:
+        table.add_row("active parameters", f"{config.num_params(active=True):,}")
     for key, value in config.to_dict().items():
         if key != "extra":
             table.add_row(key, str(value))

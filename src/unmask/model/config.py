@@ -36,6 +36,16 @@ class ModelConfig:
     block_size: int = 32  # used when attention == "block_causal"
     # Dream / AR-adapted models: output i predicts token i+1, so a masked token is read from i-1.
     logits_shift: bool = False
+    # mixture of experts (n_experts 0 = every layer has one dense SwiGLU of ffn_hidden): the first
+    # `first_dense_layers` layers stay dense; the others route each token to `n_experts_per_token` of `n_experts`
+    # SwiGLU experts of width `expert_hidden` (softmax over all experts, then top-k; `router_renormalize` divides
+    # the k weights by their sum), plus an always-on shared SwiGLU of width `shared_expert_hidden` (0 = none).
+    n_experts: int = 0
+    n_experts_per_token: int = 0
+    expert_hidden: int = 0
+    shared_expert_hidden: int = 0
+    first_dense_layers: int = 0
+    router_renormalize: bool = False
     # special token ids (the tokenizer's; kept here so a model folder is self-describing)
     mask_id: int = 0
     eos_id: int = 1
@@ -65,6 +75,16 @@ class ModelConfig:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.attention == "block_causal" and self.block_size < 1:
             raise ConfigError("block_size must be >= 1 for block_causal attention")
+        if self.n_experts:
+            if not 1 <= self.n_experts_per_token <= self.n_experts:
+                raise ConfigError(f"n_experts_per_token must be in [1, n_experts={self.n_experts}], "
+                                  f"got {self.n_experts_per_token}")
+            if self.expert_hidden < 1:
+                raise ConfigError(f"expert_hidden must be >= 1 for a mixture of experts, got {self.expert_hidden}")
+        elif self.n_experts_per_token or self.shared_expert_hidden or self.first_dense_layers:
+            raise ConfigError("n_experts_per_token, shared_expert_hidden and first_dense_layers need n_experts > 0")
+        if self.n_experts < 0 or self.shared_expert_hidden < 0 or not 0 <= self.first_dense_layers <= self.n_layers:
+            raise ConfigError("n_experts, shared_expert_hidden must be >= 0 and first_dense_layers in [0, n_layers]")
         for name in ("mask_id", "eos_id", "pad_id"):
             value = getattr(self, name)
             if not 0 <= value < self.vocab_size:
@@ -95,15 +115,20 @@ class ModelConfig:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(data)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.first_dense_layers
+
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count; `active`: only the experts one token runs through (k routed + shared)."""
         d, h, kv, f = self.dim, self.n_heads, self.n_kv_heads, self.ffn_hidden
         hd = self.head_dim
         attn = d * (h * hd) + 2 * d * (kv * hd) + (h * hd) * d
         if self.attn_bias:
             attn += h * hd + 2 * kv * hd
-        mlp = 3 * d * f
         norms = 2 * d + (2 * hd if self.qk_norm else 0)
-        body = self.n_layers * (attn + mlp + norms) + d
+        experts = self.n_experts_per_token if active else self.n_experts
+        moe = experts * 3 * d * self.expert_hidden + d * self.n_experts + 3 * d * self.shared_expert_hidden
+        body = sum(attn + norms + (moe if self.is_moe_layer(i) else 3 * d * f) for i in range(self.n_layers)) + d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return body + (emb if include_embeddings else 0)
 

@@ -1,4 +1,5 @@
-"""The denoiser: a pre-norm Transformer (RMSNorm, RoPE, SwiGLU, GQA, optional QK-norm).
+"""The denoiser: a pre-norm Transformer (RMSNorm, RoPE, SwiGLU or a mixture of SwiGLU experts, GQA, optional
+QK-norm).
 
 One network serves three attention modes (config.attention):
   bidirectional  masked diffusion: every token sees every token
@@ -140,23 +141,73 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class Block(nn.Module):
+class MoEFeedForward(nn.Module):
+    """Top-k mixture of SwiGLU experts (+ an optional shared expert every token goes through).
+
+    Routing: softmax over all experts' router logits (in float32), keep the k largest probabilities (divided by
+    their sum when config.router_renormalize), and add those experts' outputs weighted by them. Decoding sends
+    a block of ~32 tokens through the layer, so instead of running every expert on every token (dense) or
+    padding to a capacity, the (token, slot) pairs are sorted by expert once and only experts that received
+    tokens run, each on its own rows; index_add_ scatters the weighted outputs back. One host sync per layer
+    (the per-expert counts). Gradients reach the router through the kept probabilities.
+    """
+
     def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.k, self.renormalize = config.n_experts_per_token, config.router_renormalize
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config.dim, config.expert_hidden) for _ in range(config.n_experts))
+        if config.shared_expert_hidden:
+            self.shared = FeedForward(config.dim, config.shared_expert_hidden)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, experts), each [N, k], for tokens x [N, dim]."""
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, experts = probs.topk(self.k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(x)
+        order = experts.flatten().argsort()
+        rows = order // self.k  # the token of each (token, slot) pair, grouped by expert
+        slot_weights = weights.flatten()[order, None]
+        counts = torch.bincount(experts.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, n in zip(self.experts, counts):
+            if n:
+                idx = rows[start : start + n]
+                out.index_add_(0, idx, expert(x[idx]) * slot_weights[start : start + n])
+                start += n
+        if hasattr(self, "shared"):
+            out = out + self.shared(x)
+        return out.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.attention = Attention(config)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = FeedForward(config)
+        if config.is_moe_layer(layer):
+            self.feed_forward = MoEFeedForward(config)
+        else:
+            self.feed_forward = FeedForward(config.dim, config.ffn_hidden)
 
     def forward(self, x, cos, sin, mask, cache, layer, cache_start, kv_len):
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, cache_start, kv_len)
@@ -168,7 +219,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:

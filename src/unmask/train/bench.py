@@ -30,7 +30,8 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, block_diffusion: bool = False) -> float:
-    n = config.num_params(include_embeddings=False) + config.vocab_size * config.dim  # + the output head
+    # a mixture of experts computes only the experts each token is routed to
+    n = config.num_params(include_embeddings=False, active=True) + config.vocab_size * config.dim  # + the head
     attn = 12 * config.n_layers * config.dim * seq_len
     if block_diffusion:  # the [x_t, x_0] input doubles the tokens the network processes
         return 2 * (6 * n + 2 * attn)

@@ -18,7 +18,8 @@ class Family:
     name: str
     matches: Callable[[dict[str, Any]], bool]
     to_config: Callable[[dict[str, Any]], ModelConfig]
-    # checkpoint name template -> our name template; "{}" is the layer index; None drops the key
+    # checkpoint name template -> our name template; "{}" is an index (the layer, then the expert for expert
+    # tensors, in the same order on both sides); None drops the key
     name_map: dict[str, str | None] = field(default_factory=dict)
     # optional per-tensor fix-up (checkpoint name, tensor) -> tensor
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
@@ -30,28 +31,41 @@ class Family:
         if ckpt_name in self.name_map:
             return self.name_map[ckpt_name]
         parts = ckpt_name.split(".")
-        for i, part in enumerate(parts):
-            if part.isdigit():
-                template = ".".join(parts[:i] + ["{}"] + parts[i + 1 :])
-                if template in self.name_map:
-                    target = self.name_map[template]
-                    return None if target is None else target.format(part)
+        indices = [p for p in parts if p.isdigit()]
+        template = ".".join("{}" if p.isdigit() else p for p in parts)
+        if indices and template in self.name_map:
+            target = self.name_map[template]
+            return None if target is None else target.format(*indices)
         raise KeyError(ckpt_name)
 
     def ckpt_names(self, config: ModelConfig) -> dict[str, str]:
         """Our name -> checkpoint name for every tensor of a model with this config (for writing layouts)."""
         if not self.name_map:
             return {}
+        from unmask.model.transformer import Transformer
+
+        with torch.device("meta"):
+            ours = set(Transformer(config).state_dict())
         out = {}
         for src, dst in self.name_map.items():
             if dst is None:
                 continue
-            if "{}" in src:
-                for i in range(config.n_layers):
-                    out[dst.format(i)] = src.format(i)
-            else:
-                out[dst] = src
+            for idx in _index_tuples(src.count("{}"), config):
+                if dst.format(*idx) in ours:
+                    out[dst.format(*idx)] = src.format(*idx)
+        if config.tie_embeddings:
+            out.pop("output.weight", None)
         return out
+
+
+def _index_tuples(n: int, config: ModelConfig) -> list[tuple[int, ...]]:
+    if n == 0:
+        return [()]
+    if n == 1:
+        return [(i,) for i in range(config.n_layers)]
+    if n == 2:
+        return [(i, e) for i in range(config.n_layers) for e in range(config.n_experts)]
+    raise ValueError(f"name templates hold at most two indices (layer, expert), got {n}")
 
 
 def _native_config(raw: dict[str, Any]) -> ModelConfig:

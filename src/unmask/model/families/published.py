@@ -1,10 +1,12 @@
-"""Published checkpoint layouts: LLaDA (OLMo names), Dream (Qwen2 names, shifted logits), block-diffusion
-Qwen2.5 models (Fast-dLLM v2: Qwen2 names, block-causal attention, shifted logits) and block-diffusion Qwen3
-models (SDAR and TraDo: Qwen3 names with QK-norm, block-causal attention, unshifted logits).
+"""Published checkpoint layouts: LLaDA (OLMo names), LLaDA-MoE (OLMoE-style names, a mixture of experts), Dream
+(Qwen2 names, shifted logits), block-diffusion Qwen2.5 models (Fast-dLLM v2: Qwen2 names, block-causal attention,
+shifted logits) and block-diffusion Qwen3 models (SDAR and TraDo: Qwen3 names with QK-norm, block-causal
+attention, unshifted logits).
 
 Each family reads the checkpoint's own config.json keys and maps its tensor names onto our Transformer
 (tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo,q_norm,k_norm}, layers.{i}.feed_forward.{w1 gate, w3 up,
-w2 down}, attention_norm, ffn_norm, norm, output). Anything the published code can express but our network cannot
+w2 down} or, in mixture-of-experts layers, layers.{i}.feed_forward.{router, experts.{e}.{w1,w3,w2},
+shared.{w1,w3,w2}}, attention_norm, ffn_norm, norm, output). Anything the published code can express but our network cannot
 (ALiBi, LayerNorm with bias, RoPE scaling, sliding windows, ...) is refused with a ConfigError naming the key,
 instead of loading into a model that silently computes something else.
 
@@ -32,7 +34,49 @@ Facts relied on (REFERENCE.md §3, checked against the published config.json / m
          (Gen-Verse/dLLM-RL README) and SGLang's DLLM_PARAMS all use 4; the modeling code reads config.block_size
          (fine-tuned folders write it), so that key wins. Folders trained with other blocks (-b16, -b64) must
          say block_size. Mask "<|MASK|>" 151669 (added_tokens.json; mask_token_id wins), EOS 151643.
-         SDAR-30B-A3B (model_type "sdar_moe", SDARMoeForCausalLM) is a mixture of experts: refused.
+         SDAR-30B-A3B (model_type "sdar_moe", SDARMoeForCausalLM) is a mixture of experts: refused (its
+         modeling_sdar_moe.py was not found in the searchable sources, so its routing could not be checked).
+  LLaDA-MoE  inclusionAI/LLaDA-MoE-7B-A1B-Base / -Instruct (-Instruct-TD). Sources: the modeling and config code
+         as vendored by ZHZisZZ/dllm (dllm/pipelines/llada/models/{modeling,configuration}_lladamoe.py; the
+         modeling file says "copied from transformers.models.olmoe"), the HF repo's own configuration_lladamoe.py
+         (huggingface.co/inclusionAI/LLaDA-MoE-7B-A1B-Base, class LLaDAConfig with model_type "llada"), inclusionAI's
+         dInfer (python/dinfer/model/modeling_fused_olmoe.py), and llama.cpp (ggml-org/llama.cpp
+         src/models/llada-moe.cpp, convert_hf_to_gguf.py LLaDAMoEModel).
+         config.json: the release keeps model_type "llada" (dllm's README tells users to edit it to "lladamoe")
+         with architectures ["LLaDAMoEModelLM"], so it is recognised by architecture or by LLaDA-MoE keys
+         (num_experts / expert_intermediate_size), never by model_type alone. Keys: hidden_size,
+         num_hidden_layers, num_attention_heads, num_key_value_heads, expert_intermediate_size, num_experts,
+         num_experts_per_tok, dense_intermediate_size, shared_expert_intermediate_size, moe_layer_freq, qk_layernorm,
+         rope_theta, rope_scaling, partial_rotary_factor, attention_bias, clip_qkv, rms_norm_eps,
+         max_position_embeddings, tie_word_embeddings, vocab_size, eos/pad/mask_token_id,
+         moe_router_score_function, moe_router_enable_expert_bias, routed_scaling_factor, router_num_group,
+         router_topk_group, norm_topk_prob. The 7B-A1B values (secondary sources: dllm's config defaults, llama.cpp,
+         dInfer scripts): 16 layers, hidden 2048, 16 heads (head_dim 128, no GQA), 64 experts of width 1024, top-8,
+         no shared expert, every layer MoE, qk_layernorm, rope_theta 50000, 8192 positions, vocab 157184,
+         EOS/pad 156892 (<|endoftext|>), mask 156895 (<|mask|>: llama.cpp hard-codes it; dInfer's scripts use it).
+         The released config.json itself was not in the searchable sources: the mask id default (156895) is taken
+         from llama.cpp / dInfer, not from a config.json.
+         Forward (LLaDAMoEDecoderLayer): x + o_proj(attn(input_layernorm(x))); attention is OLMoE's: q_proj(x),
+         k_proj(x) then RMSNorm(head_dim) on every head (q_norm/k_norm on .reshape(-1, head_dim)), v_proj(x),
+         rotate-half RoPE over the whole head, head_dim = hidden_size / num_attention_heads, no mask (bidirectional),
+         o_proj carries a bias when attention_bias. Then x + mlp(post_attention_layernorm(x)) [+ shared_expert(same
+         input)]. LLaDAMoESparseMoeBlock: router_logits = gate(h) (nn.Linear, no bias); softmax over the experts
+         axis (dim=1 of [tokens, experts]) in float32; topk(num_experts_per_tok); NOT renormalised: the block sets
+         self.norm_topk_prob = False whatever config.json says, as do dInfer (FusedMoE renormalize=False) and
+         llama.cpp (norm_w false), so norm_topk_prob is ignored like the published code ignores it; the weights are
+         cast to the hidden dtype and multiply each expert's down_proj(silu(gate_proj(h)) * up_proj(h)), summed
+         with index_add_. The block stores moe_router_score_function and routed_scaling_factor but never uses
+         them; we accept only their neutral values ("softmax", 1) and refuse the others by name rather than guess.
+         moe_router_enable_expert_bias adds a buffer to the softmax probabilities before top-k (and keeps it in the
+         weights): refused. Layers with moe_layer_freq[i] == 0 hold a dense mlp of dense_intermediate_size: only a
+         leading run of them can be expressed (first_dense_layers); others are refused. LM head lm_head (untied
+         unless tie_word_embeddings); logits are not shifted (llama.cpp: diffusion_shift_logits false).
+         Tensors: model.embed_tokens, model.layers.{i}.{input_layernorm, post_attention_layernorm},
+         .self_attn.{q,k,v,o}_proj, .self_attn.{q,k}_norm, .mlp.gate (router, [experts, hidden]),
+         .mlp.experts.{e}.{gate,up,down}_proj, .shared_expert.{gate,up,down}_proj, model.norm, lm_head.
+  LLaDA2.0 / 2.1 (model_type "llada2_moe", LLaDA2MoeModelLM): refused. Their config.json (e.g. inclusionAI/
+         LLaDA2.1-mini) asks for partial RoPE (partial_rotary_factor 0.5), sigmoid routing with an expert bias and
+         grouped top-k (n_group/topk_group) with routed_scaling_factor 2.5: our network computes none of these.
 """
 
 from __future__ import annotations
@@ -47,6 +91,7 @@ QWEN_EOS_ID = 151643  # <|endoftext|> of the Qwen2.5 and Qwen3 tokenizers
 DREAM_MASK_ID = 151666
 FAST_DLLM_MASK_ID = 151665
 SDAR_MASK_ID, SDAR_BLOCK_SIZE, SDAR_HEAD_DIM = 151669, 4, 128
+LLADA_MOE_MASK_ID, LLADA_MOE_EOS_ID = 156895, 156892
 
 
 def _require(raw: dict[str, Any], *keys: str) -> None:
@@ -141,7 +186,112 @@ def llada_config(raw: dict[str, Any]) -> ModelConfig:
 
 
 def is_llada(raw: dict[str, Any]) -> bool:
+    if is_llada_moe(raw):
+        return False
     return str(raw.get("model_type", "")).lower() == "llada" or "LLaDAModelLM" in (raw.get("architectures") or [])
+
+
+# --- LLaDA-MoE ----------------------------------------------------------------------------------------------
+LLADA_MOE_NAMES: dict[str, str | None] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.mlp.gate.weight": "layers.{}.feed_forward.router.weight",
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
+    "model.layers.{}.shared_expert.gate_proj.weight": "layers.{}.feed_forward.shared.w1.weight",
+    "model.layers.{}.shared_expert.up_proj.weight": "layers.{}.feed_forward.shared.w3.weight",
+    "model.layers.{}.shared_expert.down_proj.weight": "layers.{}.feed_forward.shared.w2.weight",
+    # the dense mlp of layers whose moe_layer_freq entry is 0
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.rotary_emb.inv_freq": None,
+}
+
+
+def is_llada_moe(raw: dict[str, Any]) -> bool:
+    """LLaDA-MoE keeps model_type "llada" in its released config.json: recognise it by architecture, by the
+    names tools rewrite model_type to, or by its expert keys on an OLMoE-style (hidden_size) config."""
+    archs = [str(a) for a in raw.get("architectures") or []]
+    model_type = str(raw.get("model_type", "")).lower()
+    return (any(a.startswith("LLaDAMoE") for a in archs) or model_type in ("lladamoe", "llada_moe")
+            or (model_type == "llada" and "d_model" not in raw
+                and any(k in raw for k in ("num_experts", "expert_intermediate_size"))))
+
+
+def llada_moe_config(raw: dict[str, Any]) -> ModelConfig:
+    _require(raw, "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_experts",
+             "num_experts_per_tok", "expert_intermediate_size", "qk_layernorm")
+    _refuse(raw, "hidden_act", "silu", "SwiGLU with silu")
+    _refuse(raw, "attention_bias", False, "no attention biases: LLaDA-MoE's would include one on o_proj, which we lack")
+    _refuse(raw, "clip_qkv", None, "unclipped q/k/v")
+    _refuse(raw, "partial_rotary_factor", (1, 1.0), "RoPE over the whole head")
+    _refuse(raw, "rope_scaling", None, "plain RoPE; scaled RoPE variants are not implemented")
+    # routing: the published block always computes softmax -> top-k with no bias, group limit or scaling
+    _refuse(raw, "moe_router_score_function", "softmax", "softmax routing (the published block ignores the key, so "
+            "another value is ambiguous)")
+    _refuse(raw, "moe_router_enable_expert_bias", False, "no expert bias in routing")
+    _refuse(raw, "routed_scaling_factor", (1, 1.0, None), "unscaled expert weights (the published block ignores "
+            "the key, so another value is ambiguous)")
+    _refuse(raw, "router_num_group", None, "top-k over all experts, no expert groups")
+    _refuse(raw, "router_topk_group", None, "top-k over all experts, no expert groups")
+    d, n_heads, n_layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
+    if d % n_heads:
+        raise ConfigError(f"hidden_size {d} is not divisible by num_attention_heads {n_heads}")
+    if raw.get("head_dim") not in (None, d // n_heads):
+        raise ConfigError(f"head_dim={raw['head_dim']} is not supported (must be hidden_size / num_attention_heads)")
+    freq = raw.get("moe_layer_freq")
+    freq = [1] * n_layers if freq is None else list(freq)
+    if len(freq) != n_layers or any(f not in (0, 1) for f in freq):
+        raise ConfigError(f"moe_layer_freq={freq!r} is not supported (one 0/1 entry per layer)")
+    first_dense = freq.index(1) if 1 in freq else n_layers
+    if any(f == 0 for f in freq[first_dense:]):
+        raise ConfigError(f"moe_layer_freq={freq!r} is not supported (dense layers only as a leading run)")
+    if first_dense == n_layers:
+        raise ConfigError("moe_layer_freq has no mixture-of-experts layer (load it as a dense model instead)")
+    shared = raw.get("shared_expert_intermediate_size")
+    shared = 0 if shared is None else _positive_int(raw, "shared_expert_intermediate_size", 0)
+    if first_dense:
+        _require(raw, "dense_intermediate_size")
+    dense_hidden = _positive_int(raw, "dense_intermediate_size", 1) if first_dense else None
+    eos = _first_id(raw.get("eos_token_id"), LLADA_MOE_EOS_ID)
+    return ModelConfig(
+        vocab_size=int(raw["vocab_size"]), dim=d, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), head_dim=d // n_heads, ffn_hidden=dense_hidden,
+        max_seq_len=int(raw.get("max_position_embeddings", 4096)), rope_theta=float(raw.get("rope_theta", 10000.0)),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-5)), qk_norm=bool(raw["qk_layernorm"]),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)), attention="bidirectional", logits_shift=False,
+        n_experts=_positive_int(raw, "num_experts", 1), n_experts_per_token=_positive_int(raw, "num_experts_per_tok", 1),
+        expert_hidden=_positive_int(raw, "expert_intermediate_size", 1), shared_expert_hidden=shared,
+        first_dense_layers=first_dense, router_renormalize=False,  # the published block never renormalises
+        mask_id=_first_id(raw.get("mask_token_id"), LLADA_MOE_MASK_ID), eos_id=eos,
+        pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
+        family="llada_moe",
+    )
+
+
+def is_llada2(raw: dict[str, Any]) -> bool:
+    """LLaDA2.0 / 2.1 (BailingMoeV2 style), matched only to be refused by name."""
+    return str(raw.get("model_type", "")).lower().startswith("llada2") or any(
+        str(a).startswith("LLaDA2") for a in raw.get("architectures") or [])
+
+
+def llada2_config(raw: dict[str, Any]) -> ModelConfig:
+    raise ConfigError(
+        f"model_type={raw.get('model_type')!r} (LLaDA2.x) is not supported: it routes with score_function="
+        f"{raw.get('score_function', 'sigmoid')!r}, an expert bias and grouped top-k (n_group={raw.get('n_group')}, "
+        f"routed_scaling_factor={raw.get('routed_scaling_factor')}) and rotates only part of each head "
+        f"(partial_rotary_factor={raw.get('partial_rotary_factor')}), which our network does not compute")
 
 
 # --- Qwen2 layout: Dream and block-diffusion Qwen2.5; Qwen3 layout: SDAR / TraDo ------------------------------
@@ -268,4 +418,7 @@ DREAM = Family(name="dream", matches=is_dream, to_config=dream_config, name_map=
 BLOCK_QWEN = Family(name="block_qwen", matches=is_block_qwen, to_config=block_qwen_config, name_map=QWEN2_NAMES)
 SDAR = Family(name="sdar", matches=is_sdar, to_config=sdar_config, name_map=QWEN3_NAMES)
 
-FAMILIES = [LLADA, DREAM, BLOCK_QWEN, SDAR]
+LLADA_MOE = Family(name="llada_moe", matches=is_llada_moe, to_config=llada_moe_config, name_map=LLADA_MOE_NAMES)
+LLADA2 = Family(name="llada2", matches=is_llada2, to_config=llada2_config)
+
+FAMILIES = [LLADA_MOE, LLADA2, LLADA, DREAM, BLOCK_QWEN, SDAR]
