@@ -23,7 +23,9 @@ def sharpen(model):
             layer.attention.wq.weight.mul_(4)
             layer.attention.wk.weight.mul_(4)
             layer.attention.wo.weight.mul_(30)
-            layer.feed_forward.w2.weight.mul_(30)
+            for name, p in layer.feed_forward.named_parameters():  # a dense w2, or every expert's
+                if name.endswith("w2.weight"):
+                    p.mul_(30)
         model.output.weight.mul_(20)
     return model
 

@@ -1,5 +1,5 @@
 """Tiny random checkpoints in the published layouts (LLaDA, Dream, Fast-dLLM v2 block Qwen, SDAR/TraDo block
-Qwen3), written the way the real folders are: the published config.json keys, the published tensor names, safetensors shards with
+Qwen3, LLaDA-MoE), written the way the real folders are: the published config.json keys, the published tensor names, safetensors shards with
 model.safetensors.index.json, tokenizer.json with the family's special tokens and tokenizer_config.json with
 its chat template. Used by the family, chat, HumanEval and lm-eval tests."""
 
@@ -21,6 +21,12 @@ LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_h
 DREAM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
 FAST_DLLM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|"]
 SDAR_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<|MASK|>"]
+LLADA_MOE_SPECIALS = ["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"]
+# a stand-in in the shape of LLaDA-MoE-Instruct's role markup (<role>HUMAN</role>...<|role_end|>), not its exact text
+LLADA_MOE_TEMPLATE = (
+    "{% for message in messages %}{{ '<role>' + message['role'] | upper + '</role>' + message['content'] + "
+    "'<|role_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}"
+)
 
 # LLaDA-8B-Instruct's template (Llama-3 style headers, BOS before the first turn)
 LLADA_TEMPLATE = (
@@ -250,4 +256,68 @@ def sdar_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=2, he
     write_shards(path, t, n_shards)
     write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>", jinja_file=True)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
+    return config, t
+
+
+def llada_moe_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=4, n_experts=8, top_k=3, expert_hidden=32,
+                         shared_hidden=None, moe_layer_freq=None, dense_hidden=80, tie=False, seed=0, n_shards=3,
+                         extra: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """inclusionAI/LLaDA-MoE-7B-A1B's layout at toy width: OLMoE-style names, per-head q_norm/k_norm, a router
+    `mlp.gate` and experts `mlp.experts.{e}.{gate,up,down}_proj`; model_type "llada" as released, architectures
+    LLaDAMoEModelLM. `shared_hidden` adds `shared_expert.*`; `moe_layer_freq` with leading zeros adds dense layers."""
+    hf = family_tokenizer(LLADA_MOE_SPECIALS)
+    vocab = 64 * math.ceil((hf.get_vocab_size() + 1) / 64)
+    eos = hf.token_to_id("<|endoftext|>")
+    freq = moe_layer_freq or [1] * n_layers
+    config = {
+        "architectures": ["LLaDAMoEModelLM"],
+        "auto_map": {"AutoConfig": "configuration_lladamoe.LLaDAConfig", "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                     "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
+        "attention_bias": False, "attention_dropout": 0.0, "clip_qkv": None, "dense_intermediate_size": dense_hidden,
+        "eos_token_id": eos, "expert_intermediate_size": expert_hidden, "hidden_act": "silu", "hidden_size": d,
+        "initializer_range": 0.02, "mask_token_id": hf.token_to_id("<|mask|>"), "max_position_embeddings": 512,
+        "model_type": "llada", "moe_layer_freq": freq, "moe_router_enable_expert_bias": False,
+        "moe_router_score_function": "softmax", "norm_topk_prob": None, "num_attention_heads": n_heads,
+        "num_experts": n_experts, "num_experts_per_tok": top_k, "num_hidden_layers": n_layers,
+        "num_key_value_heads": n_kv_heads, "output_router_logits": False, "pad_token_id": eos,
+        "partial_rotary_factor": 1.0, "qk_layernorm": True, "rms_norm_eps": 1e-5, "rope_scaling": None,
+        "rope_theta": 50000.0, "routed_scaling_factor": 1, "router_aux_loss_coef": 0.01, "router_num_group": None,
+        "router_topk_group": None, "shared_expert_intermediate_size": shared_hidden, "tie_word_embeddings": tie,
+        "torch_dtype": "float32", "transformers_version": "4.46.3", "use_cache": False, "vocab_size": vocab,
+        **(extra or {}),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    hd = d // n_heads
+    t = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=gen)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = _norm(gen, d)
+        t[p + "self_attn.q_proj.weight"] = _linear(gen, n_heads * hd, d)
+        t[p + "self_attn.k_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
+        t[p + "self_attn.v_proj.weight"] = _linear(gen, n_kv_heads * hd, d)
+        t[p + "self_attn.o_proj.weight"] = _linear(gen, d, d)
+        t[p + "self_attn.q_norm.weight"] = _norm(gen, hd)
+        t[p + "self_attn.k_norm.weight"] = _norm(gen, hd)
+        t[p + "post_attention_layernorm.weight"] = _norm(gen, d)
+        if freq[i] == 0:
+            t[p + "mlp.gate_proj.weight"] = _linear(gen, dense_hidden, d)
+            t[p + "mlp.up_proj.weight"] = _linear(gen, dense_hidden, d)
+            t[p + "mlp.down_proj.weight"] = _linear(gen, d, dense_hidden)
+            continue
+        t[p + "mlp.gate.weight"] = 3 * _linear(gen, n_experts, d)  # peaked enough that the top-k choice matters
+        for e in range(n_experts):
+            t[p + f"mlp.experts.{e}.gate_proj.weight"] = _linear(gen, expert_hidden, d)
+            t[p + f"mlp.experts.{e}.up_proj.weight"] = _linear(gen, expert_hidden, d)
+            t[p + f"mlp.experts.{e}.down_proj.weight"] = _linear(gen, d, expert_hidden)
+        if shared_hidden:
+            t[p + "shared_expert.gate_proj.weight"] = _linear(gen, shared_hidden, d)
+            t[p + "shared_expert.up_proj.weight"] = _linear(gen, shared_hidden, d)
+            t[p + "shared_expert.down_proj.weight"] = _linear(gen, d, shared_hidden)
+    t["model.norm.weight"] = _norm(gen, d)
+    if not tie:
+        t["lm_head.weight"] = _linear(gen, vocab, d)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(path, t, n_shards)
+    write_tokenizer(path, hf, LLADA_MOE_TEMPLATE, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")
     return config, t

@@ -17,7 +17,7 @@ PROMPT = 'def parse_config(path):\n    """Read a JSON config file and return it 
 def bench_decode_cmd(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (trained weights)."),
     shape: Optional[str] = typer.Option(None, "--shape", help="Random weights of a named shape: tiny, small-34m, "
-                                        "llada-8b, dream-7b (used when --model is not given)."),
+                                        "llada-8b, dream-7b, sdar-4b, llada-moe-7b (used when --model is not given)."),
     compare: Optional[str] = typer.Option(None, "--compare", help="'ar': add the causal twin with a KV cache."),
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Trained AR twin for --compare ar (default: "
                                             "random weights of the same shape); implies --compare ar."),

@@ -152,6 +152,11 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, attention="block_causal",
         block_size=4, mask_id=151669, eos_id=151643, pad_id=151643, bos_id=151643, family="sdar",
     ),
+    "llada-moe-7b": dict(  # inclusionAI/LLaDA-MoE-7B-A1B-Base/-Instruct: 64 experts of 1024, top-8, qk-norm
+        vocab_size=157184, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, max_seq_len=8192, rope_theta=50000.0,
+        qk_norm=True, n_experts=64, n_experts_per_token=8, expert_hidden=1024, mask_id=156895, eos_id=156892,
+        pad_id=156892, family="llada_moe",
+    ),
 }
 
 

@@ -55,7 +55,9 @@ Facts relied on (REFERENCE.md §3, checked against the published config.json / m
          no shared expert, every layer MoE, qk_layernorm, rope_theta 50000, 8192 positions, vocab 157184,
          EOS/pad 156892 (<|endoftext|>), mask 156895 (<|mask|>: llama.cpp hard-codes it; dInfer's scripts use it).
          The released config.json itself was not in the searchable sources: the mask id default (156895) is taken
-         from llama.cpp / dInfer, not from a config.json.
+         from llama.cpp / dInfer, not from a config.json; a mask_token_id equal to the EOS id (the default of the
+         vendored configuration_lladamoe.py, 156892) is read as unset, since a masked-diffusion model cannot use
+         EOS as its mask.
          Forward (LLaDAMoEDecoderLayer): x + o_proj(attn(input_layernorm(x))); attention is OLMoE's: q_proj(x),
          k_proj(x) then RMSNorm(head_dim) on every head (q_norm/k_norm on .reshape(-1, head_dim)), v_proj(x),
          rotate-half RoPE over the whole head, head_dim = hidden_size / num_attention_heads, no mask (bidirectional),
@@ -265,6 +267,9 @@ def llada_moe_config(raw: dict[str, Any]) -> ModelConfig:
         _require(raw, "dense_intermediate_size")
     dense_hidden = _positive_int(raw, "dense_intermediate_size", 1) if first_dense else None
     eos = _first_id(raw.get("eos_token_id"), LLADA_MOE_EOS_ID)
+    mask = _first_id(raw.get("mask_token_id"), LLADA_MOE_MASK_ID)
+    if mask == eos:  # configuration_lladamoe's default mask_token_id is the EOS id; the models decode with <|mask|>
+        mask = LLADA_MOE_MASK_ID
     return ModelConfig(
         vocab_size=int(raw["vocab_size"]), dim=d, n_layers=n_layers, n_heads=n_heads,
         n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), head_dim=d // n_heads, ffn_hidden=dense_hidden,
@@ -274,7 +279,7 @@ def llada_moe_config(raw: dict[str, Any]) -> ModelConfig:
         n_experts=_positive_int(raw, "num_experts", 1), n_experts_per_token=_positive_int(raw, "num_experts_per_tok", 1),
         expert_hidden=_positive_int(raw, "expert_intermediate_size", 1), shared_expert_hidden=shared,
         first_dense_layers=first_dense, router_renormalize=False,  # the published block never renormalises
-        mask_id=_first_id(raw.get("mask_token_id"), LLADA_MOE_MASK_ID), eos_id=eos,
+        mask_id=mask, eos_id=eos,
         pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
         family="llada_moe",
     )

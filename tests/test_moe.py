@@ -1,0 +1,387 @@
+"""Mixture-of-experts layers and the LLaDA-MoE checkpoint family.
+
+The reference forward below is written from inclusionAI's published LLaDA-MoE modeling code (OLMoE-style decoder,
+LLaDAMoESparseMoeBlock) in plain PyTorch on the *published* tensor names. Its routing is computed densely (every
+expert on every token, a [tokens, experts] weight matrix from a sort), independent of unmask's sparse dispatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unmask
+from engine_helpers import sharpen
+from published_checkpoints import llada_moe_checkpoint
+from test_families import _ids, _max_diff, _with_family, attention, rms
+from unmask.decoding.options import DecodeOptions
+from unmask.diffusion.objective import masked_diffusion_loss
+from unmask.model.checkpoints import CheckpointError, load_model, read_config, save_model
+from unmask.model.config import ConfigError, ModelConfig, shape_config
+from unmask.model.families import published
+from unmask.model.transformer import MoEFeedForward, Transformer
+
+ATOL = 1e-4
+
+
+# --- independent reference --------------------------------------------------------------------------
+def swiglu(h, gate, up, down):
+    return (F.silu(h @ gate.T) * (h @ up.T)) @ down.T
+
+
+def routing_matrix(h, router, k, renormalize=False):
+    """[tokens, experts] weights: softmax over the experts of each token, zero outside its k largest."""
+    probs = (h @ router.T).float().softmax(dim=-1)
+    ranked = probs.sort(dim=-1, descending=True)
+    kth = ranked.values[:, k - 1 : k]
+    w = torch.where(probs >= kth, probs, torch.zeros_like(probs))
+    return w / w.sum(-1, keepdim=True) if renormalize else w
+
+
+def sparse_moe(h, t, prefix, cfg, renormalize=False):
+    B, T, D = h.shape
+    flat = h.reshape(-1, D)
+    w = routing_matrix(flat, t[prefix + "gate.weight"], cfg["num_experts_per_tok"], renormalize)
+    out = torch.zeros_like(flat)
+    for e in range(cfg["num_experts"]):
+        ex = f"{prefix}experts.{e}."
+        out = out + w[:, e : e + 1] * swiglu(flat, t[ex + "gate_proj.weight"], t[ex + "up_proj.weight"],
+                                              t[ex + "down_proj.weight"])
+    return out.view(B, T, D)
+
+
+def llada_moe_reference(t, cfg, ids, renormalize=False):
+    """LLaDAMoEModelLM: bidirectional OLMoE-style decoder, per-head q/k RMSNorm before RoPE, sparse MoE MLP
+    (+ shared expert on the same input), dense mlp where moe_layer_freq is 0, untied lm_head, no logit shift."""
+    eps, T = cfg["rms_norm_eps"], ids.shape[1]
+    allowed = torch.ones(T, T, dtype=torch.bool)
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    x = t["model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        b, a = f"model.layers.{i}.", f"model.layers.{i}.self_attn."
+        h = rms(x, t[b + "input_layernorm.weight"], eps)
+        x = x + attention(h, t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"],
+                          t[a + "o_proj.weight"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+                          cfg["rope_theta"], allowed, head_dim=hd, q_norm=t[a + "q_norm.weight"],
+                          k_norm=t[a + "k_norm.weight"], eps=eps)
+        h = rms(x, t[b + "post_attention_layernorm.weight"], eps)
+        m = b + "mlp."
+        if cfg["moe_layer_freq"][i] == 0:
+            y = swiglu(h, t[m + "gate_proj.weight"], t[m + "up_proj.weight"], t[m + "down_proj.weight"])
+        else:
+            y = sparse_moe(h, t, m, cfg, renormalize)
+            if cfg["shared_expert_intermediate_size"]:
+                s = b + "shared_expert."
+                y = y + swiglu(h, t[s + "gate_proj.weight"], t[s + "up_proj.weight"], t[s + "down_proj.weight"])
+        x = x + y
+    x = rms(x, t["model.norm.weight"], eps)
+    head = t["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else t["lm_head.weight"]
+    return x @ head.T
+
+
+def _ours(path, ids):
+    model = load_model(path, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        return model(ids)
+
+
+# --- the published layout computes what the published code computes ----------------------------------
+@pytest.mark.parametrize("kw", [
+    {},
+    {"tie": True, "n_kv_heads": 2},
+    {"shared_hidden": 40, "moe_layer_freq": [0, 1, 1], "n_layers": 3},
+])
+def test_llada_moe_layout_matches_reference(tmp_path, kw):
+    cfg, t = llada_moe_checkpoint(tmp_path / "m", **kw)
+    assert cfg["model_type"] == "llada"  # as released: recognised by architecture and expert keys
+    assert len(set(json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"].values())) == 3
+    model = load_model(tmp_path / "m", device="cpu", dtype=torch.float32)
+    c = model.config
+    assert (c.family, c.n_experts, c.n_experts_per_token, c.expert_hidden, c.qk_norm, c.attention, c.logits_shift,
+            c.router_renormalize) == ("llada_moe", 8, 3, 32, True, "bidirectional", False, False)
+    assert c.first_dense_layers == (1 if kw.get("moe_layer_freq") else 0)
+    ids = _ids(cfg["vocab_size"])
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.shape == (2, 21, cfg["vocab_size"])
+    assert _max_diff(ours, llada_moe_reference(t, cfg, ids)) < ATOL
+    assert c.num_params() == sum(p.numel() for p in model.parameters())  # parameters() counts a tied head once
+
+
+def test_llada_moe_reference_is_sensitive_to_the_routing(tmp_path):
+    """Guards the mutation tests: renormalising the kept weights changes this checkpoint's logits a lot."""
+    cfg, t = llada_moe_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"])
+    assert _max_diff(llada_moe_reference(t, cfg, ids), llada_moe_reference(t, cfg, ids, renormalize=True)) > 1e-2
+
+
+# --- a wrong mapping or wrong routing must fail the comparison --------------------------------------------
+def test_mutation_swapped_expert_gate_up_is_caught(tmp_path, monkeypatch):
+    cfg, t = llada_moe_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"])
+    names = dict(published.LLADA_MOE_NAMES)
+    g, u = "model.layers.{}.mlp.experts.{}.gate_proj.weight", "model.layers.{}.mlp.experts.{}.up_proj.weight"
+    names[g], names[u] = names[u], names[g]
+    _with_family(monkeypatch, dataclasses.replace(published.LLADA_MOE, name_map=names))
+    assert _max_diff(_ours(tmp_path / "m", ids), llada_moe_reference(t, cfg, ids)) > 1e-2
+
+
+def test_mutation_swapped_expert_indices_is_caught(tmp_path, monkeypatch):
+    """Expert e's weights loaded as expert e+1: the router then sends tokens to the wrong experts."""
+    cfg, t = llada_moe_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"])
+    n = cfg["num_experts"]
+
+    def shifted_name(ckpt_name):
+        parts = ckpt_name.split(".")
+        if "experts" in parts:
+            j = parts.index("experts") + 1
+            parts[j] = str((int(parts[j]) + 1) % n)
+            ckpt_name = ".".join(parts)
+        return published.LLADA_MOE.our_name(ckpt_name)
+
+    class Shifted(type(published.LLADA_MOE)):
+        def our_name(self, ckpt_name):
+            return shifted_name(ckpt_name)
+
+    fam = Shifted(**{f.name: getattr(published.LLADA_MOE, f.name) for f in dataclasses.fields(published.LLADA_MOE)})
+    _with_family(monkeypatch, fam)
+    assert _max_diff(_ours(tmp_path / "m", ids), llada_moe_reference(t, cfg, ids)) > 1e-2
+
+
+def test_mutation_renormalised_top_k_is_caught(tmp_path, monkeypatch):
+    cfg, t = llada_moe_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"])
+
+    def renormalised(raw):
+        return dataclasses.replace(published.llada_moe_config(raw), router_renormalize=True)
+
+    _with_family(monkeypatch, dataclasses.replace(published.LLADA_MOE, to_config=renormalised))
+    ours = _ours(tmp_path / "m", ids)
+    assert _max_diff(ours, llada_moe_reference(t, cfg, ids)) > 1e-2
+    assert _max_diff(ours, llada_moe_reference(t, cfg, ids, renormalize=True)) < ATOL  # the flag does what it says
+
+
+def test_mutation_router_softmax_over_the_wrong_axis_is_caught(tmp_path, monkeypatch):
+    cfg, t = llada_moe_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"])
+
+    def route_over_tokens(self, x):
+        probs = self.router(x).float().softmax(dim=0)  # over tokens instead of experts
+        weights, experts = probs.topk(self.k, dim=-1)
+        return weights.to(x.dtype), experts
+
+    monkeypatch.setattr(MoEFeedForward, "route", route_over_tokens)
+    assert _max_diff(_ours(tmp_path / "m", ids), llada_moe_reference(t, cfg, ids)) > 1e-2
+
+
+# --- the MoE layer itself --------------------------------------------------------------------------------
+def _moe(seed=0, **overrides):
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=128, n_experts=6, n_experts_per_token=2,
+                expert_hidden=24, mask_id=0, eos_id=1, pad_id=1)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**base, **overrides})).init_weights(seed).eval()
+
+
+def _dense_moe(layer: MoEFeedForward, x):
+    """All experts on all tokens, weighted by the reference routing matrix."""
+    flat = x.reshape(-1, x.shape[-1])
+    w = routing_matrix(flat, layer.router.weight, layer.k, layer.renormalize).to(x.dtype)
+    out = sum(w[:, e : e + 1] * ex(flat) for e, ex in enumerate(layer.experts))
+    if hasattr(layer, "shared"):
+        out = out + layer.shared(flat)
+    return out.view(x.shape)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 32), (3, 7), (2, 50)])
+def test_sparse_dispatch_equals_dense_mixture(dtype, atol, shape):
+    layer = _moe(shared_expert_hidden=16, router_renormalize=shape[1] == 7).layers[0].feed_forward.to(dtype)
+    x = torch.randn(*shape, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        ours = layer(x)
+        assert ours.dtype == dtype
+        assert _max_diff(ours.float(), _dense_moe(layer, x).float()) < atol
+
+
+def test_moe_logits_do_not_depend_on_the_batch():
+    model = _moe()
+    ids = torch.randint(2, 64, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        batched = model(ids)
+        for b in range(3):
+            assert _max_diff(model(ids[b : b + 1])[0], batched[b]) < 1e-5
+
+
+def test_moe_model_trains_one_step():
+    model = _moe(shared_expert_hidden=16, first_dense_layers=1).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x0 = torch.randint(2, 64, (4, 24), generator=torch.Generator().manual_seed(0))
+    before = model.layers[1].feed_forward.router.weight.detach().clone()
+    loss = masked_diffusion_loss(model, x0, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    moe = model.layers[1].feed_forward
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+    assert model.layers[0].feed_forward.w1.weight.grad.abs().sum() > 0  # the leading dense layer
+    used = [e for e in moe.experts if e.w1.weight.grad is not None and e.w1.weight.grad.abs().sum() > 0]
+    assert 2 <= len(used) <= len(moe.experts)
+    opt.step()
+    assert not torch.equal(before, moe.router.weight)
+
+
+def test_moe_config_round_trips_and_dense_configs_are_unchanged(tmp_path):
+    cfg = _moe(shared_expert_hidden=16, first_dense_layers=1).config
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in ModelConfig().to_dict().items()
+           if k not in ("n_experts", "n_experts_per_token", "expert_hidden", "shared_expert_hidden",
+                        "first_dense_layers", "router_renormalize")}
+    dense = ModelConfig.from_dict(old)  # a config.json written before the MoE keys existed
+    assert dense.n_experts == 0 and not any(dense.is_moe_layer(i) for i in range(dense.n_layers))
+    with torch.device("meta"):
+        model = Transformer(dense)
+    assert not any("experts" in n or "router" in n for n in model.state_dict())
+
+
+def test_native_save_load_round_trip_of_a_moe_model(tmp_path):
+    model = _moe(shared_expert_hidden=16, first_dense_layers=1)
+    save_model(model, tmp_path / "m", max_shard_bytes=20_000)
+    loaded = load_model(tmp_path / "m", device="cpu", dtype=torch.float32)
+    ids = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert _max_diff(loaded(ids), model(ids)) == 0
+
+
+def test_ckpt_names_write_the_published_layout(tmp_path):
+    """Our model written under Family.ckpt_names is exactly the published tensor set and loads back unchanged."""
+    cfg, t = llada_moe_checkpoint(tmp_path / "pub", shared_hidden=40, moe_layer_freq=[0, 1, 1], n_layers=3)
+    model = load_model(tmp_path / "pub", device="cpu", dtype=torch.float32)
+    names = published.LLADA_MOE.ckpt_names(model.config)
+    assert set(names.values()) == set(t)
+    state = model.state_dict()
+    rewritten = {names[ours]: state[ours] for ours in names}
+    from published_checkpoints import write_shards
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg))
+    write_shards(out, rewritten, n_shards=2)
+    ids = _ids(cfg["vocab_size"])
+    assert _max_diff(_ours(out, ids), llada_moe_reference(t, cfg, ids)) < ATOL
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_llada_moe_decodes_the_same_with_a_refreshed_cache(tmp_path, cache):
+    """unmask.load + generate on the published layout: with the cache refreshed every step (bidirectional models
+    need that for exactness), cached decoding runs the MoE on windows of cached slots and must give the uncached
+    tokens; a stale cache (the default) is an approximation and is allowed to differ."""
+    llada_moe_checkpoint(tmp_path / "m")
+    pipe = unmask.load(tmp_path / "m", device="cpu")
+    sharpen(pipe.model)
+    options = DecodeOptions(max_new_tokens=16, block_length=8, threshold=0.9, early_stop=False)
+    plain = pipe.generate("def f(x):", options.replace(cache="none"))
+    cached = pipe.generate("def f(x):", options.replace(cache=cache, cache_refresh=1))
+    assert cached.tokens == plain.tokens and cached.nfe == plain.nfe and len(plain.tokens) == 16
+    assert len(set(plain.tokens)) > 2  # context-sensitive, not a constant
+
+
+def test_llada_moe_loads_in_bf16(tmp_path):
+    cfg, t = llada_moe_checkpoint(tmp_path / "m")
+    model = load_model(tmp_path / "m", device="cpu", dtype=torch.bfloat16)
+    ids = _ids(cfg["vocab_size"])
+    with torch.no_grad():
+        ours = model(ids)
+    assert ours.dtype == torch.bfloat16
+    ref = llada_moe_reference(t, cfg, ids)
+    # bf16 may flip a near-tie in routing for a token or two; the bulk must agree
+    close = ((ours.float() - ref).abs() < 0.1 * ref.abs().max()).float().mean()
+    assert close > 0.95
+
+
+# --- configs ---------------------------------------------------------------------------------------
+# LLaDA-MoE-7B-A1B's shape as documented by the sources listed in published.py (not a copy of its config.json)
+LLADA_MOE_7B = {"architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "hidden_size": 2048,
+                "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+                "num_experts_per_tok": 8, "expert_intermediate_size": 1024, "dense_intermediate_size": 8192,
+                "shared_expert_intermediate_size": None, "moe_layer_freq": [1] * 16, "qk_layernorm": True,
+                "rope_theta": 50000.0, "rope_scaling": None, "partial_rotary_factor": 1.0, "max_position_embeddings": 8192,
+                "rms_norm_eps": 1e-5, "vocab_size": 157184, "tie_word_embeddings": False, "attention_bias": False,
+                "clip_qkv": None, "hidden_act": "silu", "moe_router_score_function": "softmax",
+                "moe_router_enable_expert_bias": False, "routed_scaling_factor": 1, "norm_topk_prob": None,
+                "eos_token_id": 156892, "pad_token_id": 156892, "mask_token_id": 156895}
+
+
+def _read_raw(tmp_path, raw):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return read_config(tmp_path)
+
+
+def test_llada_moe_7b_config_maps_to_the_bench_shape(tmp_path):
+    config, fam, _ = _read_raw(tmp_path, LLADA_MOE_7B)
+    assert fam.name == "llada_moe"
+    assert config == shape_config("llada-moe-7b")
+    with torch.device("meta"):
+        model = Transformer(config)
+    assert config.num_params() == sum(p.numel() for p in model.parameters())
+    assert abs(config.num_params() - 7.36e9) < 0.01e9  # "7.36B total" (a secondary source's meta-load count)
+    # the model card's "1.4B activated": attention + 8 of 64 experts + routers, plus the LM head
+    assert 1.35e9 < config.num_params(include_embeddings=False, active=True) + config.vocab_size * config.dim < 1.45e9
+
+
+def test_llada_moe_mask_id_equal_to_eos_means_unset(tmp_path):
+    config, _, _ = _read_raw(tmp_path, {**LLADA_MOE_7B, "mask_token_id": 156892})
+    assert (config.mask_id, config.eos_id) == (156895, 156892)
+    config, _, _ = _read_raw(tmp_path, {k: v for k, v in LLADA_MOE_7B.items() if k != "mask_token_id"})
+    assert config.mask_id == 156895
+    config, _, _ = _read_raw(tmp_path, {**LLADA_MOE_7B, "mask_token_id": 156000})
+    assert config.mask_id == 156000  # an explicit, distinct id wins
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"moe_router_score_function": "sigmoid"}, "moe_router_score_function='sigmoid'"),
+    ({"moe_router_enable_expert_bias": True}, "moe_router_enable_expert_bias=True"),
+    ({"routed_scaling_factor": 2.5}, "routed_scaling_factor=2.5"),
+    ({"router_num_group": 8}, "router_num_group=8"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"clip_qkv": 8.0}, "clip_qkv=8.0"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"head_dim": 64}, "head_dim=64"),
+    ({"moe_layer_freq": [1, 0] * 8}, "moe_layer_freq"),
+    ({"qk_layernorm": None}, "qk_layernorm"),
+])
+def test_unsupported_llada_moe_configs_are_refused_by_name(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        _read_raw(tmp_path, {**LLADA_MOE_7B, **change})
+
+
+def test_moe_families_we_cannot_compute_are_refused_by_name(tmp_path):
+    llada2 = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048,
+              "num_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
+              "score_function": "sigmoid", "partial_rotary_factor": 0.5, "moe_router_enable_expert_bias": True}
+    with pytest.raises(CheckpointError, match="LLaDA2.*partial_rotary_factor=0.5"):
+        _read_raw(tmp_path, llada2)
+    with pytest.raises(CheckpointError, match="mixture of experts"):
+        _read_raw(tmp_path, {"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128})
+
+
+def test_dense_llada_is_still_the_llada_family(tmp_path):
+    """LLaDA-MoE shares model_type "llada"; the dense LLaDA-8B config must still load as LLaDA."""
+    raw = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 64, "n_heads": 4, "n_layers": 2,
+           "vocab_size": 126464, "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True}
+    _, fam, _ = _read_raw(tmp_path, raw)
+    assert fam.name == "llada"
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(n_experts=4, n_experts_per_token=5, expert_hidden=8), "n_experts_per_token"),
+    (dict(n_experts=4, n_experts_per_token=2, expert_hidden=0), "expert_hidden"),
+    (dict(n_experts_per_token=2), "need n_experts"),
+])
+def test_bad_moe_configs_are_rejected(bad, msg):
+    with pytest.raises(ConfigError, match=msg):
+        ModelConfig(**bad)
