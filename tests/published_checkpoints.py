@@ -156,9 +156,11 @@ def llada_checkpoint(path: Path, *, d=64, n_layers=2, n_heads=4, n_kv_heads=4, h
 
 
 def qwen_tensors(seed: int, *, vocab: int, d: int, n_layers: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 hidden: int, tie: bool, store_tied_head: bool, qwen3: bool) -> dict[str, torch.Tensor]:
+                 hidden: int, tie: bool, store_tied_head: bool, qwen3: bool,
+                 experts: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
     """Random weights under the published Qwen names: Qwen2 (q/k/v biases) or Qwen3 (no biases; per-head q_norm and
-    k_norm; head_dim need not be d / n_heads)."""
+    k_norm; head_dim need not be d / n_heads). `experts` (count, width): Qwen3-MoE's mlp.gate + mlp.experts.{e}.*
+    in place of the dense mlp."""
     gen = torch.Generator().manual_seed(seed)
     q_out, kv_out = n_heads * head_dim, n_kv_heads * head_dim
     t = {"model.embed_tokens.weight": torch.randn(vocab, d, generator=gen)}
@@ -174,6 +176,14 @@ def qwen_tensors(seed: int, *, vocab: int, d: int, n_layers: int, n_heads: int, 
             t[p + "self_attn.q_norm.weight"] = _norm(gen, head_dim)
             t[p + "self_attn.k_norm.weight"] = _norm(gen, head_dim)
         t[p + "post_attention_layernorm.weight"] = _norm(gen, d)
+        if experts:
+            n, width = experts
+            t[p + "mlp.gate.weight"] = 3 * _linear(gen, n, d)
+            for e in range(n):
+                t[p + f"mlp.experts.{e}.gate_proj.weight"] = _linear(gen, width, d)
+                t[p + f"mlp.experts.{e}.up_proj.weight"] = _linear(gen, width, d)
+                t[p + f"mlp.experts.{e}.down_proj.weight"] = _linear(gen, d, width)
+            continue
         t[p + "mlp.gate_proj.weight"] = _linear(gen, hidden, d)
         t[p + "mlp.up_proj.weight"] = _linear(gen, hidden, d)
         t[p + "mlp.down_proj.weight"] = _linear(gen, d, hidden)
@@ -227,7 +237,8 @@ def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_hea
 
 
 def sdar_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden=96, tie=False,
-                    block_size=None, seed=0, n_shards=3) -> tuple[dict, dict[str, torch.Tensor]]:
+                    block_size=None, seed=0, n_shards=3, moe: tuple[int, int, int] | None = None
+                    ) -> tuple[dict, dict[str, torch.Tensor]]:
     """JetLM/SDAR-4B-Chat's layout at toy width (Qwen3: head_dim decoupled from d / n_heads, q_norm/k_norm), with the
     keys a fine-tuned SDAR/TraDo folder adds (mask_token_id; block_size when given: the released ones omit it)."""
     hf = family_tokenizer(SDAR_SPECIALS)
@@ -249,8 +260,15 @@ def sdar_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=2, he
     }
     if block_size is not None:
         config["block_size"] = block_size
+    if moe:  # (experts, top-k, expert width): SDAR-30B-A3B's Qwen3-MoE keys
+        n, k, width = moe
+        config.update(architectures=["SDARMoeForCausalLM"], model_type="sdar_moe", num_experts=n, num_experts_per_tok=k,
+                      moe_intermediate_size=width, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      output_router_logits=False, router_aux_loss_coef=0.001)
+        config["auto_map"] = {k_: v.replace("sdar.SDAR", "sdar_moe.SDARMoe") for k_, v in config["auto_map"].items()}
     t = qwen_tensors(seed, vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                     head_dim=head_dim, hidden=hidden, tie=tie, store_tied_head=False, qwen3=True)
+                     head_dim=head_dim, hidden=hidden, tie=tie, store_tied_head=False, qwen3=True,
+                     experts=(moe[0], moe[2]) if moe else None)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
     write_shards(path, t, n_shards)

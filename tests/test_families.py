@@ -381,7 +381,7 @@ def test_sdar_full_size_config(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128,
-      "num_experts_per_tok": 8, "moe_intermediate_size": 768}, "mixture of experts"),
+      "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": False}, "norm_topk_prob=False"),
     ({"attention_bias": True}, "attention_bias=True is not supported"),
     ({"block_size": 0}, "block_size must be a positive integer"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),

@@ -34,8 +34,17 @@ Facts relied on (REFERENCE.md §3, checked against the published config.json / m
          (Gen-Verse/dLLM-RL README) and SGLang's DLLM_PARAMS all use 4; the modeling code reads config.block_size
          (fine-tuned folders write it), so that key wins. Folders trained with other blocks (-b16, -b64) must
          say block_size. Mask "<|MASK|>" 151669 (added_tokens.json; mask_token_id wins), EOS 151643.
-         SDAR-30B-A3B (model_type "sdar_moe", SDARMoeForCausalLM) is a mixture of experts: refused (its
-         modeling_sdar_moe.py was not found in the searchable sources, so its routing could not be checked).
+  SDAR-MoE  JetLM/SDAR-30B-A3B-Chat (model_type "sdar_moe", SDARMoeForCausalLM): SDAR's attention and block-causal
+         decoding with Qwen3-MoE experts. Its own modeling_sdar_moe.py and config.json were NOT in the searchable
+         sources; the facts come from two engines that serve it: JetEngine (Labman42/JetEngine
+         jetengine/models/sdar_moe.py: SDARAttention reused, router mlp.gate = Linear(hidden, num_experts, no bias),
+         softmax in float32 -> topk(num_experts_per_tok) -> ALWAYS divided by their sum, experts
+         mlp.experts.{e}.{gate,up,down}_proj of moe_intermediate_size, MoE where (i+1) % decoder_sparse_step == 0,
+         no shared expert) and SGLang (python/sglang/srt/models/sdar_moe.py, as described in a stored code analysis:
+         Qwen3MoE-style block, TopK(renormalize=config.norm_topk_prob), MoE in every layer). Where they agree we
+         load: norm_topk_prob must be true (the engines disagree otherwise), decoder_sparse_step 1 and no
+         mlp_only_layers (they disagree on dense layers); anything else is refused by name. Mask, EOS, block size
+         and unshifted logits as SDAR.
   LLaDA-MoE  inclusionAI/LLaDA-MoE-7B-A1B-Base / -Instruct (-Instruct-TD). Sources: the modeling and config code
          as vendored by ZHZisZZ/dllm (dllm/pipelines/llada/models/{modeling,configuration}_lladamoe.py; the
          modeling file says "copied from transformers.models.olmoe"), the HF repo's own configuration_lladamoe.py
@@ -345,8 +354,10 @@ def _qwen3_attention(raw: dict[str, Any]) -> tuple[int, bool]:
 
 
 def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_default: int, attention: str,
-                 block_size: int = 32, logits_shift: bool = True, qwen3: bool = False) -> ModelConfig:
-    """Qwen2-style config keys -> ModelConfig; `qwen3` for Qwen3 attention (per-head q_norm/k_norm, own head_dim)."""
+                 block_size: int = 32, logits_shift: bool = True, qwen3: bool = False,
+                 moe: dict[str, Any] | None = None) -> ModelConfig:
+    """Qwen2-style config keys -> ModelConfig; `qwen3` for Qwen3 attention (per-head q_norm/k_norm, own head_dim);
+    `moe`: the ModelConfig mixture-of-experts fields."""
     _require(raw, "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size")
     _refuse(raw, "hidden_act", "silu", "SwiGLU with silu")
     # RoPE: rope_theta + rope_scaling, or (configs written by transformers >= 5) one rope_parameters dict holding
@@ -371,7 +382,7 @@ def qwen2_config(raw: dict[str, Any], *, family: str, mask_default: int, eos_def
         logits_shift=logits_shift,  # AR-initialised Dream / Fast-dLLM: output i-1 predicts token i
         mask_id=_first_id(raw.get("mask_token_id"), mask_default), eos_id=eos,
         pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
-        family=family,
+        family=family, **(moe or {}),
     )
 
 
@@ -399,29 +410,48 @@ def block_qwen_config(raw: dict[str, Any]) -> ModelConfig:
 
 
 def is_sdar(raw: dict[str, Any]) -> bool:
-    """SDAR and TraDo (model_type "sdar", SDARForCausalLM), and the MoE sibling, matched so it is refused by name."""
+    """SDAR and TraDo (model_type "sdar", SDARForCausalLM), and the MoE sibling SDAR-30B-A3B ("sdar_moe")."""
     model_type = str(raw.get("model_type", "")).lower()
     return model_type.startswith("sdar") or any(str(a).startswith("SDAR") for a in raw.get("architectures") or [])
 
 
-def _refuse_moe(raw: dict[str, Any]) -> None:
+def _sdar_moe(raw: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig MoE fields of SDAR-30B-A3B (Qwen3-MoE experts on SDAR attention), or {} for a dense SDAR."""
     archs = [str(a) for a in raw.get("architectures") or []]
-    if "moe" in str(raw.get("model_type", "")).lower() or "num_experts" in raw or any("Moe" in a for a in archs):
-        raise ConfigError(f"model_type={raw.get('model_type')!r} (architectures={archs!r}) is not supported: a "
-                          "mixture of experts (e.g. SDAR-30B-A3B), and our network has one dense MLP per layer")
+    if not ("moe" in str(raw.get("model_type", "")).lower() or "num_experts" in raw or any("Moe" in a for a in archs)):
+        return {}
+    _require(raw, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob")
+    if raw["norm_topk_prob"] is not True:
+        raise ConfigError(f"norm_topk_prob={raw['norm_topk_prob']!r} is not supported for SDAR-MoE (JetEngine's block "
+                          "always renormalises the top-k weights, SGLang's follows the key: only True is unambiguous)")
+    _refuse(raw, "decoder_sparse_step", 1, "every layer a mixture of experts")
+    if raw.get("mlp_only_layers"):
+        raise ConfigError(f"mlp_only_layers={raw['mlp_only_layers']!r} is not supported (every layer a mixture of "
+                          "experts; the published engines differ on dense layers)")
+    for key in ("shared_expert_intermediate_size", "num_shared_experts"):
+        _refuse(raw, key, (None, 0), "no shared expert in Qwen3-MoE")
+    return dict(n_experts=_positive_int(raw, "num_experts", 1), n_experts_per_token=_positive_int(raw, "num_experts_per_tok", 1),
+                expert_hidden=_positive_int(raw, "moe_intermediate_size", 1), router_renormalize=True)
 
 
 def sdar_config(raw: dict[str, Any]) -> ModelConfig:
-    _refuse_moe(raw)
-    return qwen2_config(raw, family="sdar", mask_default=SDAR_MASK_ID, eos_default=QWEN_EOS_ID,
+    moe = _sdar_moe(raw)
+    return qwen2_config(raw, family="sdar_moe" if moe else "sdar", mask_default=SDAR_MASK_ID, eos_default=QWEN_EOS_ID,
                         attention="block_causal", block_size=_positive_int(raw, "block_size", SDAR_BLOCK_SIZE),
-                        logits_shift=False, qwen3=True)
+                        logits_shift=False, qwen3=True, moe=moe)
 
 
 LLADA = Family(name="llada", matches=is_llada, to_config=llada_config, name_map=LLADA_NAMES)
 DREAM = Family(name="dream", matches=is_dream, to_config=dream_config, name_map=QWEN2_NAMES)
 BLOCK_QWEN = Family(name="block_qwen", matches=is_block_qwen, to_config=block_qwen_config, name_map=QWEN2_NAMES)
-SDAR = Family(name="sdar", matches=is_sdar, to_config=sdar_config, name_map=QWEN3_NAMES)
+# SDAR-MoE: Qwen3-MoE's router and experts under each layer's mlp
+QWEN3_MOE_NAMES: dict[str, str | None] = QWEN3_NAMES | {
+    "model.layers.{}.mlp.gate.weight": "layers.{}.feed_forward.router.weight",
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
+}
+SDAR = Family(name="sdar", matches=is_sdar, to_config=sdar_config, name_map=QWEN3_MOE_NAMES)
 
 LLADA_MOE = Family(name="llada_moe", matches=is_llada_moe, to_config=llada_moe_config, name_map=LLADA_MOE_NAMES)
 LLADA2 = Family(name="llada2", matches=is_llada2, to_config=llada2_config)
