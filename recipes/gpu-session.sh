@@ -132,7 +132,7 @@ EOF
 
 distill_run() {  # dParallel-style: the student learns the teacher's answers, confident earlier
   "${UNMASK[@]}" distill --teacher "$WORK/$(cat "$WORK/winner")" --out "$WORK/student" --method trajectory \
-    --data "$DATA/prompts.jsonl" --prompts "$TEACHER_PROMPTS" "${TEACHER_DECODING[@]}" \
+    --data "$DATA/prompts.jsonl" --prompts "$TEACHER_PROMPTS" "${TEACHER_DECODING[@]}" --answer-batch 128 \
     --set "minutes=$DISTILL_MIN" --set device="$DEVICE" --set seq_len=128 --set batch_size=${DISTILL_BATCH:-64}
 }
 

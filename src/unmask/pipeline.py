@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -86,6 +86,17 @@ class Pipeline:
         from unmask.decoding.generate import generate_text
 
         return generate_text(self, prompt, self.options(options, **overrides), on_step=on_step)
+
+    def generate_many(self, prompts: Sequence[str | list[int]], options: DecodeOptions | None = None,
+                      max_batch: int = 32, **overrides: Any) -> list[GenerationResult]:
+        """`generate` for many prompts at once, `max_batch` decoded together; results in prompt order."""
+        from unmask.decoding.generate import generate_many
+
+        opts = self.options(options, **overrides)
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        for i, result in generate_many(self, prompts, [opts] * len(prompts), max_batch=max_batch):
+            results[i] = result
+        return results
 
     def edit(self, text: str, **kwargs: Any):
         from unmask.edit import edit_text
