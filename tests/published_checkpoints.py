@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from conftest import stdlib_texts
+from unmask.model.checkpoints import read_config
 
 LLADA_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
                   "<|eot_id|>"]
@@ -339,3 +340,9 @@ def llada_moe_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=
     write_shards(path, t, n_shards)
     write_tokenizer(path, hf, LLADA_MOE_TEMPLATE, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")
     return config, t
+
+
+def read_raw_config(folder: Path, raw: dict):
+    """read_config of a folder holding only this config.json: (ModelConfig, family, raw)."""
+    (folder / "config.json").write_text(json.dumps(raw))
+    return read_config(folder)

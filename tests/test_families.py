@@ -17,7 +17,7 @@ import torch
 
 import unmask
 from engine_helpers import sharpen
-from published_checkpoints import llada_checkpoint, qwen2_checkpoint, sdar_checkpoint
+from published_checkpoints import llada_checkpoint, qwen2_checkpoint, read_raw_config, sdar_checkpoint
 from unmask.decoding.options import DecodeOptions
 from unmask.model import checkpoints
 from unmask.model.checkpoints import CheckpointError, load_model, read_config
@@ -359,13 +359,8 @@ SDAR_4B = {"architectures": ["SDARForCausalLM"], "attention_bias": False, "atten
            "vocab_size": 151936}
 
 
-def _read_raw(tmp_path, raw):
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    return read_config(tmp_path)
-
-
 def test_sdar_full_size_config(tmp_path):
-    config, fam, _ = _read_raw(tmp_path, SDAR_4B)
+    config, fam, _ = read_raw_config(tmp_path, SDAR_4B)
     assert fam.name == "sdar"
     assert config == shape_config("sdar-4b")
     assert (config.head_dim, config.block_size, config.logits_shift, config.qk_norm, config.attn_bias) == \
@@ -375,7 +370,7 @@ def test_sdar_full_size_config(tmp_path):
     assert model.layers[0].attention.wq.weight.shape == (32 * 128, 2560)  # 4096 != hidden_size
     assert config.num_params() == sum(p.numel() for p in model.parameters())
     # a fine-tuned folder (TraDo, SFT runs) writes the keys the training code reads: they win
-    config, _, _ = _read_raw(tmp_path, {**SDAR_4B, "block_size": 16, "mask_token_id": 151670})
+    config, _, _ = read_raw_config(tmp_path, {**SDAR_4B, "block_size": 16, "mask_token_id": 151670})
     assert (config.block_size, config.mask_id) == (16, 151670)
 
 
@@ -388,7 +383,7 @@ def test_sdar_full_size_config(tmp_path):
 ])
 def test_unsupported_sdar_configs_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message):
-        _read_raw(tmp_path, {**SDAR_4B, **change})
+        read_raw_config(tmp_path, {**SDAR_4B, **change})
 
 
 def test_sdar_head_dim_absent_takes_the_published_default(tmp_path):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import unmask
 from engine_helpers import sharpen
-from published_checkpoints import llada_moe_checkpoint, sdar_checkpoint
+from published_checkpoints import llada_moe_checkpoint, read_raw_config, sdar_checkpoint
 from test_families import _ids, _max_diff, _with_family, attention, rms
 from unmask.decoding.options import DecodeOptions
 from unmask.diffusion.objective import masked_diffusion_loss
@@ -315,13 +315,8 @@ LLADA_MOE_7B = {"architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "hi
                 "eos_token_id": 156892, "pad_token_id": 156892, "mask_token_id": 156895}
 
 
-def _read_raw(tmp_path, raw):
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    return read_config(tmp_path)
-
-
 def test_llada_moe_7b_config_maps_to_the_bench_shape(tmp_path):
-    config, fam, _ = _read_raw(tmp_path, LLADA_MOE_7B)
+    config, fam, _ = read_raw_config(tmp_path, LLADA_MOE_7B)
     assert fam.name == "llada_moe"
     assert config == shape_config("llada-moe-7b")
     with torch.device("meta"):
@@ -333,11 +328,11 @@ def test_llada_moe_7b_config_maps_to_the_bench_shape(tmp_path):
 
 
 def test_llada_moe_mask_id_equal_to_eos_means_unset(tmp_path):
-    config, _, _ = _read_raw(tmp_path, {**LLADA_MOE_7B, "mask_token_id": 156892})
+    config, _, _ = read_raw_config(tmp_path, {**LLADA_MOE_7B, "mask_token_id": 156892})
     assert (config.mask_id, config.eos_id) == (156895, 156892)
-    config, _, _ = _read_raw(tmp_path, {k: v for k, v in LLADA_MOE_7B.items() if k != "mask_token_id"})
+    config, _, _ = read_raw_config(tmp_path, {k: v for k, v in LLADA_MOE_7B.items() if k != "mask_token_id"})
     assert config.mask_id == 156895
-    config, _, _ = _read_raw(tmp_path, {**LLADA_MOE_7B, "mask_token_id": 156000})
+    config, _, _ = read_raw_config(tmp_path, {**LLADA_MOE_7B, "mask_token_id": 156000})
     assert config.mask_id == 156000  # an explicit, distinct id wins
 
 
@@ -356,7 +351,7 @@ def test_llada_moe_mask_id_equal_to_eos_means_unset(tmp_path):
 ])
 def test_unsupported_llada_moe_configs_are_refused_by_name(tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message):
-        _read_raw(tmp_path, {**LLADA_MOE_7B, **change})
+        read_raw_config(tmp_path, {**LLADA_MOE_7B, **change})
 
 
 def test_moe_families_we_cannot_compute_are_refused_by_name(tmp_path):
@@ -364,16 +359,16 @@ def test_moe_families_we_cannot_compute_are_refused_by_name(tmp_path):
               "num_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
               "score_function": "sigmoid", "partial_rotary_factor": 0.5, "moe_router_enable_expert_bias": True}
     with pytest.raises(CheckpointError, match="LLaDA2.*partial_rotary_factor=0.5"):
-        _read_raw(tmp_path, llada2)
+        read_raw_config(tmp_path, llada2)
     with pytest.raises(CheckpointError, match="norm_topk_prob"):
-        _read_raw(tmp_path, {"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128})
+        read_raw_config(tmp_path, {"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128})
 
 
 def test_dense_llada_is_still_the_llada_family(tmp_path):
     """LLaDA-MoE shares model_type "llada"; the dense LLaDA-8B config must still load as LLaDA."""
     raw = {"model_type": "llada", "architectures": ["LLaDAModelLM"], "d_model": 64, "n_heads": 4, "n_layers": 2,
            "vocab_size": 126464, "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rope": True}
-    _, fam, _ = _read_raw(tmp_path, raw)
+    _, fam, _ = read_raw_config(tmp_path, raw)
     assert fam.name == "llada"
 
 
