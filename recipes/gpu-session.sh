@@ -9,6 +9,7 @@
 #   bash recipes/gpu-session.sh collect   # waits for train, evaluates all three, winner's folder into $OUT
 #   bash recipes/gpu-session.sh twin      # the AR twin's folder into $OUT (the device returns 8 files a call)
 #   bash recipes/gpu-session.sh distill   # (more budget) background: trajectory distillation of the winner
+#                                         #   (DISTILL_ANSWERS=twin: on the AR twin's answers, sequence-level)
 #   bash recipes/gpu-session.sh student   # waits for distill, teacher vs student speed-quality, student into $OUT
 #
 # Chain the calls (the machine goes back ~30 s after a call). Data is built here and carried:
@@ -130,15 +131,18 @@ EOF
   export_model "$WORK/$winner"
 }
 
-distill_run() {  # dParallel-style: the student learns the teacher's answers, confident earlier
+distill_run() {  # dParallel-style: the student learns the teacher's answers (DISTILL_ANSWERS=twin: the AR twin's)
+  local answers=()
+  [[ "${DISTILL_ANSWERS:-teacher}" == twin ]] && answers=(--answers-from "$WORK/ar")
   "${UNMASK[@]}" distill --teacher "$WORK/$(cat "$WORK/winner")" --out "$WORK/student" --method trajectory \
-    --data "$DATA/prompts.jsonl" --prompts "$TEACHER_PROMPTS" "${TEACHER_DECODING[@]}" --answer-batch 128 \
+    --data "$DATA/prompts.jsonl" --prompts "$TEACHER_PROMPTS" "${TEACHER_DECODING[@]}" --answer-batch 128 "${answers[@]}" \
     --set "minutes=$DISTILL_MIN" --set device="$DEVICE" --set seq_len=128 --set batch_size=${DISTILL_BATCH:-64}
 }
 
 distill() {
   rm -f "$WORK/distilled" "$WORK/distill-failed"
-  setsid nohup bash -c "$(declare -p UNMASK WORK DATA DISTILL_MIN TEACHER_PROMPTS DEVICE TEACHER_DECODING); $(declare -f distill_run);
+  DISTILL_ANSWERS=${DISTILL_ANSWERS:-teacher}
+  setsid nohup bash -c "$(declare -p UNMASK WORK DATA DISTILL_MIN TEACHER_PROMPTS DEVICE TEACHER_DECODING DISTILL_ANSWERS); $(declare -f distill_run);
     if distill_run > '$WORK/distill.log' 2>&1; then touch '$WORK/distilled'; else touch '$WORK/distill-failed'; fi" \
     > /dev/null 2>&1 < /dev/null &
   echo "distilling in the background: $WORK/distill.log"

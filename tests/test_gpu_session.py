@@ -29,6 +29,7 @@ def session(tmp_path_factory, corpus_texts, tokenizer):
     (data / "prompts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts[:4]))
     env = {**os.environ, "SMOKE": "1", "PYTHON": sys.executable, "WORK": str(root / "work"), "OUT": str(root / "out"),
            "DATA": str(data), "PROMPTS": str(prompts), "AR_MIN": "0.05", "ADAPT_MIN": "0.05", "DISTILL_MIN": "0.05", "DISTILL_BATCH": "4", "WAIT_S": "300",
+           "DISTILL_ANSWERS": "twin",
            "OMP_NUM_THREADS": "1"}
 
     def run(phase: str) -> str:
@@ -71,3 +72,4 @@ def test_train_then_collect_compares_three_runs_and_exports_the_winner(session):
     assert "τ=0.3" in out and (root / "out" / "distill-quality.png").stat().st_size > 0
     student = unmask.load(root / "out", device="cpu")  # the student: the winner's architecture
     assert student.config.attention == exported.config.attention
+    assert f"{root / 'work' / 'ar'} answered" in " ".join((root / "work" / "distill.log").read_text().split())

@@ -74,7 +74,7 @@ def distill(
         traj = out_dir / "trajectories.jsonl"
         if not (resume and traj.exists()):
             n = collect_trajectories(teacher, iter_corpus_texts(data), dcfg, traj, seed=base.seed)
-            console.print(f"teacher answered {n} prompts -> {traj}")
+            console.print(f"{'teacher' if answers_from is None else answers_from} answered {n} prompts -> {traj}")
         train_data = str(traj)
     cfg = distill_config(teacher, out_dir, train_data, dcfg, base)
     trainer = Distiller(cfg, dcfg, resume=resume)

@@ -10,8 +10,9 @@ trajectory  dParallel-style certainty forcing. The teacher answers prompts from 
             masked tokens it already predicts right, so it becomes confident earlier and can decode with a
             lower threshold. The answers may come from another model with the same tokenizer
             (`answer_model`, e.g. the AR twin): sequence-level distillation, which gives the student one
-            deterministic answer per prompt where a small teacher's own answers are loops. Every row is prompt + answer = prompt_tokens + answer_tokens tokens: a shorter
-            (function) prompt gets a longer answer, so no row ends in EOS padding the teacher never wrote.
+            deterministic answer per prompt where a small teacher's own answers are loops. Every row is
+            prompt + answer = prompt_tokens + answer_tokens tokens: a shorter (function) prompt gets a longer
+            answer, so no row ends in EOS padding the teacher never wrote.
 
 Both run on the training stack (`Trainer`): same checkpoints, `--resume`, torchrun, progress bar.
 out_dir/rounds/round_R/ holds the student at the end of round R (the teacher of round R+1).
@@ -188,15 +189,15 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
         raise TrainConfigError(f"{found} {dcfg.prompt_tokens} tokens in the data")
     row = dcfg.prompt_tokens + dcfg.answer_tokens
     options = [opts.replace(max_new_tokens=row - len(ids), seed=int(rng.integers(2**31))) for ids in prompts]
-    texts = [pipe.tokenizer.decode(ids) for ids in prompts]  # text prompts: token-healed as in generate()
+    prompt_texts = [pipe.tokenizer.decode(ids) for ids in prompts]  # text prompts: token-healed as in generate()
     answers: list[str | None] = [None] * len(prompts)
     with Progress(console=console, disable=not progress) as bar:
         task = bar.add_task("teacher trajectories", total=len(prompts))
-        for i, result in generate_many(pipe, texts, options, max_batch=dcfg.answer_batch):
+        for i, result in generate_many(pipe, prompt_texts, options, max_batch=dcfg.answer_batch):
             answers[i] = result.text
             bar.advance(task)
     with atomic_path(out_file) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        for prompt, answer in zip(texts, answers):
+        for prompt, answer in zip(prompt_texts, answers):
             f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
     return len(prompts)
 
