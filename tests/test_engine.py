@@ -376,6 +376,9 @@ def test_generate_many_yields_every_prompt_as_decoded_alone(tokenizer, attention
     for i, (p, o) in enumerate(zip(prompts, options)):
         alone = pipe.generate(p, o)
         assert (got[i].tokens, got[i].text, got[i].prompt_tokens) == (alone.tokens, alone.text, alone.prompt_tokens)
+    assert pipe.generate_many([], opts()) == []
+    with pytest.raises(OptionsError, match="max_batch must be >= 1"):
+        pipe.generate_many(PROMPTS, opts(), max_batch=0)
     in_order = pipe.generate_many(PROMPTS, opts(max_new_tokens=10), max_batch=2)
     assert [r.text for r in in_order] == [pipe.generate(p, opts(max_new_tokens=10)).text for p in PROMPTS]
     if attention == "causal":

@@ -105,7 +105,11 @@ def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options:
     max_new_tokens, seed (a chunk samples from its first seed) and stop strings."""
     if len(options) != len(prompts):
         raise OptionsError(f"{len(options)} options for {len(prompts)} prompts")
+    if max_batch < 1:
+        raise OptionsError(f"max_batch must be >= 1, got {max_batch}")
     prepared = [prepare(pipe, prompt, o) for prompt, o in zip(prompts, options)]
+    if not prepared:
+        return
     if pipe.config.attention == "causal":
         sampling = [o.replace(max_new_tokens=1, seed=None, stop=[]) for o in options]
         if any(x != sampling[0] for x in sampling):
