@@ -17,8 +17,13 @@ from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTo
 
 @app.command()
 def generate(
-    prompt: str = typer.Argument(..., help="Text to continue."),
+    prompt: Optional[str] = typer.Argument(None, help="Text to continue (or --input for many)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
+    input_file: Optional[Path] = typer.Option(None, "--input", "-i",
+                                              help="JSONL of {\"prompt\": ...} records: continue each, batched."),
+    output_file: Optional[Path] = typer.Option(None, "--output", "-o",
+                                               help="With --input: write the results here as JSONL (default: stdout)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="With --input: prompts decoded together."),
     max_new_tokens: MaxNewTokens = None,
     block_length: BlockLength = None,
     steps: Steps = None,
@@ -39,11 +44,71 @@ def generate(
     given = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
                  threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
                  presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
+    if (prompt is None) == (input_file is None):
+        raise typer.BadParameter("give a prompt or --input FILE.jsonl, not both" if prompt is not None
+                                 else "give a prompt, or --input FILE.jsonl for many", param_hint="PROMPT")
+    if output_file is not None and input_file is None:
+        raise typer.BadParameter("--output goes with --input", param_hint="--output")
+    prompts = read_prompts(input_file) if input_file is not None else None
     pipe = load_pipeline(model, device, dtype)
+    if prompts is not None:
+        return generate_batch(pipe, prompts, decode_options(pipe, **given), output_file, batch_size)
     result = pipe.generate(prompt, decode_options(pipe, **given))
     out.print(prompt + result.text, markup=False, highlight=False)
     console.print(f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.tokens_per_step:.2f} tokens/step · {result.tokens_per_second:.1f} tokens/s[/dim]")
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The "prompt" of every record of a JSONL file; a bad line is named by its number."""
+    import json
+
+    if not path.is_file():
+        raise typer.BadParameter(f"no such file: {path}", param_hint="--input")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise typer.BadParameter(f"{path}:{n}: not JSON ({e.msg})", param_hint="--input") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise typer.BadParameter(f'{path}:{n}: expected {{"prompt": "..."}}', param_hint="--input")
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise typer.BadParameter(f"{path} holds no prompts", param_hint="--input")
+    return prompts
+
+
+def generate_batch(pipe, prompts: list[str], options, output: Path | None, batch_size: int) -> None:
+    """Continue every prompt, `batch_size` at a time; one JSONL record per prompt, in input order."""
+    import json
+    import time
+
+    from rich.progress import Progress
+
+    from unmask.decoding.generate import generate_many
+    from unmask.io import atomic_path
+
+    results = [None] * len(prompts)
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("generate", total=len(prompts))
+        for i, result in generate_many(pipe, prompts, [options] * len(prompts), max_batch=batch_size):
+            results[i] = result
+            bar.advance(task)
+    seconds = time.perf_counter() - t0
+    lines = [json.dumps({"prompt": p, "text": r.text, "tokens": len(r.tokens), "nfe": r.nfe,
+                         "finish_reason": r.finish_reason}) + "\n" for p, r in zip(prompts, results)]
+    if output is None:
+        out.print("".join(lines), end="", markup=False, highlight=False, soft_wrap=True)
+    else:
+        with atomic_path(output) as tmp:
+            tmp.write_text("".join(lines), encoding="utf-8")
+    tokens = sum(len(r.tokens) for r in results)
+    console.print(f"[dim]{len(prompts)} prompts · {tokens} tokens in {seconds:.1f} s · {tokens / seconds:.1f} "
+                  f"tokens/s{f' -> {output}' if output else ''}[/dim]")
 
 
 @app.command()
