@@ -208,6 +208,34 @@ def test_sparse_dispatch_equals_dense_mixture(dtype, atol, shape):
         assert _max_diff(ours.float(), _dense_moe(layer, x).float()) < atol
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_static_dense_dispatch_equals_the_reference_mixture(dtype, atol):
+    """The path a compiled decoding step takes (every expert, zero weights off the top-k)."""
+    layer = _moe(router_renormalize=True).layers[0].feed_forward.to(dtype)
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        weights, experts = layer.route(x)
+        dense = layer.dispatch_dense(x, weights, experts)
+        assert _max_diff(dense.float(), _dense_moe(layer, x[None])[0].float()) < atol
+        assert _max_diff(dense.float(), layer.dispatch_sparse(x, weights, experts).float()) < atol
+
+
+def test_compiled_moe_decoding_matches_eager_without_recompiling(caplog):
+    """Traced, the per-expert counts would be guarded on and recompile the layer every step (until dynamo's
+    recompile limit gives up); the compiled path is static instead."""
+    from unmask.decoding.engine import Engine
+
+    torch._dynamo.reset()
+    model = _moe(attention="block_causal", block_size=8, first_dense_layers=1, shared_expert_hidden=16)
+    ids = torch.randint(2, 64, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    options = DecodeOptions(max_new_tokens=16, block_length=8, threshold=0.6)
+    eager = Engine(model).generate(ids, options)
+    with caplog.at_level("WARNING", logger="torch._dynamo"):
+        compiled = Engine(model, compile=True).generate(ids, options)
+    assert compiled.tokens == eager.tokens
+    assert not [r for r in caplog.records if "recompile" in r.getMessage()]
+
+
 def test_moe_logits_do_not_depend_on_the_batch():
     model = _moe()
     ids = torch.randint(2, 64, (3, 20), generator=torch.Generator().manual_seed(0))
