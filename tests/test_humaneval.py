@@ -131,7 +131,7 @@ def test_cli_humaneval_limit_2(tokenizer, tmp_path, capsys):
     Pipeline(tiny_model(tokenizer, max_seq_len=1024), tokenizer).save(tmp_path / "m")
     out = tmp_path / "results.jsonl"
     rc = main(["eval", "humaneval", str(tmp_path / "m"), "--limit", "2", "--max-new-tokens", "8",
-               "--block-length", "8", "--out", str(out)])
+               "--block-length", "8", "--out", str(out), "--batch-size", "2"])
     assert rc == 0
     stdout = capsys.readouterr().out
     assert "pass@1" in stdout and "HumanEval/1" in stdout
@@ -155,3 +155,21 @@ def test_chat_format_prefills_the_function(tmp_path):
     prompt = build_prompt(pipe, problem, chat=True)
     assert prompt.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>")
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n```python\n" + problem["prompt"])
+
+
+def test_batched_problems_get_the_same_answers(tokenizer, problems, monkeypatch):
+    """--batch-size: the same completions as one at a time; a prompt that does not fit is still one failure."""
+    pipe = Pipeline(tiny_model(tokenizer, max_seq_len=1024), tokenizer)
+    options = DecodeOptions(max_new_tokens=8, block_length=8)
+    alone = run_humaneval(pipe, options, problems=problems)
+    batched = run_humaneval(pipe, options, problems=problems, batch_size=2)
+    assert [r.raw_completion for r in batched.results] == [r.raw_completion for r in alone.results]
+    assert [r.nfe for r in batched.results] == [r.nfe for r in alone.results]
+    assert batched.generation_seconds > 0 and batched.summary()["tokens_per_second"] > 0
+    long = [{**problems[1], "prompt": problems[1]["prompt"] * 40}]  # far beyond 1024 tokens
+    mixed = run_humaneval(pipe, options, problems=[problems[0], *long, problems[2]], batch_size=3)
+    assert [r.result for r in mixed.results][1] == "failed" and "not generated" in mixed.results[1].detail
+    assert mixed.results[0].raw_completion == alone.results[0].raw_completion
+    assert mixed.results[2].raw_completion == alone.results[2].raw_completion
+    with pytest.raises(HumanEvalError, match="batch_size"):
+        run_humaneval(pipe, options, problems=problems, batch_size=0)

@@ -126,6 +126,8 @@ def humaneval(
     chat_format: bool = typer.Option(False, "--chat", help="Ask in the chat template (instruct models)."),
     timeout: float = typer.Option(10.0, "--timeout", min=0.1, help="Seconds per program in the sandbox."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write one JSON line per problem."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1,
+                                   help="Problems generated together (same answers; tokens/s over the wall time)."),
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -154,7 +156,7 @@ def humaneval(
                       f"{r.tokens_per_second:.1f}", r.detail[:40])
 
     report = run_humaneval(pipe, options, problems=problems, chat=chat_format, timeout=timeout, on_result=progress,
-                           out=out_file)
+                           out=out_file, batch_size=batch_size)
     s = report.summary()
     out.print(table)
     out.print(f"pass@1 {s['pass@1']:.3f} ({s['passed']}/{s['problems']}) · {s['tokens_per_second']:.1f} tokens/s · "
