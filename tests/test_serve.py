@@ -249,7 +249,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "steps": 10**7}, 400, "steps"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": ["x", "y"], "n": 9}, 400, "n"),  # 18 choices: above the server's 16
+    ("/v1/completions", {"prompt": ["x", ""]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[5, 6], [999999]]}, 400, "outside the vocabulary"),
     ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
@@ -316,6 +319,7 @@ def test_half_a_surrogate_pair_is_a_422_naming_the_field(client):
     for endpoint, body, field in (
         ("/v1/completions", f'{{"prompt": {lone}}}', "prompt"),
         ("/v1/completions", f'{{"prompt": "x", "suffix": {lone}}}', "suffix"),
+        ("/v1/completions", f'{{"prompt": ["x", {lone}]}}', "prompt"),
         ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": {lone}}}]}}', "messages.0.content"),
         ("/v1/edits", f'{{"input": {lone}, "mode": "auto"}}', "input"),
     ):
@@ -505,3 +509,54 @@ def test_chat_template_kwargs_reach_the_template(client, tiny_pipeline, monkeypa
     r = client.post("/v1/chat/completions", json={**req, "chat_template_kwargs": {"messages": []}})
     assert r.status_code == 422 and "'messages' cannot be a chat template variable" in r.json()["error"]["message"]
     assert client.post("/v1/chat/completions", json=req).status_code == 200  # still serving
+
+
+def test_batch_prompts_and_n_choices_in_openai_order(client, tiny_pipeline):
+    """prompt: a list (texts or token-id lists) and n > 1: choice i * n + j is prompt i's sample j, each what
+    its own request gives; usage counts each prompt once and every choice's tokens."""
+    prompts = ["def f(x):", "import os\nimport sys"]
+    body = {"prompt": prompts, "n": 2, **FAST}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2, 3]
+    alone = [client.post("/v1/completions", json={"prompt": p, **FAST}).json() for p in prompts]
+    for c in got["choices"]:
+        assert c["text"] == alone[c["index"] // 2]["choices"][0]["text"]  # greedy: both samples agree
+    usage = got["usage"]
+    assert usage["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert usage["completion_tokens"] == 2 * sum(a["usage"]["completion_tokens"] for a in alone)
+    assert usage["nfe"] == 2 * sum(a["usage"]["nfe"] for a in alone)
+    ids = [tiny_pipeline.encode(p) for p in prompts]  # token-id prompts: the same batch form
+    by_ids = client.post("/v1/completions", json={"prompt": ids, **FAST, "heal": False}).json()
+    assert [c["text"] for c in by_ids["choices"]] == [tiny_pipeline.tokenizer.decode(direct(tiny_pipeline, i, FAST).tokens)
+                                                      for i in ids]
+
+
+def test_seeded_samples_differ_and_each_is_reproducible(client):
+    body = {"prompt": "def f(x):", "temperature": 1.0, "seed": 7, **FAST}
+    two = client.post("/v1/completions", json={**body, "n": 2}).json()["choices"]
+    assert two[0]["text"] != two[1]["text"]  # sample j draws with seed + j
+    second = client.post("/v1/completions", json={**body, "seed": 8}).json()["choices"][0]
+    assert two[1]["text"] == second["text"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_streamed_choices_carry_their_index(client, chat):
+    if chat:
+        endpoint, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
+    else:
+        endpoint, body = "/v1/completions", {"prompt": ["def f(x):", "import os"]}
+    body = {**body, "n": 2, **FAST, "temperature": 1.0, "seed": 3}
+    full = client.post(endpoint, json=body).json()
+    events = parse_sse(client.post(endpoint, json={**body, "stream": True, "stream_options": {"include_usage": True}}).text)
+    texts, finished = {}, set()
+    for e in events[:-1]:
+        [c] = e["choices"]
+        piece = c["delta"].get("content") if chat else c["text"]
+        texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
+        if c["finish_reason"]:
+            finished.add(c["index"])
+    expected = {c["index"]: c["message"]["content"] if chat else c["text"] for c in full["choices"]}
+    assert texts == expected and finished == set(expected)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == full["usage"]["completion_tokens"]

@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -58,6 +59,25 @@ STATIC = Path(__file__).parent / "static"
 
 class ClientGone(Exception):
     pass
+
+
+@dataclass
+class Choice:
+    """One answer of a response: prompt i's sample j is choice i * n + j (OpenAI's order)."""
+    index: int
+    prompt_ids: list[int]  # healed: without the re-decoded last token
+    suffix_ids: list[int] | None
+    opts: DecodeOptions
+    n_prompt: int  # prompt (+ suffix) tokens for usage: counted on a prompt's first choice only
+    skip: str = ""  # healed text the answer starts with
+    first_allowed: Any = None
+
+
+@dataclass
+class Final:
+    choice: Choice
+    result: Any  # GenerationResult
+    completion_tokens: int
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -135,24 +155,52 @@ class Server:
         return opts
 
     # --- completions and chat ----------------------------------------------------------------------
+    def prompts(self, prompt: str | list) -> list[tuple[list[int], bool]]:
+        """(token ids, is text) of each prompt: a text, token ids, or a list of either (OpenAI's batch form)."""
+        if isinstance(prompt, str):
+            return [(self.encode(prompt, "prompt"), True)]
+        if prompt and all(isinstance(p, (str, list)) for p in prompt):
+            return [pair for p in prompt for pair in self.prompts(p)]
+        ids = list(prompt)
+        self.check_ids(ids, "prompt")
+        return [(ids, False)]
+
+    def samples(self, req: DecodingFields, first_index: int, prompt_ids: list[int], suffix_ids: list[int] | None,
+                opts: DecodeOptions, text_prompt: bool) -> list[Choice]:
+        """The request's `n` choices for one prompt. A seed gives each choice its own (seed + j)."""
+        # token healing as in the pipeline: the answer's first token re-decodes the prompt's last one
+        healing = heal(self.tokenizer, prompt_ids, self.config.vocab_size) \
+            if text_prompt and opts.heal and not suffix_ids else None
+        n_prompt = len(prompt_ids) + len(suffix_ids or [])
+        ids, skip, allowed = prompt_ids, "", None
+        if healing is not None:
+            ids, allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
+        return [Choice(first_index + j, ids, suffix_ids, opts if opts.seed is None else opts.replace(seed=opts.seed + j),
+                       n_prompt if j == 0 else 0, skip, allowed) for j in range(req.n)]
+
+    def check_choices(self, req: DecodingFields, n_prompts: int) -> None:
+        if n_prompts * req.n > self.limits.max_choices:
+            raise ApiError(f"n: {n_prompts} prompt(s) x n={req.n} is more than this server's "
+                           f"{self.limits.max_choices} choices per request", 400, "n")
+
     async def completion(self, request: Request, req: CompletionRequest) -> Response:
         self.check_model(req)
-        if isinstance(req.prompt, str):
-            prompt_ids = self.encode(req.prompt, "prompt")
-        else:
-            prompt_ids = list(req.prompt)
-            self.check_ids(prompt_ids, "prompt")
+        prompts = self.prompts(req.prompt)
+        self.check_choices(req, len(prompts))
         suffix_ids = self.encode(req.suffix, "suffix") if req.suffix else None
-        if not prompt_ids and not suffix_ids:
-            raise ApiError("prompt: empty; give some text (or a suffix to infill before)", 400, "prompt")
         if suffix_ids is not None and self.config.attention == "causal":
             raise ApiError("suffix: infilling needs a diffusion model; this one is autoregressive", 400, "suffix")
-        opts = self.options(req, len(prompt_ids) + len(suffix_ids or []))
-        return await self.run(request, req, "/v1/completions", prompt_ids, suffix_ids, opts, chat=False,
-                              text_prompt=isinstance(req.prompt, str))
+        choices = []
+        for i, (prompt_ids, text_prompt) in enumerate(prompts):
+            if not prompt_ids and not suffix_ids:
+                raise ApiError("prompt: empty; give some text (or a suffix to infill before)", 400, "prompt")
+            opts = self.options(req, len(prompt_ids) + len(suffix_ids or []))
+            choices += self.samples(req, i * req.n, prompt_ids, suffix_ids, opts, text_prompt)
+        return await self.run(request, req, "/v1/completions", choices, chat=False)
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
         self.check_model(req)
+        self.check_choices(req, 1)
         if len(req.messages) > self.limits.max_messages:
             raise ApiError(f"messages: at most {self.limits.max_messages} messages", 400, "messages")
         chars = sum(len(m.content) for m in req.messages)
@@ -170,45 +218,56 @@ class Server:
         opts = self.options(req, len(prompt_ids))
         # a model may close its turn with an end-of-turn token or open the next turn: both end the answer
         opts = opts.replace(stop=opts.stop + [t for t in self.turn_ends if t not in opts.stop])
-        return await self.run(request, req, "/v1/chat/completions", prompt_ids, None, opts, chat=True,
-                              text_prompt=True)
+        return await self.run(request, req, "/v1/chat/completions", self.samples(req, 0, prompt_ids, None, opts, True),
+                              chat=True)
 
-    async def run(self, request: Request, req: DecodingFields, endpoint: str, prompt_ids: list[int],
-                  suffix_ids: list[int] | None, opts: DecodeOptions, chat: bool, text_prompt: bool) -> Response:
+    async def run(self, request: Request, req: DecodingFields, endpoint: str, choices: list[Choice],
+                  chat: bool) -> Response:
         t0 = time.perf_counter()
-        n_prompt = len(prompt_ids) + len(suffix_ids or [])
-        # token healing as in the pipeline: the answer's first token re-decodes the prompt's last one
-        healing = heal(self.tokenizer, prompt_ids, self.config.vocab_size) \
-            if text_prompt and opts.heal and not suffix_ids else None
-        skip, first_allowed = "", None
-        if healing is not None:
-            prompt_ids, first_allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
-        ticket = await self.worker.submit(prompt_ids, opts, suffix_ids=suffix_ids, every_step=req.stream,
-                                          stop_when=stop_checker(self.tokenizer, opts.stop, skip),
-                                          first_allowed=first_allowed)
+        tickets = []
+        try:
+            for c in choices:
+                tickets.append(await self.worker.submit(c.prompt_ids, c.opts, suffix_ids=c.suffix_ids,
+                                                        every_step=req.stream,
+                                                        stop_when=stop_checker(self.tokenizer, c.opts.stop, c.skip),
+                                                        first_allowed=c.first_allowed))
+        except BaseException:  # queue full (or the client left) part-way: the accepted choices go too
+            self.cancel(tickets)
+            raise
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
                 "model": self.model_name}
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = self.stream(ticket, opts, meta, chat, req.diffusing, include_usage, endpoint, n_prompt, t0, skip)
+            body = self.stream(choices, tickets, meta, chat, req.diffusing, include_usage, endpoint, t0)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        try:
-            ev = await self.wait_final(request, ticket)
-        except ClientGone:
-            self.worker.cancel(ticket.request_id)
-            self.metrics.requests.labels(endpoint, "cancelled").inc()
-            return Response(status_code=499)
-        text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, self.config.eos_id, opts.stop, skip)
-        usage = self.usage(n_prompt, len(tokens), ev.result, t0)
+        events = await asyncio.gather(*(self.wait_final(request, t) for t in tickets), return_exceptions=True)
+        failed = [e for e in events if isinstance(e, BaseException)]
+        if failed:
+            self.cancel(tickets)
+            if all(isinstance(e, ClientGone) for e in failed):
+                self.metrics.requests.labels(endpoint, "cancelled").inc()
+                return Response(status_code=499)
+            raise next(e for e in failed if not isinstance(e, ClientGone))
+        answers, finals = [], []
+        for c, ev in zip(choices, events):
+            text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, self.config.eos_id, c.opts.stop,
+                                               c.skip)
+            finals.append(Final(c, ev.result, len(tokens)))
+            finish = self.finish_reason(ev.result, stopped)
+            if chat:
+                answers.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish})
+            else:
+                answers.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": finish})
+        usage = self.usage(finals, t0)
         self.record(endpoint, t0, usage)
-        finish = self.finish_reason(ev.result, stopped)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            return JSONResponse({**meta, "object": "chat.completion", "choices": [choice], "usage": usage})
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return JSONResponse({**meta, "object": "text_completion", "choices": [choice], "usage": usage})
+        obj = "chat.completion" if chat else "text_completion"
+        return JSONResponse({**meta, "object": obj, "choices": answers, "usage": usage})
+
+    def cancel(self, tickets: list) -> None:
+        for t in tickets:
+            self.worker.cancel(t.request_id)
 
     async def wait_final(self, request: Request, ticket) -> Any:
         """The request's last event; raises ClientGone if the client disconnects first."""
@@ -222,67 +281,97 @@ class Server:
             if isinstance(item, JobDone) or (isinstance(item, StepEvent) and item.done):
                 return item
 
-    async def stream(self, ticket, opts: DecodeOptions, meta: dict, chat: bool, diffusing: bool,
-                     include_usage: bool, endpoint: str, n_prompt: int, t0: float,
-                     skip: str = "") -> AsyncIterator[str]:
+    async def stream(self, choices: list[Choice], tickets: list, meta: dict, chat: bool, diffusing: bool,
+                     include_usage: bool, endpoint: str, t0: float) -> AsyncIterator[str]:
+        """Every choice's chunks as they come (each carries its choice index), then usage and [DONE]."""
         obj = "chat.completion.chunk" if chat else "text_completion"
+        merged: asyncio.Queue = asyncio.Queue()
+        ended = object()
+
+        async def pump(c: Choice, ticket) -> None:
+            try:
+                async for item in self.choice_stream(c, ticket, meta, obj, chat, diffusing):
+                    await merged.put(item)
+            except Exception as e:  # noqa: BLE001 (handed to the response, which reports it in-band)
+                await merged.put(e)
+            await merged.put(ended)
+
+        tasks = [asyncio.create_task(pump(c, t)) for c, t in zip(choices, tickets)]
+        done, finals, running = False, [], len(tasks)
+        try:
+            while running:
+                item = await merged.get()
+                if item is ended:
+                    running -= 1
+                elif isinstance(item, Final):
+                    finals.append(item)
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+            usage = self.usage(finals, t0)
+            if include_usage:
+                yield sse({**meta, "object": obj, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+            done = True
+            self.record(endpoint, t0, usage)
+        except Exception as e:  # the engine refused or failed mid-way: tell the client in-band
+            done = True
+            self.cancel(tickets)
+            self.metrics.requests.labels(endpoint, "error").inc()
+            yield sse(error_body(str(e), "server_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
+            if not done:  # client went away (the response task was cancelled) or an unexpected error
+                self.cancel(tickets)
+                self.metrics.requests.labels(endpoint, "cancelled").inc()
+                log.info("request %s cancelled: client disconnected", ", ".join(t.request_id for t in tickets))
+
+    async def choice_stream(self, c: Choice, ticket, meta: dict, obj: str, chat: bool,
+                            diffusing: bool) -> AsyncIterator[str | Final]:
+        """One choice's SSE chunks, then its Final."""
         eos, mask = self.config.eos_id, self.config.mask_id
-        deltas = DeltaStream(self.tokenizer, mask, eos, opts.stop, live=not opts.self_correct, skip=skip)
+        deltas = DeltaStream(self.tokenizer, mask, eos, c.opts.stop, live=not c.opts.self_correct, skip=c.skip)
 
         def chunk(text: str | None, finish: str | None = None, extra: dict | None = None, role: bool = False) -> str:
             if chat:
                 delta = {} if text is None else {"content": text}
                 if role:
                     delta = {"role": "assistant", **delta}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": c.index, "text": text or "", "logprobs": None, "finish_reason": finish}
             if extra:
                 choice.update(extra)
             return sse({**meta, "object": obj, "choices": [choice]})
 
-        done = False
-        try:
-            if chat:
-                yield chunk("", role=True)
-            while True:
-                ev: StepEvent = await ticket.next()
-                if not ev.done:
-                    if diffusing:
-                        text, pieces = render_canvas(self.tokenizer, ev.canvas, mask, eos, skip=skip)
-                        yield chunk(text, extra={"diffusion": self.diffusion_info(ev, pieces)})
-                    else:
-                        delta = deltas.update(ev.canvas)
-                        if delta:
-                            yield chunk(delta)
-                    continue
-                text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, eos, opts.stop, skip)
-                finish = self.finish_reason(ev.result, stopped)
-                usage = self.usage(n_prompt, len(tokens), ev.result, t0)
+        if chat:
+            yield chunk("", role=True)
+        while True:
+            ev: StepEvent = await ticket.next()
+            if not ev.done:
                 if diffusing:
-                    _, pieces = render_canvas(self.tokenizer, tokens, mask, eos, skip=skip)
-                    yield chunk(text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
+                    text, pieces = render_canvas(self.tokenizer, ev.canvas, mask, eos, skip=c.skip)
+                    yield chunk(text, extra={"diffusion": self.diffusion_info(ev, pieces)})
                 else:
-                    delta = deltas.finish(text)
+                    delta = deltas.update(ev.canvas)
                     if delta:
                         yield chunk(delta)
-                    yield chunk(None if chat else "", finish)
-                if include_usage:
-                    yield sse({**meta, "object": obj, "choices": [], "usage": usage})
-                yield "data: [DONE]\n\n"
-                done = True
-                self.record(endpoint, t0, usage)
-                return
-        except Exception as e:  # the engine refused or failed mid-way: tell the client in-band
-            done = True
-            self.metrics.requests.labels(endpoint, "error").inc()
-            yield sse(error_body(str(e), "server_error"))
-            yield "data: [DONE]\n\n"
-        finally:
-            if not done:  # client went away (the response task was cancelled) or an unexpected error
-                self.worker.cancel(ticket.request_id)
-                self.metrics.requests.labels(endpoint, "cancelled").inc()
-                log.info("request %s cancelled: client disconnected", ticket.request_id)
+                continue
+            text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, eos, c.opts.stop, c.skip)
+            finish = self.finish_reason(ev.result, stopped)
+            if diffusing:
+                _, pieces = render_canvas(self.tokenizer, tokens, mask, eos, skip=c.skip)
+                yield chunk(text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
+            else:
+                delta = deltas.finish(text)
+                if delta:
+                    yield chunk(delta)
+                yield chunk(None if chat else "", finish)
+            yield Final(c, ev.result, len(tokens))
+            return
 
     @staticmethod
     def diffusion_info(ev: StepEvent, pieces: list[str | None], final: bool = False) -> dict:
@@ -295,11 +384,17 @@ class Server:
         return "stop" if stopped or result.finish_reason in ("eos", "stop") else "length"
 
     @staticmethod
-    def usage(n_prompt: int, n_completion: int, result: Any, t0: float) -> dict:
-        steps = int(getattr(result, "steps", 0))
-        seconds = float(getattr(result, "seconds", 0.0)) or (time.perf_counter() - t0)
+    def usage(finals: list[Final], t0: float) -> dict:
+        """OpenAI's token counts (each prompt once) plus ours, summed over the choices; seconds: the one
+        choice's decoding time, or the request's wall time for several."""
+        n_prompt = sum(f.choice.n_prompt for f in finals)
+        n_completion = sum(f.completion_tokens for f in finals)
+        steps = sum(int(getattr(f.result, "steps", 0)) for f in finals)
+        nfe = sum(int(getattr(f.result, "nfe", 0)) for f in finals)
+        one = float(getattr(finals[0].result, "seconds", 0.0)) if len(finals) == 1 else 0.0
+        seconds = one or (time.perf_counter() - t0)
         return {"prompt_tokens": n_prompt, "completion_tokens": n_completion, "total_tokens": n_prompt + n_completion,
-                "nfe": int(getattr(result, "nfe", 0)), "steps": steps,
+                "nfe": nfe, "steps": steps,
                 "tokens_per_step": round(n_completion / max(steps, 1), 4), "seconds": round(seconds, 6)}
 
     def record(self, endpoint: str, t0: float, usage: dict) -> None:

@@ -42,12 +42,16 @@ class ServerLimits:
     max_messages: int = 256
     max_stop: int = 4  # as OpenAI
     max_stop_chars: int = 64
+    max_choices: int = 16  # prompts x n in one request
     max_body_bytes: int = 2_000_000  # whole HTTP body; larger -> 413
 
 
 def valid_unicode(value: Any) -> Any:
     """JSON may escape half a surrogate pair ("\\ud83d"), which no tokenizer can encode: a 422, not a 500."""
-    if isinstance(value, str):
+    if isinstance(value, list):
+        for item in value:
+            valid_unicode(item)
+    elif isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
@@ -89,8 +93,8 @@ class DecodingFields(BaseModel):
     self_correct: bool | None = None
     heal: bool | None = Field(None, description="token healing of a text prompt (default on)")
     diffusing: bool = Field(False, description="stream every denoising state (whole text, masks shown) instead of deltas")
+    n: int = 1  # choices per prompt
     # OpenAI fields accepted for compatibility; only their neutral values are allowed
-    n: int = 1
     logprobs: Any = None
     echo: bool = False
     logit_bias: dict[str, float] | None = None
@@ -133,7 +137,8 @@ class DecodingFields(BaseModel):
 
 
 class CompletionRequest(DecodingFields):
-    prompt: str | list[int] = Field(..., description="text, or token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        ..., description="text, token ids, or a list of either: one choice (n choices) per prompt")
     suffix: str | None = Field(None, description="text after the gap: the model fills the middle (infilling)")
 
     check_unicode = field_validator("prompt", "suffix")(valid_unicode)
@@ -212,7 +217,7 @@ def check_limits(req: DecodingFields, limits: ServerLimits, context: int) -> Non
         if not ok:
             raise ApiError(message, 400, param)
 
-    need(req.n == 1, "n: only n=1 is supported; send several requests instead", "n")
+    need(req.n >= 1, f"n: must be at least 1, got {req.n}", "n")
     need(req.logprobs in (None, False, 0), "logprobs: not supported by this server", "logprobs")
     need(not req.echo, "echo: not supported by this server", "echo")
     need(not req.logit_bias, "logit_bias: not supported by this server", "logit_bias")
