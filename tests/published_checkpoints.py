@@ -85,6 +85,13 @@ def write_tokenizer(path: Path, hf: HFTokenizer, template: str, bos: str | None,
     (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def write_checkpoint(path: Path, config: dict, tensors: dict[str, torch.Tensor], n_shards: int) -> None:
+    """config.json + the tensors in `n_shards` safetensors shards with their index: a published layout."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_shards(path, tensors, n_shards)
+
+
 def write_shards(path: Path, tensors: dict[str, torch.Tensor], n_shards: int = 3) -> None:
     """Split tensors over `n_shards` files named like HF's, with model.safetensors.index.json."""
     names = list(tensors)
@@ -149,9 +156,7 @@ def llada_checkpoint(path: Path, *, d=64, n_layers=2, n_heads=4, n_kv_heads=4, h
     t["model.transformer.ln_f.weight"] = _norm(gen, d)
     if not weight_tying:
         t["model.transformer.ff_out.weight"] = _linear(gen, emb, d)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(path, t, n_shards)
+    write_checkpoint(path, config, t, n_shards)
     write_tokenizer(path, hf, LLADA_TEMPLATE, bos="<|startoftext|>", eos="<|endoftext|>", pad="<|endoftext|>")
     return config, t
 
@@ -228,9 +233,7 @@ def qwen2_checkpoint(path: Path, *, kind: str = "dream", d=64, n_layers=2, n_hea
             config["mask_token_id"] = mask
     t = qwen_tensors(seed, vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                      head_dim=d // n_heads, hidden=hidden, tie=tie, store_tied_head=store_tied_head, qwen3=False)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(path, t, n_shards)
+    write_checkpoint(path, config, t, n_shards)
     write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|endoftext|>" if kind == "dream" else "<|im_end|>",
                     pad="<|endoftext|>", slow=slow_tokenizer)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
@@ -270,9 +273,7 @@ def sdar_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=2, he
     t = qwen_tensors(seed, vocab=vocab, d=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                      head_dim=head_dim, hidden=hidden, tie=tie, store_tied_head=False, qwen3=True,
                      experts=(moe[0], moe[2]) if moe else None)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(path, t, n_shards)
+    write_checkpoint(path, config, t, n_shards)
     write_tokenizer(path, hf, QWEN_TEMPLATE, bos=None, eos="<|im_end|>", pad="<|endoftext|>", jinja_file=True)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [hf.token_to_id("<|im_end|>"), eos]}))
     return config, t
@@ -335,9 +336,7 @@ def llada_moe_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=
     t["model.norm.weight"] = _norm(gen, d)
     if not tie:
         t["lm_head.weight"] = _linear(gen, vocab, d)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(path, t, n_shards)
+    write_checkpoint(path, config, t, n_shards)
     write_tokenizer(path, hf, LLADA_MOE_TEMPLATE, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")
     return config, t
 
