@@ -539,6 +539,10 @@ def test_seeded_samples_differ_and_each_is_reproducible(client):
     assert two[0]["text"] != two[1]["text"]  # sample j draws with seed + j
     second = client.post("/v1/completions", json={**body, "seed": 8}).json()["choices"][0]
     assert two[1]["text"] == second["text"]
+    edge = client.post("/v1/completions", json={**body, "seed": 2**63 - 1, "n": 2})  # seed + 1 wraps around
+    assert edge.status_code == 200, edge.text
+    wrapped = client.post("/v1/completions", json={**body, "seed": -(2**63)}).json()["choices"][0]
+    assert edge.json()["choices"][1]["text"] == wrapped["text"]
 
 
 @pytest.mark.parametrize("chat", [False, True])

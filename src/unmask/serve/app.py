@@ -175,8 +175,11 @@ class Server:
         ids, skip, allowed = prompt_ids, "", None
         if healing is not None:
             ids, allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
-        return [Choice(first_index + j, ids, suffix_ids, opts if opts.seed is None else opts.replace(seed=opts.seed + j),
-                       n_prompt if j == 0 else 0, skip, allowed) for j in range(req.n)]
+        def seeded(j: int) -> DecodeOptions:  # wrapped into torch's signed 64-bit seeds
+            return opts if opts.seed is None else opts.replace(seed=(opts.seed + j + 2**63) % 2**64 - 2**63)
+
+        return [Choice(first_index + j, ids, suffix_ids, seeded(j), n_prompt if j == 0 else 0, skip, allowed)
+                for j in range(req.n)]
 
     def check_choices(self, req: DecodingFields, n_prompts: int) -> None:
         if n_prompts * req.n > self.limits.max_choices:
