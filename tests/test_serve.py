@@ -564,3 +564,24 @@ def test_streamed_choices_carry_their_index(client, chat):
     expected = {c["index"]: c["message"]["content"] if chat else c["text"] for c in full["choices"]}
     assert texts == expected and finished == set(expected)
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == full["usage"]["completion_tokens"]
+
+
+def test_echo_puts_each_prompt_before_its_answer(client, tiny_pipeline):
+    prompts = ["def f(x):", "import os\n"]
+    plain = client.post("/v1/completions", json={"prompt": prompts, **FAST}).json()["choices"]
+    echoed = client.post("/v1/completions", json={"prompt": prompts, "echo": True, **FAST}).json()["choices"]
+    assert [c["text"] for c in echoed] == [p + c["text"] for p, c in zip(prompts, plain)]
+    ids = tiny_pipeline.encode("class A:")  # token ids echo as their text
+    by_ids = [client.post("/v1/completions", json={"prompt": ids, "echo": echo, **FAST}).json()["choices"][0]["text"]
+              for echo in (False, True)]
+    assert by_ids[1] == tiny_pipeline.tokenizer.decode(ids) + by_ids[0]
+    events = parse_sse(client.post("/v1/completions", json={"prompt": prompts[0], "echo": True, "stream": True,
+                                                            **FAST}).text)
+    assert events[0]["choices"][0]["text"] == prompts[0]
+    assert "".join(e["choices"][0]["text"] for e in events) == echoed[0]["text"]
+    frames = parse_sse(client.post("/v1/completions", json={"prompt": prompts[0], "echo": True, "stream": True,
+                                                            "diffusing": True, **FAST}).text)
+    assert all(f["choices"][0]["text"].startswith(prompts[0]) for f in frames)
+    assert frames[-1]["choices"][0]["text"] == echoed[0]["text"]
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "echo": True})
+    assert chat.status_code == 400 and "echo" in chat.json()["error"]["message"]

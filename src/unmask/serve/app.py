@@ -71,6 +71,7 @@ class Choice:
     n_prompt: int  # prompt (+ suffix) tokens for usage: counted on a prompt's first choice only
     skip: str = ""  # healed text the answer starts with
     first_allowed: Any = None
+    echo: str = ""  # the prompt's text, put before the answer (completions' `echo`)
 
 
 @dataclass
@@ -178,7 +179,8 @@ class Server:
         def seeded(j: int) -> DecodeOptions:  # wrapped into torch's signed 64-bit seeds
             return opts if opts.seed is None else opts.replace(seed=(opts.seed + j + 2**63) % 2**64 - 2**63)
 
-        return [Choice(first_index + j, ids, suffix_ids, seeded(j), n_prompt if j == 0 else 0, skip, allowed)
+        echo = self.tokenizer.decode(prompt_ids) if getattr(req, "echo", False) else ""
+        return [Choice(first_index + j, ids, suffix_ids, seeded(j), n_prompt if j == 0 else 0, skip, allowed, echo)
                 for j in range(req.n)]
 
     def check_choices(self, req: DecodingFields, n_prompts: int) -> None:
@@ -262,7 +264,7 @@ class Server:
                 answers.append({"index": c.index, "message": {"role": "assistant", "content": text},
                                 "logprobs": None, "finish_reason": finish})
             else:
-                answers.append({"index": c.index, "text": text, "logprobs": None, "finish_reason": finish})
+                answers.append({"index": c.index, "text": c.echo + text, "logprobs": None, "finish_reason": finish})
         usage = self.usage(finals, t0)
         self.record(endpoint, t0, usage)
         obj = "chat.completion" if chat else "text_completion"
@@ -352,12 +354,14 @@ class Server:
 
         if chat:
             yield chunk("", role=True)
+        if c.echo and not diffusing:  # deltas: the prompt comes first; diffusing chunks each carry it
+            yield chunk(c.echo)
         while True:
             ev: StepEvent = await ticket.next()
             if not ev.done:
                 if diffusing:
                     text, pieces = render_canvas(self.tokenizer, ev.canvas, mask, eos, skip=c.skip)
-                    yield chunk(text, extra={"diffusion": self.diffusion_info(ev, pieces)})
+                    yield chunk(c.echo + text, extra={"diffusion": self.diffusion_info(ev, pieces)})
                 else:
                     delta = deltas.update(ev.canvas)
                     if delta:
@@ -367,7 +371,7 @@ class Server:
             finish = self.finish_reason(ev.result, stopped)
             if diffusing:
                 _, pieces = render_canvas(self.tokenizer, tokens, mask, eos, skip=c.skip)
-                yield chunk(text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
+                yield chunk(c.echo + text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
             else:
                 delta = deltas.finish(text)
                 if delta:

@@ -5,7 +5,7 @@ diffusion-specific knobs (`steps`, `block_length`, `threshold`, `policy`, `diffu
 top-level fields, the way OpenAI clients pass them (`extra_body=` in the Python client).
 
 Unknown fields are rejected (422 naming the field) so a typo such as `temprature` is not silently ignored;
-OpenAI fields we cannot honour (`n > 1`, `logprobs`, `echo`, penalties) get a 400 saying so.
+OpenAI fields we cannot honour (`logprobs`, `logit_bias`, `echo` in chat) get a 400 saying so.
 Limits that depend on the model or the server (context length, max tokens/steps) are checked in
 `check_limits`, also naming the field.
 """
@@ -219,7 +219,7 @@ def check_limits(req: DecodingFields, limits: ServerLimits, context: int) -> Non
 
     need(req.n >= 1, f"n: must be at least 1, got {req.n}", "n")
     need(req.logprobs in (None, False, 0), "logprobs: not supported by this server", "logprobs")
-    need(not req.echo, "echo: not supported by this server", "echo")
+    need(not req.echo or isinstance(req, CompletionRequest), "echo: only completions echo their prompt", "echo")
     need(not req.logit_bias, "logit_bias: not supported by this server", "logit_bias")
     max_tokens = min(limits.max_tokens, context)
     need(req.max_tokens is None or req.max_tokens <= max_tokens,
