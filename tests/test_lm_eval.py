@@ -113,16 +113,19 @@ def test_encode_pair_moves_trailing_space_into_the_continuation(tiny_pipeline):
     assert tok.decode(ctx) == "x =" and tok.decode(cont) == " 1"
 
 
-def test_generate_until_cuts_at_until_and_respects_max_gen_toks(tiny_pipeline):
+def test_generate_until_cuts_at_until_and_respects_max_gen_toks(tiny_pipeline, monkeypatch):
+    import unmask.decoding.generate as generate
+
     lm = UnmaskLM(pipeline=tiny_pipeline, seed=0, block_length=8)
     seen = []
-    generate = tiny_pipeline.generate
+    many = generate.generate_many
 
-    def spy(prompt, options, **kw):
-        seen.append((options, generate(prompt, options, **kw)))
-        return seen[-1][1]
+    def spy(pipe, prompts, options, **kw):
+        for i, result in many(pipe, prompts, options, **kw):
+            seen.append((options[i], result))
+            yield i, result
 
-    tiny_pipeline.generate = spy
+    monkeypatch.setattr(generate, "generate_many", spy)
     free = lm.generate_until([Req(("def f(x):\n", {"until": [], "max_gen_toks": 16}))])[0]
     assert seen[0][0].max_new_tokens == 16 and 0 < len(seen[0][1].tokens) <= 16
     stop = free[3:6]
@@ -267,3 +270,17 @@ def test_harness_command_line_sees_the_unmask_model(saved_model_dir, tmp_path, m
     ours = [[float(r[0][0]) for r in s["resps"]] for s in samples]  # each choice's ELBO log-likelihood
     theirs = [[float(r[0][0]) for r in s["resps"]] for s in direct["samples"]["unmask_mc"]]
     assert [x for row in ours for x in row] == pytest.approx([x for row in theirs for x in row], rel=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_generate_until_batches_requests_with_the_answers_of_one_at_a_time(tokenizer, attention):
+    pipe = Pipeline(tiny_model(tokenizer, attention=attention), tokenizer)
+    lm = UnmaskLM(pipeline=pipe, seed=0, block_length=8, batch_size=2)
+    requests = [Req(("def f(x):\n", {"until": ["\n\n"], "max_gen_toks": 12})),
+                Req(("import os", {"until": [], "max_gen_toks": 8})),
+                Req(("class A:", {"until": [], "max_gen_toks": 10, "temperature": 0.7})),
+                Req(("x = ", {"until": ["y"], "max_gen_toks": 6}))]
+    batched = lm.generate_until(requests)
+    alone = [UnmaskLM(pipeline=pipe, seed=0, block_length=8, batch_size=1).generate_until([r])[0] for r in requests]
+    assert batched[:2] + batched[3:] == alone[:2] + alone[3:]  # greedy requests: the same answers
+    assert len(batched) == 4 and isinstance(batched[2], str)

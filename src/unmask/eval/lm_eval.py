@@ -180,7 +180,11 @@ class UnmaskLM(_Base):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        out = []
+        """The engine's answers, `batch_size` requests decoded together (one queue; a causal twin batches
+        requests with the same sampling settings), cut at each request's `until` strings."""
+        from unmask.decoding.generate import generate_many
+
+        prompts, request_options = [], []
         for req in requests:
             context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
             until = gen_kwargs.pop("until", None) or []
@@ -201,7 +205,17 @@ class UnmaskLM(_Base):
             if len(ids) > keep:
                 log.warning("context of %d tokens cut to its last %d", len(ids), keep)
                 ids = ids[-keep:]
-            out.append(self.pipe.generate(ids, options).text)
+            prompts.append(ids)
+            request_options.append(options)
+        groups: dict[str, list[int]] = {}
+        for i, o in enumerate(request_options):
+            same = repr(o.replace(max_new_tokens=1, seed=None, stop=[])) if self.pipe.config.attention == "causal" else ""
+            groups.setdefault(same, []).append(i)
+        out: list[str] = [""] * len(prompts)
+        for members in groups.values():
+            for j, result in generate_many(self.pipe, [prompts[i] for i in members], [request_options[i] for i in members],
+                                           max_batch=self.batch_size):
+                out[members[j]] = result.text
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
