@@ -341,6 +341,73 @@ def llada_moe_checkpoint(path: Path, *, d=48, n_layers=2, n_heads=4, n_kv_heads=
     return config, t
 
 
+def llada2_checkpoint(path: Path, *, d=48, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=8, top_k=3,
+                      expert_hidden=24, n_group=4, topk_group=2, n_shared=1, first_dense=1, dense_hidden=80,
+                      qkv_bias=False, seed=0, n_shards=3, extra: dict | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """inclusionAI/LLaDA2.0-mini's layout at toy width (model_type "llada2_moe", LLaDA2MoeModelLM): fused
+    attention.query_key_value, attention.dense, query_layernorm/key_layernorm, model.word_embeddings, a sigmoid
+    router mlp.gate with its expert_bias buffer, mlp.experts.{e}.*, mlp.shared_experts.* and dense leading layers.
+    Config values follow the released config.json (partial_rotary_factor 0.5, n_group/topk_group,
+    routed_scaling_factor 2.5, norm_topk_prob true, use_bias false), shrunk."""
+    hf = family_tokenizer(LLADA_MOE_SPECIALS)
+    vocab = 64 * math.ceil((hf.get_vocab_size() + 1) / 64)
+    eos = hf.token_to_id("<|endoftext|>")
+    config = {
+        "architectures": ["LLaDA2MoeModelLM"],
+        "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                     "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                     "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        "attention_dropout": 0.0, "embedding_dropout": 0.0, "eos_token_id": eos, "first_k_dense_replace": first_dense,
+        "head_dim": head_dim, "hidden_act": "silu", "hidden_size": d, "initializer_range": 0.02,
+        "intermediate_size": dense_hidden, "mask_token_id": hf.token_to_id("<|mask|>"), "max_position_embeddings": 512,
+        "max_window_layers": 28, "model_type": "llada2_moe", "moe_intermediate_size": expert_hidden,
+        "moe_router_enable_expert_bias": True, "n_group": n_group, "norm_head": False, "norm_topk_prob": True,
+        "num_attention_heads": n_heads, "num_experts": n_experts, "num_experts_per_tok": top_k,
+        "num_hidden_layers": n_layers, "num_key_value_heads": n_kv_heads, "num_shared_experts": n_shared,
+        "output_dropout": 0.0, "output_router_logits": False, "pad_token_id": eos, "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 600000, "routed_scaling_factor": 2.5,
+        "score_function": "sigmoid", "tie_word_embeddings": False, "topk_group": topk_group, "torch_dtype": "float32",
+        "use_bias": False, "use_cache": False, "use_qk_norm": True, "use_qkv_bias": qkv_bias,
+        "use_sliding_window": False, "vocab_size": vocab,
+        **(extra or {}),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    qkv_rows = (n_heads + 2 * n_kv_heads) * head_dim
+    t = {"model.word_embeddings.weight": torch.randn(vocab, d, generator=gen)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = _norm(gen, d)
+        t[p + "attention.query_key_value.weight"] = _linear(gen, qkv_rows, d)
+        if qkv_bias:
+            t[p + "attention.query_key_value.bias"] = 0.1 * torch.randn(qkv_rows, generator=gen)
+        t[p + "attention.dense.weight"] = _linear(gen, d, n_heads * head_dim)
+        t[p + "attention.query_layernorm.weight"] = _norm(gen, head_dim)
+        t[p + "attention.key_layernorm.weight"] = _norm(gen, head_dim)
+        t[p + "post_attention_layernorm.weight"] = _norm(gen, d)
+        if i < first_dense:
+            t[p + "mlp.gate_proj.weight"] = _linear(gen, dense_hidden, d)
+            t[p + "mlp.up_proj.weight"] = _linear(gen, dense_hidden, d)
+            t[p + "mlp.down_proj.weight"] = _linear(gen, d, dense_hidden)
+            continue
+        t[p + "mlp.gate.weight"] = 3 * _linear(gen, n_experts, d)  # peaked enough that the choice matters
+        # a load-balancing bias of the size of the score gaps, so it changes which experts are chosen
+        t[p + "mlp.gate.expert_bias"] = 0.3 * torch.randn(n_experts, generator=gen)
+        for e in range(n_experts):
+            t[p + f"mlp.experts.{e}.gate_proj.weight"] = _linear(gen, expert_hidden, d)
+            t[p + f"mlp.experts.{e}.up_proj.weight"] = _linear(gen, expert_hidden, d)
+            t[p + f"mlp.experts.{e}.down_proj.weight"] = _linear(gen, d, expert_hidden)
+        if n_shared:
+            sh = expert_hidden * n_shared
+            t[p + "mlp.shared_experts.gate_proj.weight"] = _linear(gen, sh, d)
+            t[p + "mlp.shared_experts.up_proj.weight"] = _linear(gen, sh, d)
+            t[p + "mlp.shared_experts.down_proj.weight"] = _linear(gen, d, sh)
+    t["model.norm.weight"] = _norm(gen, d)
+    t["lm_head.weight"] = _linear(gen, vocab, d)
+    write_checkpoint(path, config, t, n_shards)
+    write_tokenizer(path, hf, LLADA_MOE_TEMPLATE, bos=None, eos="<|endoftext|>", pad="<|endoftext|>")
+    return config, t
+
+
 def read_raw_config(folder: Path, raw: dict):
     """read_config of a folder holding only this config.json: (ModelConfig, family, raw)."""
     (folder / "config.json").write_text(json.dumps(raw))

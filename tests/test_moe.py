@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import unmask
 from engine_helpers import sharpen
-from published_checkpoints import llada_moe_checkpoint, read_raw_config, sdar_checkpoint
+from published_checkpoints import llada2_checkpoint, llada_moe_checkpoint, read_raw_config, sdar_checkpoint
 from test_families import _ids, _max_diff, _with_family, attention, rms
 from unmask.decoding.options import DecodeOptions
 from unmask.diffusion.objective import masked_diffusion_loss
@@ -383,11 +383,6 @@ def test_unsupported_llada_moe_configs_are_refused_by_name(tmp_path, change, mes
 
 
 def test_moe_families_we_cannot_compute_are_refused_by_name(tmp_path):
-    llada2 = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "hidden_size": 2048,
-              "num_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5,
-              "score_function": "sigmoid", "partial_rotary_factor": 0.5, "moe_router_enable_expert_bias": True}
-    with pytest.raises(CheckpointError, match="LLaDA2.*partial_rotary_factor=0.5"):
-        read_raw_config(tmp_path, llada2)
     with pytest.raises(CheckpointError, match="norm_topk_prob"):
         read_raw_config(tmp_path, {"model_type": "sdar_moe", "architectures": ["SDARMoeForCausalLM"], "num_experts": 128})
 
@@ -467,3 +462,255 @@ def test_unsupported_sdar_moe_configs_are_refused_by_name(tmp_path, change, mess
     (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(CheckpointError, match=message):
         read_config(tmp_path / "m")
+
+
+# --- LLaDA2.0 / 2.1 (llada2_moe): fused qkv, partial RoPE, block-causal, sigmoid + bias + grouped top-k router -----
+def llada2_reference(t, cfg, ids, block_length=32, score="sigmoid", bias_in_weights=False, groups=True,
+                     rotary_factor=None, renormalize=True, scaling=None):
+    """LLaDA2MoeModelLM (modeling_llada2_moe.py) in plain PyTorch on the published names. Attention: fused
+    query_key_value viewed as [n_heads + 2 n_kv, head_dim] rows, per-head query/key_layernorm, rotate-half RoPE on
+    the first head_dim * partial_rotary_factor features (frequencies over that width), block-causal mask
+    (tril over blocks of `block_length`, as generate() builds it), dense. LLaDA2MoeGate, one token at a time:
+    sigmoid(logits) in float32, + expert_bias to choose, groups scored by their two best biased scores, top
+    topk_group groups, top-k experts among them, weights = unbiased scores / their sum (k > 1) * scaling.
+    The keyword arguments switch single facts off, to show each one matters."""
+    eps, T = cfg["rms_norm_eps"], ids.shape[1]
+    H, KV, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    rd = int(hd * (cfg["partial_rotary_factor"] if rotary_factor is None else rotary_factor))
+    n = -(-T // block_length)
+    allowed = torch.tril(torch.ones(n, n, dtype=torch.bool)).repeat_interleave(block_length, 0)
+    allowed = allowed.repeat_interleave(block_length, 1)[:T, :T]
+    inv = 1.0 / cfg["rope_theta"] ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
+    freqs = torch.outer(torch.arange(T, dtype=torch.float64), inv)
+    cos, sin = torch.cat([freqs, freqs], -1).cos().float(), torch.cat([freqs, freqs], -1).sin().float()
+
+    def rope(x):
+        r, rest = x[..., :rd], x[..., rd:]
+        half = rd // 2
+        rotated = torch.cat([-r[..., half:], r[..., :half]], dim=-1)
+        return torch.cat([r * cos + rotated * sin, rest], dim=-1)
+
+    def gate(h, p):
+        logits = h.float() @ t[p + "weight"].float().T
+        scores = logits.softmax(-1) if score == "softmax" else logits.sigmoid()
+        E, k = cfg["num_experts"], cfg["num_experts_per_tok"]
+        G, TG = cfg["n_group"], cfg["topk_group"]
+        weights = torch.zeros_like(scores)
+        for row in range(scores.shape[0]):
+            s = scores[row]
+            choice = s + t[p + "expert_bias"]
+            allowed_e = list(range(E))
+            if groups:
+                per = E // G
+                gscore = [sorted(choice[g * per:(g + 1) * per].tolist(), reverse=True)[:2] for g in range(G)]
+                best = sorted(range(G), key=lambda g: -sum(gscore[g]))[:TG]
+                allowed_e = [e for e in range(E) if e // per in best]
+            chosen = sorted(allowed_e, key=lambda e: -choice[e].item())[:k]
+            w = (choice if bias_in_weights else s)[chosen]
+            if renormalize and k > 1:
+                w = w / w.sum()
+            weights[row, chosen] = w * (cfg["routed_scaling_factor"] if scaling is None else scaling)
+        return weights
+
+    x = t["model.word_embeddings.weight"][ids]
+    B = x.shape[0]
+    for i in range(cfg["num_hidden_layers"]):
+        b, a = f"model.layers.{i}.", f"model.layers.{i}.attention."
+        h = rms(x, t[b + "input_layernorm.weight"], eps)
+        qkv = h @ t[a + "query_key_value.weight"].T + t.get(a + "query_key_value.bias", 0)
+        qkv = qkv.view(B, T, H + 2 * KV, hd)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]
+        q, k = rms(q, t[a + "query_layernorm.weight"], eps), rms(k, t[a + "key_layernorm.weight"], eps)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        att = ((q @ k.transpose(-1, -2)) / hd ** 0.5).masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+        x = x + att.transpose(1, 2).reshape(B, T, H * hd) @ t[a + "dense.weight"].T
+        h = rms(x, t[b + "post_attention_layernorm.weight"], eps)
+        m = b + "mlp."
+        if i < cfg["first_k_dense_replace"]:
+            y = swiglu(h, t[m + "gate_proj.weight"], t[m + "up_proj.weight"], t[m + "down_proj.weight"])
+        else:
+            flat = h.reshape(-1, h.shape[-1])
+            w = gate(flat, m + "gate.")
+            y = torch.zeros_like(flat)
+            for e in range(cfg["num_experts"]):
+                ex = f"{m}experts.{e}."
+                y = y + w[:, e:e + 1] * swiglu(flat, t[ex + "gate_proj.weight"], t[ex + "up_proj.weight"],
+                                               t[ex + "down_proj.weight"])
+            y = y.view_as(h)
+            if cfg["num_shared_experts"]:
+                s = m + "shared_experts."
+                y = y + swiglu(h, t[s + "gate_proj.weight"], t[s + "up_proj.weight"], t[s + "down_proj.weight"])
+        x = x + y
+    x = rms(x, t["model.norm.weight"], eps)
+    return x @ t["lm_head.weight"].T
+
+
+LLADA2_T = 40  # two blocks of 32 with a partial second one: the block-causal mask matters
+
+
+@pytest.mark.parametrize("kw", [{}, {"qkv_bias": True, "n_kv_heads": 4, "first_dense": 0, "n_shared": 0}])
+def test_llada2_layout_matches_reference(tmp_path, kw):
+    cfg, t = llada2_checkpoint(tmp_path / "m", **kw)
+    model = load_model(tmp_path / "m", device="cpu", dtype=torch.float32)
+    c = model.config
+    assert (c.family, c.attention, c.block_size, c.logits_shift, c.rotary_dim, c.router_score, c.router_expert_bias,
+            c.router_groups, c.router_topk_groups, c.routed_scaling, c.router_renormalize) == (
+        "llada2", "block_causal", 32, False, 8, "sigmoid", True, 4, 2, 2.5, True)
+    ids = _ids(cfg["vocab_size"], T=LLADA2_T)
+    with torch.no_grad():
+        ours = model(ids)
+    assert _max_diff(ours, llada2_reference(t, cfg, ids)) < ATOL
+
+
+@pytest.mark.parametrize("change", [
+    dict(score="softmax"), dict(bias_in_weights=True), dict(groups=False), dict(rotary_factor=1.0),
+    dict(renormalize=False), dict(scaling=1.0), dict(block_length=LLADA2_T),
+])
+def test_llada2_reference_is_sensitive_to_each_fact(tmp_path, change):
+    """Every fact the loader encodes changes the output of this checkpoint, so the match above pins each one."""
+    cfg, t = llada2_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"], T=LLADA2_T)
+    assert _max_diff(llada2_reference(t, cfg, ids), llada2_reference(t, cfg, ids, **change)) > 1e-2
+
+
+@pytest.mark.parametrize("mutation", [
+    dict(router_score="softmax"), dict(router_groups=0, router_topk_groups=0), dict(rotary_dim=None),
+    dict(routed_scaling=1.0), dict(router_renormalize=False), dict(attention="bidirectional"),
+])
+def test_llada2_config_mutations_are_caught(tmp_path, monkeypatch, mutation):
+    cfg, t = llada2_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"], T=LLADA2_T)
+
+    def mutated(raw):
+        return dataclasses.replace(published.llada2_config(raw), **mutation)
+
+    _with_family(monkeypatch, dataclasses.replace(published.LLADA2, to_config=mutated))
+    assert _max_diff(_ours(tmp_path / "m", ids), llada2_reference(t, cfg, ids)) > 1e-2
+
+
+def test_llada2_mutation_bias_in_the_weights_is_caught(tmp_path, monkeypatch):
+    cfg, t = llada2_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"], T=LLADA2_T)
+    route = MoEFeedForward.route
+
+    def biased_weights(self, x):
+        w, e = route(self, x)
+        return w + self.router_bias[e].to(w.dtype) * self.config.routed_scaling, e
+
+    monkeypatch.setattr(MoEFeedForward, "route", biased_weights)
+    assert _max_diff(_ours(tmp_path / "m", ids), llada2_reference(t, cfg, ids)) > 1e-2
+
+
+def test_llada2_mutation_swapped_k_v_split_is_caught(tmp_path, monkeypatch):
+    cfg, t = llada2_checkpoint(tmp_path / "m")
+    ids = _ids(cfg["vocab_size"], T=LLADA2_T)
+
+    def swapped(name, tensor, config):
+        parts = published.llada2_split(name, tensor, config)
+        if ".attention.wqkv." in name:
+            k, v = name.replace("wqkv", "wk"), name.replace("wqkv", "wv")
+            parts[k], parts[v] = parts[v], parts[k]
+        return parts
+
+    _with_family(monkeypatch, dataclasses.replace(published.LLADA2, split=swapped))
+    assert _max_diff(_ours(tmp_path / "m", ids), llada2_reference(t, cfg, ids)) > 1e-2
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.05)])
+def test_llada2_sparse_and_dense_dispatch_agree(dtype, atol):
+    model = _moe(router_score="sigmoid", router_expert_bias=True, router_groups=4, router_topk_groups=2,
+                 routed_scaling=2.5, router_renormalize=True, n_experts=8, n_experts_per_token=3).to(dtype)
+    layer = model.layers[0].feed_forward
+    with torch.no_grad():
+        layer.router_bias.copy_(0.3 * torch.randn(8, generator=torch.Generator().manual_seed(3)))
+        x = torch.randn(37, layer.router.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+        w, e = layer.route(x)
+        per = 8 // 4
+        for row in e.tolist():  # every chosen expert lies in at most topk_groups groups
+            assert len({x // per for x in row}) <= 2
+        assert _max_diff(layer.dispatch_sparse(x, w, e).float(), layer.dispatch_dense(x, w, e).float()) < atol
+
+
+def test_llada2_decodes_the_same_with_a_cache(tmp_path):
+    """Block-causal caches are exact: cached decoding of the LLaDA2 model gives the uncached tokens."""
+    llada2_checkpoint(tmp_path / "m", seed=1)  # a seed whose sharpened random model does not repeat one token
+    pipe = unmask.load(tmp_path / "m", device="cpu")
+    sharpen(pipe.model)
+    options = DecodeOptions(max_new_tokens=16, block_length=32, threshold=0.9, early_stop=False)
+    plain = pipe.generate("def f(x):", options.replace(cache="none"))
+    for cache in ("prefix", "dual"):
+        assert pipe.generate("def f(x):", options.replace(cache=cache)).tokens == plain.tokens
+    assert len(set(plain.tokens)) > 2
+
+
+LLADA2_MINI = {  # inclusionAI/LLaDA2.0-mini config.json values as quoted by xLLM's loader test and mlx-lm ports
+    "architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "first_k_dense_replace": 1, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 5120, "max_position_embeddings": 32768,
+    "moe_intermediate_size": 512, "moe_router_enable_expert_bias": True, "n_group": 8, "norm_head": False,
+    "norm_topk_prob": True, "num_attention_heads": 16, "num_experts": 256, "num_experts_per_tok": 8,
+    "num_hidden_layers": 20, "num_key_value_heads": 4, "num_shared_experts": 1, "pad_token_id": 156892,
+    "partial_rotary_factor": 0.5, "rms_norm_eps": 1e-06, "rope_theta": 600000, "routed_scaling_factor": 2.5,
+    "score_function": "sigmoid", "tie_word_embeddings": False, "topk_group": 4, "use_bias": False,
+    "use_qk_norm": True, "use_qkv_bias": False, "vocab_size": 157184,
+}
+
+
+def test_llada2_mini_config_maps_to_the_bench_shape(tmp_path):
+    config, fam, _ = read_raw_config(tmp_path, LLADA2_MINI)
+    assert fam.name == "llada2"
+    assert config == shape_config("llada2-mini")
+    assert (config.mask_id, config.eos_id, config.rotary_dim) == (156895, 156892, 64)
+    # "16B total, 1.4B activated" (model card): within a few percent (num_params skips the 256 bias buffers)
+    assert 15.5e9 < config.num_params() < 16.6e9
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"use_bias": True}, "use_bias=True"),
+    ({"score_function": "softmax"}, "score_function='softmax'"),
+    ({"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"norm_head": True}, "norm_head=True"),
+    ({"use_sliding_window": True}, "use_sliding_window=True"),
+    ({"partial_rotary_factor": 0.01}, "partial_rotary_factor=0.01"),
+    ({"n_group": 3}, "n_group=3"),
+    ({"topk_group": 9}, "topk_group=9"),
+    ({"first_k_dense_replace": 20}, "first_k_dense_replace=20"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+])
+def test_unsupported_llada2_configs_are_refused_by_name(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        read_raw_config(tmp_path, {**LLADA2_MINI, **change})
+
+
+def test_llada2_use_bias_absent_means_the_published_default_true(tmp_path):
+    with pytest.raises(CheckpointError, match="use_bias=True, the published default"):
+        read_raw_config(tmp_path, {k: v for k, v in LLADA2_MINI.items() if k != "use_bias"})
+
+
+def test_configs_without_the_routing_keys_are_unchanged():
+    new = ("router_score", "router_expert_bias", "router_groups", "router_topk_groups", "routed_scaling",
+           "rotary_dim")
+    moe = _moe(shared_expert_hidden=16).config
+    old = {k: v for k, v in moe.to_dict().items() if k not in new}
+    again = ModelConfig.from_dict(old)
+    assert again == moe and (again.router_score, again.routed_scaling, again.rotary_dim) == ("softmax", 1.0, None)
+    cfg = _moe(router_score="sigmoid", router_expert_bias=True, router_groups=2, router_topk_groups=1,
+               routed_scaling=2.5, rotary_dim=8).config
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="rotary_dim"):
+        ModelConfig(dim=64, n_heads=4, rotary_dim=6 + 1)
+    with pytest.raises(ConfigError, match="router_groups"):
+        ModelConfig(dim=64, n_heads=4, n_experts=6, n_experts_per_token=2, expert_hidden=8, router_groups=4,
+                    router_topk_groups=1)
+
+
+def test_native_save_load_round_trip_of_a_llada2_model(tmp_path):
+    llada2_checkpoint(tmp_path / "pub")
+    model = load_model(tmp_path / "pub", device="cpu", dtype=torch.float32)
+    save_model(model, tmp_path / "m", max_shard_bytes=50_000)
+    loaded = load_model(tmp_path / "m", device="cpu", dtype=torch.float32)
+    ids = _ids(model.config.vocab_size, T=LLADA2_T)
+    with torch.no_grad():
+        assert _max_diff(loaded(ids), model(ids)) == 0

@@ -177,7 +177,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             raise CheckpointError(f"{file.name}: unexpected tensor {ckpt_name!r} for a {family.name} model") from None
         if name is None or (name == "output.weight" and config.tie_embeddings):
             continue  # dropped key, or a tied head some exporters also store
-        if name not in expected:
+        if name not in expected and family.split is None:
             raise CheckpointError(f"{file.name}: tensor {ckpt_name!r} maps to {name!r}, which the model does not have")
         handle = handles.get(file) or handles.setdefault(file, _open(file))
         try:
@@ -186,12 +186,16 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
             raise CheckpointError(f"corrupt shard {file}: cannot read {ckpt_name!r}: {e}") from None
         if family.transform is not None:
             t = family.transform(ckpt_name, t)
-        if tuple(t.shape) != tuple(expected[name]):
-            raise CheckpointError(
-                f"config.json does not match the weights: {ckpt_name!r} has shape {tuple(t.shape)}, "
-                f"the config implies {tuple(expected[name])}"
-            )
-        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        parts = family.split(name, t, config) if family.split is not None else {name: t}
+        for name, t in parts.items():
+            if name not in expected:
+                raise CheckpointError(f"{file.name}: tensor {ckpt_name!r} maps to {name!r}, which the model does not have")
+            if tuple(t.shape) != tuple(expected[name]):
+                raise CheckpointError(
+                    f"config.json does not match the weights: {ckpt_name!r} gives {name!r} the shape {tuple(t.shape)}, "
+                    f"the config implies {tuple(expected[name])}"
+                )
+            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"weights missing from {path}: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")

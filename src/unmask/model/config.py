@@ -46,6 +46,21 @@ class ModelConfig:
     shared_expert_hidden: int = 0
     first_dense_layers: int = 0
     router_renormalize: bool = False
+    # routing variants (LLaDA2.x / BailingMoeV2); the defaults are the plain softmax router above.
+    # router_score "sigmoid": each expert scored independently by sigmoid(logit) instead of a softmax.
+    # router_expert_bias: a per-expert buffer `router_bias` added to the scores only to *choose* experts; the
+    #   weights are the unbiased scores of the chosen ones. router_groups > 0 splits the experts into that many
+    #   equal groups, scores each group by the sum of its two best (biased) scores and lets a token choose only
+    #   among the experts of its router_topk_groups best groups. routed_scaling multiplies the final weights
+    #   (after any renormalisation).
+    router_score: str = "softmax"
+    router_expert_bias: bool = False
+    router_groups: int = 0
+    router_topk_groups: int = 0
+    routed_scaling: float = 1.0
+    # partial RoPE: only the first rotary_dim features of each head are rotated (rotate-half within them,
+    # frequencies over rotary_dim); the rest pass through. None = the whole head.
+    rotary_dim: int | None = None
     # special token ids (the tokenizer's; kept here so a model folder is self-describing)
     mask_id: int = 0
     eos_id: int = 1
@@ -73,6 +88,19 @@ class ModelConfig:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.head_dim < 2 or self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.rotary_dim is not None and not (2 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"rotary_dim {self.rotary_dim} must be even and in [2, head_dim={self.head_dim}]")
+        if self.router_score not in ("softmax", "sigmoid"):
+            raise ConfigError(f"router_score must be 'softmax' or 'sigmoid', got {self.router_score!r}")
+        if self.router_groups:
+            g, tg = self.router_groups, self.router_topk_groups
+            if g < 1 or self.n_experts % g or self.n_experts // g < 2:
+                raise ConfigError(f"router_groups {g} must split n_experts {self.n_experts} into equal groups of >= 2")
+            if not 1 <= tg <= g or self.n_experts_per_token > tg * (self.n_experts // g):
+                raise ConfigError(f"router_topk_groups {tg} must be in [1, router_groups={g}] and its groups must hold "
+                                  f"n_experts_per_token={self.n_experts_per_token} experts")
+        elif self.router_topk_groups:
+            raise ConfigError("router_topk_groups needs router_groups > 0")
         if self.attention == "block_causal" and self.block_size < 1:
             raise ConfigError("block_size must be >= 1 for block_causal attention")
         if self.n_experts:
@@ -81,8 +109,10 @@ class ModelConfig:
                                   f"got {self.n_experts_per_token}")
             if self.expert_hidden < 1:
                 raise ConfigError(f"expert_hidden must be >= 1 for a mixture of experts, got {self.expert_hidden}")
-        elif self.n_experts_per_token or self.shared_expert_hidden or self.first_dense_layers:
-            raise ConfigError("n_experts_per_token, shared_expert_hidden and first_dense_layers need n_experts > 0")
+        elif (self.n_experts_per_token or self.shared_expert_hidden or self.first_dense_layers or self.router_groups
+              or self.router_expert_bias):
+            raise ConfigError("n_experts_per_token, shared_expert_hidden, first_dense_layers, router_groups and "
+                              "router_expert_bias need n_experts > 0")
         if self.n_experts < 0 or self.shared_expert_hidden < 0 or not 0 <= self.first_dense_layers <= self.n_layers:
             raise ConfigError("n_experts, shared_expert_hidden must be >= 0 and first_dense_layers in [0, n_layers]")
         for name in ("mask_id", "eos_id", "pad_id"):
@@ -151,6 +181,14 @@ SHAPES: dict[str, dict[str, Any]] = {
         vocab_size=151936, dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_hidden=9728,
         max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6, qk_norm=True, attention="block_causal",
         block_size=4, mask_id=151669, eos_id=151643, pad_id=151643, bos_id=151643, family="sdar",
+    ),
+    "llada2-mini": dict(  # inclusionAI/LLaDA2.0-mini (16B, 1.4B active): 256 experts of 512, top-8 of 4 of 8 groups
+        vocab_size=157184, dim=2048, n_layers=20, n_heads=16, n_kv_heads=4, head_dim=128, ffn_hidden=5120,
+        max_seq_len=32768, rope_theta=600000.0, norm_eps=1e-6, qk_norm=True, attention="block_causal", block_size=32,
+        rotary_dim=64, n_experts=256, n_experts_per_token=8, expert_hidden=512, shared_expert_hidden=512,
+        first_dense_layers=1, router_renormalize=True, router_score="sigmoid", router_expert_bias=True,
+        router_groups=8, router_topk_groups=4, routed_scaling=2.5, mask_id=156895, eos_id=156892, pad_id=156892,
+        family="llada2",
     ),
     "llada-moe-7b": dict(  # inclusionAI/LLaDA-MoE-7B-A1B-Base/-Instruct: 64 experts of 1024, top-8, qk-norm
         vocab_size=157184, dim=2048, n_layers=16, n_heads=16, n_kv_heads=16, max_seq_len=8192, rope_theta=50000.0,

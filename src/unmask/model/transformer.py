@@ -42,7 +42,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF Llama/Qwen/LLaDA convention): pairs are (i, i + head_dim/2)."""
+    """Rotate-half RoPE (the HF Llama/Qwen/LLaDA convention): pairs are (i, i + rotary_dim/2). Tables narrower
+    than the head (partial RoPE, rotary_dim = 2 * cos.shape[-1]) rotate only the first rotary_dim features."""
+    rd = 2 * cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat([apply_rope(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.type_as(x)
@@ -158,7 +162,9 @@ class MoEFeedForward(nn.Module):
     """Top-k mixture of SwiGLU experts (+ an optional shared expert every token goes through).
 
     Routing: softmax over all experts' router logits (in float32), keep the k largest probabilities (divided by
-    their sum when config.router_renormalize), and add those experts' outputs weighted by them. Decoding sends
+    their sum when config.router_renormalize), and add those experts' outputs weighted by them. LLaDA2-style
+    variants (config.router_score "sigmoid", router_expert_bias, router_groups, routed_scaling) change only
+    which k experts are chosen and their weights, all inside route(). Decoding sends
     a block of ~32 tokens through the layer, so instead of running every expert on every token (dense) or
     padding to a capacity, the (token, slot) pairs are sorted by expert once and only experts that received
     tokens run, each on its own rows; index_add_ scatters the weighted outputs back. One host sync per layer
@@ -169,18 +175,35 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.config = config
         self.k, self.renormalize = config.n_experts_per_token, config.router_renormalize
         self.router = nn.Linear(config.dim, config.n_experts, bias=False)
+        if config.router_expert_bias:  # a loaded buffer (no gradient), used only to choose experts
+            self.register_buffer("router_bias", torch.zeros(config.n_experts))
         self.experts = nn.ModuleList(FeedForward(config.dim, config.expert_hidden) for _ in range(config.n_experts))
         if config.shared_expert_hidden:
             self.shared = FeedForward(config.dim, config.shared_expert_hidden)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, experts), each [N, k], for tokens x [N, dim]."""
-        probs = self.router(x).float().softmax(dim=-1)
-        weights, experts = probs.topk(self.k, dim=-1)
+        c = self.config
+        if c.router_score == "softmax":
+            scores = self.router(x).float().softmax(dim=-1)
+        else:  # sigmoid, on float32 logits as the published BailingMoeV2 / LLaDA2 gate computes them
+            scores = F.linear(x.float(), self.router.weight.float()).sigmoid()
+        choice = scores + self.router_bias.float() if c.router_expert_bias else scores  # selection only
+        if c.router_groups:
+            n = choice.shape[0]
+            grouped = choice.view(n, c.router_groups, -1)
+            best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(c.router_topk_groups, dim=-1).indices
+            keep = torch.zeros(n, c.router_groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(n, -1)
+        experts = choice.topk(self.k, dim=-1).indices
+        weights = scores.gather(1, experts)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if c.routed_scaling != 1.0:
+            weights = weights * c.routed_scaling
         return weights.to(x.dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -310,7 +333,7 @@ class Transformer(nn.Module):
             mask = attn_mask
         else:
             mask = build_attention_mask(c, positions, k_pos, k_valid, q_index, k_index)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta)
+        cos, sin = rope_cos_sin(positions, c.rotary_dim or c.head_dim, c.rope_theta)
         h = self.tok_embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i, cache_start, kv_len)

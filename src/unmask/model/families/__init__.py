@@ -23,6 +23,9 @@ class Family:
     name_map: dict[str, str | None] = field(default_factory=dict)
     # optional per-tensor fix-up (checkpoint name, tensor) -> tensor
     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+    # optional split of one mapped tensor into several of ours (our name, tensor, config) -> {our name: tensor},
+    # e.g. a fused q/k/v projection; names it does not split come back as {name: tensor}
+    split: Callable[[str, torch.Tensor, ModelConfig], dict[str, torch.Tensor]] | None = None
 
     def our_name(self, ckpt_name: str) -> str | None:
         """Map a checkpoint tensor name to ours; raise KeyError for names the family does not know."""

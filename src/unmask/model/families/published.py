@@ -94,6 +94,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family
 
@@ -103,6 +105,7 @@ DREAM_MASK_ID = 151666
 FAST_DLLM_MASK_ID = 151665
 SDAR_MASK_ID, SDAR_BLOCK_SIZE, SDAR_HEAD_DIM = 151669, 4, 128
 LLADA_MOE_MASK_ID, LLADA_MOE_EOS_ID = 156895, 156892
+LLADA2_MASK_ID, LLADA2_EOS_ID, LLADA2_BLOCK_SIZE = 156895, 156892, 32
 
 
 def _require(raw: dict[str, Any], *keys: str) -> None:
@@ -294,18 +297,111 @@ def llada_moe_config(raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+# --- LLaDA2.0 / LLaDA2.1 (llada2_moe, BailingMoeV2 style) --------------------------------------------------
+LLADA2_NAMES: dict[str, str | None] = {
+    "model.word_embeddings.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    # fused [q heads; k heads; v heads] rows, split by LLADA2.split
+    "model.layers.{}.attention.query_key_value.weight": "layers.{}.attention.wqkv.weight",
+    "model.layers.{}.attention.query_key_value.bias": "layers.{}.attention.wqkv.bias",
+    "model.layers.{}.attention.dense.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.attention.query_layernorm.weight": "layers.{}.attention.q_norm.weight",
+    "model.layers.{}.attention.key_layernorm.weight": "layers.{}.attention.k_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.mlp.gate.weight": "layers.{}.feed_forward.router.weight",
+    "model.layers.{}.mlp.gate.expert_bias": "layers.{}.feed_forward.router_bias",
+    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
+    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
+    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
+    "model.layers.{}.mlp.shared_experts.gate_proj.weight": "layers.{}.feed_forward.shared.w1.weight",
+    "model.layers.{}.mlp.shared_experts.up_proj.weight": "layers.{}.feed_forward.shared.w3.weight",
+    "model.layers.{}.mlp.shared_experts.down_proj.weight": "layers.{}.feed_forward.shared.w2.weight",
+    # the dense mlp of the first first_k_dense_replace layers
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.rotary_emb.inv_freq": None,
+}
+
+
 def is_llada2(raw: dict[str, Any]) -> bool:
-    """LLaDA2.0 / 2.1 (BailingMoeV2 style), matched only to be refused by name."""
+    """LLaDA2.0 / 2.1: model_type "llada2_moe", architectures ["LLaDA2MoeModelLM"]."""
     return str(raw.get("model_type", "")).lower().startswith("llada2") or any(
         str(a).startswith("LLaDA2") for a in raw.get("architectures") or [])
 
 
 def llada2_config(raw: dict[str, Any]) -> ModelConfig:
-    raise ConfigError(
-        f"model_type={raw.get('model_type')!r} (LLaDA2.x) is not supported: it routes with score_function="
-        f"{raw.get('score_function', 'sigmoid')!r}, an expert bias and grouped top-k (n_group={raw.get('n_group')}, "
-        f"routed_scaling_factor={raw.get('routed_scaling_factor')}) and rotates only part of each head "
-        f"(partial_rotary_factor={raw.get('partial_rotary_factor')}), which our network does not compute")
+    _require(raw, "hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "num_experts",
+             "num_experts_per_tok", "moe_intermediate_size")
+    _refuse(raw, "hidden_act", "silu", "SwiGLU with silu")
+    # absent keys take configuration_llada2_moe.LLaDA2MoeConfig's defaults
+    _refuse(raw, "use_bias", False, "no bias on the attention output (dense) projection", default=True)
+    _refuse(raw, "rope_scaling", None, "plain RoPE; scaled RoPE variants are not implemented")
+    _refuse(raw, "use_sliding_window", False, "full attention")
+    _refuse(raw, "norm_head", False, "a plain lm_head (the published model stores norm_head but never applies it, "
+            "so another value is ambiguous)")
+    _refuse(raw, "score_function", "sigmoid", "sigmoid routing (the published gate hard-codes it, so another "
+            "value is ambiguous)")
+    _refuse(raw, "norm_topk_prob", (True, None), "the published gate always renormalises top-k>1 weights, so "
+            "another value is ambiguous")
+    d, n_heads, n_layers = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
+    if not raw.get("head_dim") and d % n_heads:
+        raise ConfigError(f"hidden_size {d} is not divisible by num_attention_heads {n_heads} (and no head_dim)")
+    head_dim = int(raw.get("head_dim") or d // n_heads)
+    factor = raw.get("partial_rotary_factor", 0.5)
+    rotary = int(head_dim * float(factor))  # transformers' default RoPE init: dim = int(head_dim * factor)
+    if rotary < 2 or rotary % 2:
+        raise ConfigError(f"partial_rotary_factor={factor!r} is not supported (head_dim {head_dim} * factor must "
+                          "be an even number >= 2)")
+    n_experts, k = _positive_int(raw, "num_experts", 1), _positive_int(raw, "num_experts_per_tok", 1)
+    groups, topk_groups = _positive_int(raw, "n_group", 8), _positive_int(raw, "topk_group", 4)
+    if n_experts % groups or n_experts // groups < 2 or topk_groups > groups or k > topk_groups * (n_experts // groups):
+        raise ConfigError(f"n_group={groups}, topk_group={topk_groups} is not supported with num_experts={n_experts}, "
+                          f"num_experts_per_tok={k} (equal groups of >= 2 experts holding the top-k)")
+    first_dense = raw.get("first_k_dense_replace", 0)
+    if isinstance(first_dense, bool) or not isinstance(first_dense, int) or not 0 <= first_dense < n_layers:
+        raise ConfigError(f"first_k_dense_replace={first_dense!r} is not supported (0 <= value < num_hidden_layers)")
+    if first_dense:
+        _require(raw, "intermediate_size")
+    expert_hidden = _positive_int(raw, "moe_intermediate_size", 1)
+    shared = raw.get("num_shared_experts", 0)
+    if shared is not None and (isinstance(shared, bool) or not isinstance(shared, int) or shared < 0):
+        raise ConfigError(f"num_shared_experts must be a non-negative integer, got {shared!r}")
+    eos = _first_id(raw.get("eos_token_id"), LLADA2_EOS_ID)
+    return ModelConfig(
+        vocab_size=int(raw["vocab_size"]), dim=d, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=int(raw.get("num_key_value_heads") or n_heads), head_dim=head_dim,
+        ffn_hidden=_positive_int(raw, "intermediate_size", 1) if first_dense else None,
+        max_seq_len=int(raw.get("max_position_embeddings", 16384)), rope_theta=float(raw.get("rope_theta", 10000.0)),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-5)), qk_norm=bool(raw.get("use_qk_norm", True)),
+        attn_bias=bool(raw.get("use_qkv_bias", False)), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        attention="block_causal", block_size=_positive_int(raw, "block_size", LLADA2_BLOCK_SIZE), logits_shift=False,
+        rotary_dim=None if rotary == head_dim else rotary,
+        n_experts=n_experts, n_experts_per_token=k, expert_hidden=expert_hidden,
+        shared_expert_hidden=expert_hidden * (shared or 0), first_dense_layers=first_dense,
+        router_renormalize=k > 1,  # the published gate renormalises only when top_k > 1
+        router_score="sigmoid", router_expert_bias=bool(raw.get("moe_router_enable_expert_bias", True)),
+        router_groups=groups, router_topk_groups=topk_groups,
+        routed_scaling=float(raw.get("routed_scaling_factor", 2.5)),
+        mask_id=_first_id(raw.get("mask_token_id"), LLADA2_MASK_ID), eos_id=eos,
+        pad_id=_first_id(raw.get("pad_token_id"), eos), bos_id=_first_id(raw.get("bos_token_id"), None),
+        family="llada2",
+    )
+
+
+def llada2_split(name: str, t: torch.Tensor, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """query_key_value rows are [n_heads heads; n_kv heads of k; n_kv heads of v], head_dim rows each (the
+    published forward views them as [..., n_heads + 2 * n_kv, head_dim] and splits on the head axis)."""
+    if ".attention.wqkv." not in name:
+        return {name: t}
+    q, kv = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
+    if t.shape[0] != q + 2 * kv:
+        raise ConfigError(f"config.json does not match the weights: query_key_value has {t.shape[0]} rows, the "
+                          f"config implies {q} + 2 * {kv}")
+    wq, wk, wv = t.split([q, kv, kv], dim=0)
+    return {name.replace("wqkv", part): x for part, x in (("wq", wq), ("wk", wk), ("wv", wv))}
 
 
 # --- Qwen2 layout: Dream and block-diffusion Qwen2.5; Qwen3 layout: SDAR / TraDo ------------------------------
@@ -454,6 +550,6 @@ QWEN3_MOE_NAMES: dict[str, str | None] = QWEN3_NAMES | {
 SDAR = Family(name="sdar", matches=is_sdar, to_config=sdar_config, name_map=QWEN3_MOE_NAMES)
 
 LLADA_MOE = Family(name="llada_moe", matches=is_llada_moe, to_config=llada_moe_config, name_map=LLADA_MOE_NAMES)
-LLADA2 = Family(name="llada2", matches=is_llada2, to_config=llada2_config)
+LLADA2 = Family(name="llada2", matches=is_llada2, to_config=llada2_config, name_map=LLADA2_NAMES, split=llada2_split)
 
 FAMILIES = [LLADA_MOE, LLADA2, LLADA, DREAM, BLOCK_QWEN, SDAR]
