@@ -1,4 +1,5 @@
-"""Published checkpoint layouts: LLaDA (OLMo names), LLaDA-MoE (OLMoE-style names, a mixture of experts), Dream
+"""Published checkpoint layouts: LLaDA (OLMo names), LLaDA-MoE (OLMoE-style names, a mixture of experts), LLaDA2.x
+(BailingMoeV2-style names, fused qkv, sigmoid grouped routing, block-causal), Dream
 (Qwen2 names, shifted logits), block-diffusion Qwen2.5 models (Fast-dLLM v2: Qwen2 names, block-causal attention,
 shifted logits) and block-diffusion Qwen3 models (SDAR and TraDo: Qwen3 names with QK-norm, block-causal
 attention, unshifted logits).
@@ -85,9 +86,43 @@ Facts relied on (REFERENCE.md §3, checked against the published config.json / m
          Tensors: model.embed_tokens, model.layers.{i}.{input_layernorm, post_attention_layernorm},
          .self_attn.{q,k,v,o}_proj, .self_attn.{q,k}_norm, .mlp.gate (router, [experts, hidden]),
          .mlp.experts.{e}.{gate,up,down}_proj, .shared_expert.{gate,up,down}_proj, model.norm, lm_head.
-  LLaDA2.0 / 2.1 (model_type "llada2_moe", LLaDA2MoeModelLM): refused. Their config.json (e.g. inclusionAI/
-         LLaDA2.1-mini) asks for partial RoPE (partial_rotary_factor 0.5), sigmoid routing with an expert bias and
-         grouped top-k (n_group/topk_group) with routed_scaling_factor 2.5: our network computes none of these.
+  LLaDA2.0 / 2.1  inclusionAI/LLaDA2.0-mini, -flash, -mini-preview, LLaDA2.1-* (model_type "llada2_moe",
+         architectures ["LLaDA2MoeModelLM"]). Sources: modeling_llada2_moe.py + configuration_llada2_moe.py as vendored
+         by dllm (yks23/Information-Gain-Sampler dllm/dllm/pipelines/llada2/models/), dInfer's copy (kunchengit/dInfer
+         python/dinfer/model/modeling_llada2_moe.py; same gate, found again verbatim in several other stored copies);
+         config.json values as quoted by third parties (an xLLM HF-loader test "LLaDAModelArgsLoader", mlx-lm ports'
+         ModelArgs for LLaDA2.0-mini), NOT the released config.json itself, which was not in the sources.
+         LLaDA2.1 is assumed to be the same architecture (same model_type and keys); not checked against its files.
+         Tensors: model.word_embeddings, model.layers.{i}.{input_layernorm, post_attention_layernorm},
+         .attention.query_key_value (one Linear to (n_heads + 2 n_kv) * head_dim rows, bias=use_qkv_bias; the
+         forward views it as [.., n_heads + 2 n_kv, head_dim] and splits q | k | v on the head axis: split at load
+         by llada2_split), .attention.dense (o-proj, bias=use_bias: refused when true, and the config class
+         defaults it to True), .attention.{query,key}_layernorm (RMSNorm(head_dim) per head before RoPE, when
+         use_qk_norm, default True), .mlp.gate.weight [experts, hidden] + .mlp.gate.expert_bias buffer,
+         .mlp.experts.{e}.{gate,up,down}_proj (moe_intermediate_size), .mlp.shared_experts.{gate,up,down}_proj (width
+         moe_intermediate_size * num_shared_experts), dense .mlp.{gate,up,down}_proj (intermediate_size) in layers
+         < first_k_dense_replace, model.norm, lm_head (untied by default).
+         RoPE: transformers' default init with partial_rotary_factor (class default 0.5): rotary width
+         int(head_dim * factor), inv_freq over that width; apply_rotary_pos_emb rotates q[..., :rd] rotate-half and
+         passes q[..., rd:] through. head_dim its own key (else hidden / heads).
+         Gate (LLaDA2MoeGate): logits = hidden.float() @ weight.float().T; scores = sigmoid (hard-coded; the
+         score_function key is never read: only "sigmoid" accepted); choice = scores + expert_bias; groups: view as
+         [n_group, E/n_group], group score = sum of its top-2 choice scores, keep top topk_group groups, others -inf;
+         top-k (num_experts_per_tok) on choice; weights = the UNBIASED scores of the chosen experts, divided by
+         their sum (+1e-20) only when top_k > 1 (norm_topk_prob is never read: only true/absent accepted), times
+         routed_scaling_factor (class default 2.5). Shared experts added on the same input. Config defaults used
+         for absent keys: n_group 8, topk_group 4, num_shared_experts 0, first_k_dense_replace 0.
+         Attention mask: the published generate() builds tril(ones(blocks)) repeated block_length (default 32)
+         times: block-causal over blocks aligned at position 0; the block size is not in config.json, so 32 (a
+         block_size key wins, as for SDAR). Logits not shifted (loss on the same positions). generate()'s
+         defaults: mask_id 156895, eos_id 156892 (config pad_token_id 156892).
+         LLaDA2.0-mini (third-party quotes): hidden 2048, 20 layers, 16 heads, 4 kv heads, head_dim 128,
+         intermediate 5120, 256 experts of 512, top-8, 1 shared, n_group 8, topk_group 4, scaling 2.5,
+         first_k_dense_replace 1, rope_theta 600000, partial 0.5, rms eps 1e-6, 32768 positions, vocab 157184,
+         use_bias/use_qkv_bias false, use_qk_norm true, untied (the "llada2-mini" shape).
+         Refused by name: use_bias true, rope_scaling, use_sliding_window true, norm_head true (stored, never
+         applied), score_function other than sigmoid, norm_topk_prob false, a rotary width < 2 or odd, groups
+         that do not split the experts into equal groups of >= 2 holding the top-k, hidden_act other than silu.
 """
 
 from __future__ import annotations
