@@ -440,16 +440,20 @@ def test_sdar_moe_layout_matches_reference(tmp_path):
     assert _max_diff(ours, sdar_moe_reference(t, cfg, ids, renormalize=False)) > 1e-2  # renormalising matters here
 
 
-def test_sdar_moe_decodes_the_same_with_a_cache(tmp_path):
-    """Block-causal caches are exact: cached decoding of the MoE model gives the uncached tokens."""
-    sdar_checkpoint(tmp_path / "m", moe=(8, 3, 24))
-    pipe = unmask.load(tmp_path / "m", device="cpu")
+def assert_cache_is_exact(folder, block_length: int) -> None:
+    """Block-causal caches are exact: cached decoding of the (sharpened) model gives the uncached tokens."""
+    pipe = unmask.load(folder, device="cpu")
     sharpen(pipe.model)
-    options = DecodeOptions(max_new_tokens=16, block_length=8, threshold=0.9, early_stop=False)
+    options = DecodeOptions(max_new_tokens=16, block_length=block_length, threshold=0.9, early_stop=False)
     plain = pipe.generate("def f(x):", options.replace(cache="none"))
     for cache in ("prefix", "dual"):
         assert pipe.generate("def f(x):", options.replace(cache=cache)).tokens == plain.tokens
     assert len(set(plain.tokens)) > 2
+
+
+def test_sdar_moe_decodes_the_same_with_a_cache(tmp_path):
+    sdar_checkpoint(tmp_path / "m", moe=(8, 3, 24))
+    assert_cache_is_exact(tmp_path / "m", block_length=8)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -634,15 +638,8 @@ def test_llada2_sparse_and_dense_dispatch_agree(dtype, atol):
 
 
 def test_llada2_decodes_the_same_with_a_cache(tmp_path):
-    """Block-causal caches are exact: cached decoding of the LLaDA2 model gives the uncached tokens."""
     llada2_checkpoint(tmp_path / "m", seed=1)  # a seed whose sharpened random model does not repeat one token
-    pipe = unmask.load(tmp_path / "m", device="cpu")
-    sharpen(pipe.model)
-    options = DecodeOptions(max_new_tokens=16, block_length=32, threshold=0.9, early_stop=False)
-    plain = pipe.generate("def f(x):", options.replace(cache="none"))
-    for cache in ("prefix", "dual"):
-        assert pipe.generate("def f(x):", options.replace(cache=cache)).tokens == plain.tokens
-    assert len(set(plain.tokens)) > 2
+    assert_cache_is_exact(tmp_path / "m", block_length=32)
 
 
 LLADA2_MINI = {  # inclusionAI/LLaDA2.0-mini config.json values as quoted by xLLM's loader test and mlx-lm ports

@@ -240,6 +240,31 @@ def is_llada(raw: dict[str, Any]) -> bool:
     return str(raw.get("model_type", "")).lower() == "llada" or "LLaDAModelLM" in (raw.get("architectures") or [])
 
 
+_SWIGLU = (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))
+
+
+def _expert_names(shared: str | None = None) -> dict[str, str]:
+    """Routed experts under `mlp.experts.{e}`, and the shared expert at `shared` if there is one: the names
+    LLaDA-MoE, LLaDA2 and Qwen3-MoE (SDAR-MoE) share."""
+    out = {f"model.layers.{{}}.mlp.experts.{{}}.{p}.weight": f"layers.{{}}.feed_forward.experts.{{}}.{w}.weight"
+           for p, w in _SWIGLU}
+    if shared:
+        out |= {f"model.layers.{{}}.{shared}.{p}.weight": f"layers.{{}}.feed_forward.shared.{w}.weight"
+                for p, w in _SWIGLU}
+    return out
+
+
+# a MoE model's dense-layer mlp, final norm and head (LLaDA-MoE and LLaDA2 alike)
+_DENSE_MLP_AND_HEAD: dict[str, str | None] = {
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.rotary_emb.inv_freq": None,
+}
+
+
 # --- LLaDA-MoE ----------------------------------------------------------------------------------------------
 LLADA_MOE_NAMES: dict[str, str | None] = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -252,19 +277,9 @@ LLADA_MOE_NAMES: dict[str, str | None] = {
     "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
     "model.layers.{}.mlp.gate.weight": "layers.{}.feed_forward.router.weight",
-    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
-    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
-    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
-    "model.layers.{}.shared_expert.gate_proj.weight": "layers.{}.feed_forward.shared.w1.weight",
-    "model.layers.{}.shared_expert.up_proj.weight": "layers.{}.feed_forward.shared.w3.weight",
-    "model.layers.{}.shared_expert.down_proj.weight": "layers.{}.feed_forward.shared.w2.weight",
+    **_expert_names("shared_expert"),
     # the dense mlp of layers whose moe_layer_freq entry is 0
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.rotary_emb.inv_freq": None,
+    **_DENSE_MLP_AND_HEAD,
 }
 
 
@@ -345,19 +360,9 @@ LLADA2_NAMES: dict[str, str | None] = {
     "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
     "model.layers.{}.mlp.gate.weight": "layers.{}.feed_forward.router.weight",
     "model.layers.{}.mlp.gate.expert_bias": "layers.{}.feed_forward.router_bias",
-    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
-    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
-    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
-    "model.layers.{}.mlp.shared_experts.gate_proj.weight": "layers.{}.feed_forward.shared.w1.weight",
-    "model.layers.{}.mlp.shared_experts.up_proj.weight": "layers.{}.feed_forward.shared.w3.weight",
-    "model.layers.{}.mlp.shared_experts.down_proj.weight": "layers.{}.feed_forward.shared.w2.weight",
+    **_expert_names("mlp.shared_experts"),
     # the dense mlp of the first first_k_dense_replace layers
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-    "model.rotary_emb.inv_freq": None,
+    **_DENSE_MLP_AND_HEAD,
 }
 
 
@@ -578,9 +583,7 @@ BLOCK_QWEN = Family(name="block_qwen", matches=is_block_qwen, to_config=block_qw
 # SDAR-MoE: Qwen3-MoE's router and experts under each layer's mlp
 QWEN3_MOE_NAMES: dict[str, str | None] = QWEN3_NAMES | {
     "model.layers.{}.mlp.gate.weight": "layers.{}.feed_forward.router.weight",
-    "model.layers.{}.mlp.experts.{}.gate_proj.weight": "layers.{}.feed_forward.experts.{}.w1.weight",
-    "model.layers.{}.mlp.experts.{}.up_proj.weight": "layers.{}.feed_forward.experts.{}.w3.weight",
-    "model.layers.{}.mlp.experts.{}.down_proj.weight": "layers.{}.feed_forward.experts.{}.w2.weight",
+    **_expert_names(),
 }
 SDAR = Family(name="sdar", matches=is_sdar, to_config=sdar_config, name_map=QWEN3_MOE_NAMES)
 
