@@ -253,7 +253,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": ["x", "y"], "n": 9}, 400, "n"),  # 18 choices: above the server's 16
     ("/v1/completions", {"prompt": ["x", ""]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [[5, 6], [999999]]}, 400, "outside the vocabulary"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 21}, 422, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1, "echo": True}, 400, "does not score the prompt"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 1}}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 422, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 422,
+     "top_logprobs needs logprobs"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5}, 422, "presence_penalty"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/v1/completions", {"prompt": "x", "seed": 2**64}, 422, "seed"),  # above torch's 64-bit seeds: was a 500

@@ -68,3 +68,20 @@ def test_chat_template_loop_controls_and_errors(tokenizer):
         _with_template(tokenizer, "{% for m in messages %}").apply_chat_template([])  # never closed
     with pytest.raises(TokenizerError, match="chat template: .*"):
         _with_template(tokenizer, "{{ messages.__class__.__mro__ }}").apply_chat_template([])  # sandboxed
+
+
+def test_token_bytes_spell_the_text_even_inside_a_character(tokenizer):
+    text = "naïve → 日本 déf f():\n\treturn '✓'"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any(not _valid_utf8(p) for p in pieces)  # some tokens hold part of a character: decode can't say which
+    assert tokenizer.token_bytes(tokenizer.eos_id) == tokenizer.decode([tokenizer.eos_id]).encode("utf-8")
+
+
+def _valid_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from unmask.errors import UnmaskError
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -169,6 +170,22 @@ class Tokenizer:
             ids = [i for i in ids if i not in specials]
         return self.hf.decode(ids, skip_special_tokens=False)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for, even when they are only part of a UTF-8 character (where decode
+        gives "\ufffd"): byte-level vocabularies spell bytes as characters, GPT-2's table maps them back."""
+        piece = self.hf.id_to_token(int(i))
+        table = _byte_decoder() if self._byte_level() else {}
+        if piece is None or int(i) in self.hf.get_added_tokens_decoder() or not all(ch in table for ch in piece):
+            return self.decode([i]).encode("utf-8")
+        return bytes(table[ch] for ch in piece)
+
+    def _byte_level(self) -> bool:
+        if not hasattr(self, "_is_byte_level"):
+            decoder = json.loads(self.hf.to_str()).get("decoder") or {}
+            parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+            self._is_byte_level = any(d.get("type") == "ByteLevel" for d in parts)
+        return self._is_byte_level
+
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
@@ -194,6 +211,17 @@ class Tokenizer:
         """bos_token / eos_token / pad_token as templates see them (HF passes the special tokens map)."""
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         return {name: self.hf.id_to_token(i) if i is not None else "" for name, i in names.items()}
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the other
+    bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
 
 
 def _template_env():

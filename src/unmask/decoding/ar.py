@@ -10,7 +10,7 @@ import torch
 
 from unmask.decoding.events import StepEvent
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import penalize, sample_tokens
+from unmask.decoding.sampling import bias_vector, penalize, sample_tokens, token_logprobs
 from unmask.model.transformer import Transformer
 
 
@@ -28,6 +28,8 @@ def ar_generate(
     first_allowed: torch.Tensor | None = None,
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Greedy/sampled AR decoding. `on_step` gets one StepEvent per new token (the final one done=True);
     `first_allowed` (bool [vocab]) restricts the first new token (token healing)."""
@@ -37,7 +39,7 @@ def ar_generate(
             on_step(StepEvent("0", len(out), list(out), len(out), changed=[len(out) - 1]))
 
     [result] = ar_generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
-                                 first_allowed, presence_penalty, frequency_penalty, on_token)
+                                 first_allowed, presence_penalty, frequency_penalty, on_token, logit_bias, logprobs)
     if on_step is not None:
         on_step(StepEvent("0", len(result.tokens), list(result.tokens), len(result.tokens), done=True, result=result))
     return result
@@ -57,11 +59,15 @@ def ar_generate_batch(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     on_token: Callable[[int, list[int]], None] | None = None,
+    logit_bias: dict[int, float] | None = None,
+    logprobs: int | None = None,
 ) -> list[GenerationResult]:
     """AR decoding of several prompts in one batch, each with its own budget (`max_new_tokens`: one for all
     or one per prompt). Prompts are left-padded: padding is invalid in the cache, and RoPE positions start
     at each prompt's first token, so a row computes what it would alone. A row that ends (EOS or budget)
     stops growing; the batch runs until every row has ended. `on_token(row, tokens)` after each new token.
+    `logit_bias` ({token id: bias}) is added to the logits; `logprobs` (k) records each new token's
+    log-probability under the model (before biases and penalties) and its k most likely alternatives.
     Results carry the batch's forward passes and wall time (shared by its rows)."""
     c = model.config
     if c.attention != "causal":
@@ -86,18 +92,24 @@ def ar_generate_batch(
     cache.set_layout((slots - pad).clamp_min(0), slots >= pad)
     rows = torch.tensor([[c.eos_id] * (P - len(p)) + list(p) for p in prompts], device=device)
     logits = model(rows, cache=cache, cache_start=0)[:, -1]
-    if first_allowed is not None:
-        logits.masked_fill_(~first_allowed.to(device), float("-inf"))
     outs: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
     live = [n > 0 for n in budgets]
     counts = torch.zeros(B, logits.shape[-1], device=device)
+    bias = bias_vector(logit_bias or {}, logits.shape[-1], device)
+    recorded: list[list] = [[] for _ in range(B)]
     nfe, pos = 1, P
     while any(live):
+        model_logprobs = logits.float().log_softmax(-1) if logprobs is not None else None
+        if first_allowed is not None and nfe == 1:
+            logits = logits.masked_fill(~first_allowed.to(device), float("-inf"))
+        if bias is not None:
+            logits = logits + bias
         if presence_penalty or frequency_penalty:
             logits = penalize(logits, counts, presence_penalty, frequency_penalty)
         tok, _ = sample_tokens(logits, temperature, top_k, top_p, gen)
         counts.scatter_add_(1, tok[:, None], torch.ones(B, 1, device=device))
+        entries = token_logprobs(model_logprobs, tok, logprobs) if model_logprobs is not None else None
         for b, t in enumerate(tok.tolist()):
             if not live[b]:
                 continue
@@ -105,6 +117,8 @@ def ar_generate_batch(
                 finish[b], live[b] = "eos", False
                 continue
             outs[b].append(t)
+            if entries is not None:
+                recorded[b].append(entries[b])
             if on_token is not None:
                 on_token(b, outs[b])
             live[b] = len(outs[b]) < budgets[b]
@@ -114,5 +128,10 @@ def ar_generate_batch(
         pos += 1
         nfe += 1
     seconds = time.perf_counter() - t0
-    return [GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=seconds, finish_reason=f,
-                             prompt_tokens=len(p)) for out, f, p in zip(outs, finish, prompts)]
+    results = [GenerationResult(tokens=out, nfe=nfe, steps=nfe, seconds=seconds, finish_reason=f,
+                                prompt_tokens=len(p)) for out, f, p in zip(outs, finish, prompts)]
+    if logprobs is not None:
+        for result, entries in zip(results, recorded):
+            result.logprobs = [lp for lp, _ in entries]
+            result.top_logprobs = [top for _, top in entries]
+    return results

@@ -15,11 +15,13 @@ Per step and request, in order:
   1. forward   refresh (whole canvas, rewrites the row's K/V) at a block's first step, every
                `cache_refresh` steps, or always with cache="none"; otherwise only the block's window
                against the cached rest (cache.py explains the layout)
-  2. sample    tokens + confidence for the block's positions (temperature / top-k / top-p, seeded)
+  2. sample    tokens + confidence for the block's positions (logit bias, penalties, temperature / top-k /
+               top-p, seeded)
   3. correct   (self_correct, after the block's masks are filled) rewrite confident changes, re-mask
                improbable tokens; at most `max_correction_steps` such steps per block
   4. commit    the policy picks which masked positions take their proposed token
-  5. report    one host sync per request: the canvas comes back for the event and the bookkeeping
+  5. report    one host sync per request: the canvas comes back for the event and the bookkeeping (with
+               options.logprobs, a second one brings the log-probabilities of the tokens just committed)
 
 Batched greedy decoding gives the same tokens as decoding each request alone: every row keeps its own
 natural-order positions, its own refresh schedule and its own random generator.
@@ -42,7 +44,7 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import decision_logits, penalize, sample_tokens
+from unmask.decoding.sampling import TokenLogprob, bias_vector, decision_logits, penalize, sample_tokens, token_logprobs
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
@@ -82,6 +84,7 @@ class Request:
     cut_at_eos: bool  # generation: the result ends at the first EOS
     stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
     first_allowed: torch.Tensor | None  # generation: bool [V], tokens the first new token may be (healing)
+    bias: torch.Tensor | None  # [V] options.logit_bias, dense
     prompt_tokens: int
     policy: Policy
     generator: torch.Generator | None
@@ -97,6 +100,7 @@ class Request:
     stopped_at_eos: bool = False
     stopped_by_check: bool = False
     host: list[int] = field(default_factory=list)  # host copy of x after the last step
+    logprob_of: dict[int, TokenLogprob] = field(default_factory=dict)  # options.logprobs: canvas position -> ...
     # per-block device tensors, set by Engine._enter_block
     pos: torch.Tensor | None = None  # the block's positions
     src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
@@ -205,6 +209,7 @@ class Engine:
             id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
             first_allowed=None if first_allowed is None else first_allowed.to(self.device),
+            bias=bias_vector(options.logit_bias, c.vocab_size, self.device),
             prompt_tokens=(region or (0, 0))[0], policy=make_policy(options),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
             steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
@@ -273,17 +278,22 @@ class Engine:
             h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
         logits = self.model.output(h)
         logits[..., self.config.mask_id] = float("-inf")  # a committed [MASK] would never finish its block
+        model_logprobs: dict[int, torch.Tensor] = {}
         for i, r in enumerate(reqs):
+            o = r.options
+            if o.logprobs is not None:  # the model's own distribution: before healing, biases and penalties
+                model_logprobs[i] = logits[i, : r.pos.numel()].float().log_softmax(-1)
             if r.first_allowed is not None and r.block == 0 and r.blocks[0][0] == r.region[0]:
                 logits[i, 0].masked_fill_(~r.first_allowed, float("-inf"))
-            o = r.options
+            if r.bias is not None:
+                logits[i] += r.bias
             if o.presence_penalty or o.frequency_penalty:
                 done = r.x[r.generated & (r.x != self.config.mask_id)]
                 counts = torch.bincount(done, minlength=logits.shape[-1])[: logits.shape[-1]]
                 logits[i] = penalize(logits[i], counts, o.presence_penalty, o.frequency_penalty)
         for i, r in enumerate(reqs):
             r.nfe += 1
-            events.append(self._advance(r, logits[i, : r.pos.numel()]))
+            events.append(self._advance(r, logits[i, : r.pos.numel()], model_logprobs.get(i)))
         return events
 
     def _admit(self) -> None:
@@ -373,8 +383,9 @@ class Engine:
                           return_hidden=True)
         return {r.id: h[i, r.src - r.window[0]] for i, r in enumerate(reqs)}
 
-    def _advance(self, r: Request, logits: torch.Tensor) -> StepEvent:
-        """Sample, correct, commit for one request's block; then bookkeeping on the host copy."""
+    def _advance(self, r: Request, logits: torch.Tensor, model_logprobs: torch.Tensor | None) -> StepEvent:
+        """Sample, correct, commit for one request's block; then bookkeeping on the host copy.
+        `model_logprobs` [L, V]: the model's log-probabilities for the block, when options.logprobs is set."""
         o, c = r.options, self.config
         cur = r.x[r.pos]
         masked = cur == c.mask_id
@@ -405,6 +416,8 @@ class Engine:
         r.host = row
         blk = r.blocks[r.block]
         changed = [p for p in blk if row[p] != before[p]]
+        if model_logprobs is not None and changed:
+            self._record_logprobs(r, blk, new, model_logprobs, changed)
         left = sum(row[p] == c.mask_id for p in blk)
         block_done = False
         if left == 0:
@@ -431,7 +444,25 @@ class Engine:
             self._enter_block(r)
         lo, hi = r.region
         return StepEvent(r.id, r.steps, row[lo:hi], sum(t != c.mask_id for t in row[lo:hi]),
-                         changed=[p - lo for p in changed if lo <= p < hi])
+                         changed=[p - lo for p in changed if lo <= p < hi], logprobs=self._region_logprobs(r))
+
+    def _record_logprobs(self, r: Request, blk: list[int], new: torch.Tensor, model_logprobs: torch.Tensor,
+                         changed: list[int]) -> None:
+        """Keep the log-probability (and top alternatives) of each token this step committed or rewrote, as
+        the model gave it at this step; a re-masked position forgets its entry until it is committed again."""
+        at = {p: i for i, p in enumerate(blk)}
+        idx = torch.tensor([at[p] for p in changed], device=new.device)
+        entries = token_logprobs(model_logprobs[idx], new[idx], r.options.logprobs)
+        for p, entry in zip(changed, entries):
+            if r.host[p] == self.config.mask_id:
+                r.logprob_of.pop(p, None)
+            else:
+                r.logprob_of[p] = entry
+
+    def _region_logprobs(self, r: Request) -> list[TokenLogprob | None] | None:
+        if r.options.logprobs is None:
+            return None
+        return [r.logprob_of.get(p) for p in range(*r.region)]
 
     def _answer_prefix(self, r: Request) -> list[int]:
         """The committed tokens of the region up to its first mask (or EOS): text that can no longer change."""
@@ -472,5 +503,10 @@ class Engine:
         result = GenerationResult(tokens=tokens, nfe=r.nfe, steps=r.steps, steps_per_block=list(r.steps_per_block),
                                   seconds=time.perf_counter() - r.t0, finish_reason=finish,
                                   prompt_tokens=r.prompt_tokens)
+        logprobs = self._region_logprobs(r)
+        if logprobs is not None:  # context tokens of an edited canvas were never committed: None, []
+            entries = logprobs[: len(tokens)]
+            result.logprobs = [e[0] if e else None for e in entries]
+            result.top_logprobs = [e[1] if e else [] for e in entries]
         return StepEvent(r.id, r.steps, region, sum(t != c.mask_id for t in region), done=True, result=result,
-                         changed=[p - lo for p in (changed or []) if lo <= p < hi])
+                         changed=[p - lo for p in (changed or []) if lo <= p < hi], logprobs=logprobs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from unmask.decoding.result import GenerationResult
+from unmask.decoding.sampling import TokenLogprob
 
 
 @dataclass
@@ -16,3 +17,5 @@ class StepEvent:
     done: bool = False
     result: GenerationResult | None = None  # set on the final event
     changed: list[int] = field(default_factory=list)  # canvas indices committed/rewritten by this step
+    # with options.logprobs: per canvas position, (log-probability, top alternatives) of its committed token
+    logprobs: list[TokenLogprob | None] | None = None

@@ -89,7 +89,8 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
     if pipe.config.attention == "causal":
         result = ar_generate(pipe.model, p.ids, options.max_new_tokens, options.temperature, options.top_k,
                              options.top_p, options.seed, on_step=on_step, first_allowed=p.first_allowed,
-                             presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty)
+                             presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty,
+                             logit_bias=options.logit_bias, logprobs=options.logprobs)
     else:
         stop_when = stop_checker(pipe.tokenizer, options.stop, skip=p.healing.removed if p.healing else "")
         result = Engine(pipe.model, max_batch=1).generate(p.ids, options, on_step=on_step, stop_when=stop_when,
@@ -123,7 +124,8 @@ def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options:
             results = ar_generate_batch(pipe.model, [prepared[i].ids for i in chunk],
                                         [options[i].max_new_tokens for i in chunk], o.temperature, o.top_k, o.top_p,
                                         options[start].seed, first_allowed=allowed,
-                                        presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty)
+                                        presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
+                                        logit_bias=o.logit_bias, logprobs=o.logprobs)
             yield from ((i, finish(pipe, r, prepared[i], options[i])) for i, r in zip(chunk, results))
         return
     engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts))

@@ -15,6 +15,9 @@ class OptionsError(UnmaskError, ValueError):
     pass
 
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API
+
+
 @dataclass
 class DecodeOptions:
     max_new_tokens: int = 128
@@ -39,6 +42,8 @@ class DecodeOptions:
     max_correction_steps: int = 8
     stop: list[str] = field(default_factory=list)
     heal: bool = True  # token healing of text prompts (decoding/healing.py); ids are decoded as given
+    logit_bias: dict[int, float] = field(default_factory=dict)  # OpenAI's: added to a token's logit, [-100, 100]
+    logprobs: int | None = None  # record each new token's log-probability (+ this many alternatives); None: off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +68,11 @@ class DecodeOptions:
         need(self.policy in ("fixed", "threshold", "factor"), f"policy must be fixed, threshold or factor, got {self.policy!r}")
         need(self.factor > 0, f"factor must be > 0, got {self.factor}")
         need(self.cache_refresh >= 0, f"cache_refresh must be >= 0, got {self.cache_refresh}")
+        need(self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        for token, bias in self.logit_bias.items():
+            need(isinstance(token, int) and token >= 0, f"logit_bias: token ids must be integers >= 0, got {token!r}")
+            need(-100.0 <= bias <= 100.0, f"logit_bias: bias of token {token} must be in [-100, 100], got {bias}")
 
     def replace(self, **changes: Any) -> "DecodeOptions":
         return dataclasses.replace(self, **changes)

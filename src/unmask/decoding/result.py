@@ -15,6 +15,10 @@ class GenerationResult:
     seconds: float = 0.0
     finish_reason: str = "length"  # "eos" | "length" | "stop"
     prompt_tokens: int = 0
+    # with options.logprobs: per token, its log-probability under the model when it was committed, and
+    # the most likely alternatives then ([(token id, log-probability)], options.logprobs of them)
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def tokens_per_step(self) -> float:

@@ -93,3 +93,30 @@ def sample_tokens(
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
         tokens = (logits.double() + gumbel).argmax(-1)
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def bias_vector(logit_bias: dict[int, float], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
+    """OpenAI's `logit_bias` ({token id: bias}) as a dense [V] vector added to the logits (None if empty)."""
+    if not logit_bias:
+        return None
+    bad = [t for t in logit_bias if not 0 <= t < vocab_size]
+    if bad:
+        from unmask.decoding.options import OptionsError
+
+        raise OptionsError(f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    bias = torch.zeros(vocab_size)
+    bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=bias.dtype)
+    return bias.to(device)
+
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]  # (log-probability of the token, top alternatives)
+
+
+def token_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """For log-probabilities [L, V] and the tokens chosen [L]: each token's log-probability and the `top`
+    most likely tokens with theirs, on the host (one transfer)."""
+    picked = logprobs.gather(-1, chosen[:, None]).squeeze(-1)
+    if top <= 0:
+        return [(lp, []) for lp in picked.tolist()]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [(lp, list(zip(i, v))) for lp, i, v in zip(picked.tolist(), ids.tolist(), values.tolist())]

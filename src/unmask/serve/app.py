@@ -38,6 +38,7 @@ from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
 from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
+from unmask.serve.logprobs import LogprobFormat
 from unmask.serve.metrics import Metrics
 from unmask.serve.schema import (
     ApiError,
@@ -48,7 +49,7 @@ from unmask.serve.schema import (
     ServerLimits,
     check_limits,
 )
-from unmask.serve.text import MASK_PLACEHOLDER, DeltaStream, final_text, render_canvas
+from unmask.serve.text import MASK_PLACEHOLDER, DeltaStream, committed_prefix, final_text, render_canvas, tokens_for_text
 from unmask.serve.worker import JobDone, Worker
 from unmask.tokenizer import USER
 
@@ -84,6 +85,11 @@ class Final:
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def result_logprobs(result: Any) -> list:
+    """A GenerationResult's (logprob, top alternatives) per token."""
+    return list(zip(result.logprobs or [], result.top_logprobs or []))
 
 
 def sse(data: Any) -> str:
@@ -142,7 +148,7 @@ class Server:
 
     def options(self, req: DecodingFields, n_context: int) -> DecodeOptions:
         ctx = self.config.max_seq_len
-        check_limits(req, self.limits, ctx)
+        check_limits(req, self.limits, ctx, self.config.vocab_size)
         try:
             opts = req.decode_options(self.defaults)
         except UnmaskError as e:
@@ -260,15 +266,23 @@ class Server:
                                                c.skip)
             finals.append(Final(c, ev.result, len(tokens)))
             finish = self.finish_reason(ev.result, stopped)
+            logprobs = self.logprob_format(c, chat)
+            if logprobs is not None:
+                logprobs = logprobs(tokens, result_logprobs(ev.result)[: len(tokens)])
             if chat:
                 answers.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish})
+                                "logprobs": logprobs, "finish_reason": finish})
             else:
-                answers.append({"index": c.index, "text": c.echo + text, "logprobs": None, "finish_reason": finish})
+                answers.append({"index": c.index, "text": c.echo + text, "logprobs": logprobs, "finish_reason": finish})
         usage = self.usage(finals, t0)
         self.record(endpoint, t0, usage)
         obj = "chat.completion" if chat else "text_completion"
         return JSONResponse({**meta, "object": obj, "choices": answers, "usage": usage})
+
+    def logprob_format(self, c: Choice, chat: bool) -> LogprobFormat | None:
+        if c.opts.logprobs is None:
+            return None
+        return LogprobFormat(self.tokenizer, chat, skip=c.skip, offset=len(c.echo))
 
     def cancel(self, tickets: list) -> None:
         for t in tickets:
@@ -339,6 +353,8 @@ class Server:
         """One choice's SSE chunks, then its Final."""
         eos, mask = self.config.eos_id, self.config.mask_id
         deltas = DeltaStream(self.tokenizer, mask, eos, c.opts.stop, live=not c.opts.self_correct, skip=c.skip)
+        logprobs = self.logprob_format(c, chat)
+        sent = 0  # tokens whose logprobs went out: those the streamed text covers
 
         def chunk(text: str | None, finish: str | None = None, extra: dict | None = None, role: bool = False) -> str:
             if chat:
@@ -364,18 +380,28 @@ class Server:
                     yield chunk(c.echo + text, extra={"diffusion": self.diffusion_info(ev, pieces)})
                 else:
                     delta = deltas.update(ev.canvas)
+                    extra = None
+                    if delta and logprobs is not None:
+                        prefix = committed_prefix(ev.canvas, mask, eos)
+                        covered = tokens_for_text(self.tokenizer, prefix, c.skip + deltas.sent)
+                        extra = {"logprobs": logprobs(prefix[sent:covered], ev.logprobs[sent:covered])}
+                        sent = covered
                     if delta:
-                        yield chunk(delta)
+                        yield chunk(delta, extra=extra)
                 continue
             text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, eos, c.opts.stop, c.skip)
             finish = self.finish_reason(ev.result, stopped)
+            rest = None
+            if logprobs is not None:  # diffusing: each chunk replaces the last, so the final one has them all
+                rest = {"logprobs": logprobs(tokens[sent:], result_logprobs(ev.result)[sent: len(tokens)])}
             if diffusing:
                 _, pieces = render_canvas(self.tokenizer, tokens, mask, eos, skip=c.skip)
-                yield chunk(c.echo + text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True)})
+                yield chunk(c.echo + text, finish, extra={"diffusion": self.diffusion_info(ev, pieces, final=True),
+                                                          **(rest or {})})
             else:
                 delta = deltas.finish(text)
-                if delta:
-                    yield chunk(delta)
+                if delta or rest:
+                    yield chunk(delta, extra=rest)
                 yield chunk(None if chat else "", finish)
             yield Final(c, ev.result, len(tokens))
             return

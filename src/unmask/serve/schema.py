@@ -5,7 +5,12 @@ diffusion-specific knobs (`steps`, `block_length`, `threshold`, `policy`, `diffu
 top-level fields, the way OpenAI clients pass them (`extra_body=` in the Python client).
 
 Unknown fields are rejected (422 naming the field) so a typo such as `temprature` is not silently ignored;
-OpenAI fields we cannot honour (`logprobs`, `logit_bias`, `echo` in chat) get a 400 saying so.
+OpenAI fields we cannot honour (`echo` in chat, prompt log-probabilities) get a 400 saying so.
+
+`logprobs` are the model's log-probabilities of each answer token at the denoising step that committed it
+(before logit_bias and penalties, as vLLM's default), with the most likely alternatives at that step:
+completions take `logprobs: k` and answer in the legacy form (tokens, token_logprobs, top_logprobs,
+text_offset); chat takes `logprobs: true, top_logprobs: k` and answers `{"content": [...]}`.
 Limits that depend on the model or the server (context length, max tokens/steps) are checked in
 `check_limits`, also naming the field.
 """
@@ -13,12 +18,12 @@ Limits that depend on the model or the server (context length, max tokens/steps)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from unmask.decoding.options import DecodeOptions
+from unmask.decoding.options import MAX_TOP_LOGPROBS, DecodeOptions
 from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
 
@@ -94,10 +99,10 @@ class DecodingFields(BaseModel):
     heal: bool | None = Field(None, description="token healing of a text prompt (default on)")
     diffusing: bool = Field(False, description="stream every denoising state (whole text, masks shown) instead of deltas")
     n: int = 1  # choices per prompt
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="token id (as a string) -> bias added to its logit, as OpenAI")
     # OpenAI fields accepted for compatibility; only their neutral values are allowed
-    logprobs: Any = None
     echo: bool = False
-    logit_bias: dict[str, float] | None = None
     user: str | None = None
 
     @field_validator("n", "stream", "echo", "presence_penalty", "frequency_penalty", mode="before")
@@ -117,6 +122,17 @@ class DecodingFields(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def wanted_logprobs(self) -> int | None:
+        """Alternatives per token the answer reports (0: the token's own only), None: no logprobs."""
+        return None
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        try:
+            return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+        except ValueError:
+            bad = next(t for t in self.logit_bias if not t.strip().lstrip("-").isdigit())
+            raise ApiError(f"logit_bias: keys are token ids, got {bad!r}", 400, "logit_bias") from None
+
     def decode_options(self, base: DecodeOptions) -> DecodeOptions:
         """The request's DecodeOptions on top of the server defaults (raises OptionsError on bad combos)."""
         changes: dict[str, Any] = {}
@@ -133,6 +149,8 @@ class DecodingFields(BaseModel):
         if self.steps is not None and self.policy is None:
             changes["policy"] = "fixed"
         changes["stop"] = self.stop_list()
+        changes["logit_bias"] = self.logit_bias_ids()
+        changes["logprobs"] = self.wanted_logprobs()
         return base.replace(**changes)
 
 
@@ -140,8 +158,13 @@ class CompletionRequest(DecodingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ..., description="text, token ids, or a list of either: one choice (n choices) per prompt")
     suffix: str | None = Field(None, description="text after the gap: the model fills the middle (infilling)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="log-probabilities of the answer's tokens and of this many alternatives")
 
     check_unicode = field_validator("prompt", "suffix")(valid_unicode)
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -170,6 +193,11 @@ class ChatCompletionRequest(DecodingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     # vLLM's name: extra chat template variables, e.g. {"enable_thinking": false} for Qwen3-based models
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool | None = Field(None, description="report the answer's tokens with their log-probabilities")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -184,6 +212,12 @@ class ChatCompletionRequest(DecodingFields):
     def max_completion_tokens_is_max_tokens(self) -> "ChatCompletionRequest":
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        return self
+
+    @model_validator(mode="after")
+    def top_logprobs_need_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:  # as OpenAI answers it
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs set to true")
         return self
 
 
@@ -210,7 +244,7 @@ class EditRequest(DecodingFields):
         return "instruction" if self.instruction else "auto"
 
 
-def check_limits(req: DecodingFields, limits: ServerLimits, context: int) -> None:
+def check_limits(req: DecodingFields, limits: ServerLimits, context: int, vocab_size: int) -> None:
     """Bounds that pydantic cannot know: the server's limits and the model's context."""
 
     def need(ok: bool, message: str, param: str) -> None:
@@ -218,9 +252,13 @@ def check_limits(req: DecodingFields, limits: ServerLimits, context: int) -> Non
             raise ApiError(message, 400, param)
 
     need(req.n >= 1, f"n: must be at least 1, got {req.n}", "n")
-    need(req.logprobs in (None, False, 0), "logprobs: not supported by this server", "logprobs")
     need(not req.echo or isinstance(req, CompletionRequest), "echo: only completions echo their prompt", "echo")
-    need(not req.logit_bias, "logit_bias: not supported by this server", "logit_bias")
+    need(not req.echo or req.wanted_logprobs() is None,
+         "logprobs: a diffusion decoder does not score the prompt, so echo cannot come with logprobs "
+         "(score text with `unmask eval elbo` or the lm-eval adapter)", "logprobs")
+    bias = req.logit_bias_ids()
+    bad = next((t for t in bias if not 0 <= t < vocab_size), None)
+    need(bad is None, f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
     max_tokens = min(limits.max_tokens, context)
     need(req.max_tokens is None or req.max_tokens <= max_tokens,
          f"max_tokens: {req.max_tokens} is above this server's limit of {max_tokens}", "max_tokens")

@@ -29,6 +29,16 @@ def unheal(text: str, skip: str) -> str:
     return "" if skip.startswith(text) else text
 
 
+def committed_prefix(canvas: Sequence[int], mask_id: int, eos_id: int | None) -> list[int]:
+    """The canvas up to its first mask (or EOS): text that streaming may send."""
+    prefix: list[int] = []
+    for t in canvas:
+        if t == mask_id or t == eos_id:
+            break
+        prefix.append(t)
+    return prefix
+
+
 def cut_at_eos(tokens: Sequence[int], eos_id: int) -> list[int]:
     tokens = list(tokens)
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
@@ -108,11 +118,7 @@ class DeltaStream:
         self.sent = ""
 
     def _stable_text(self, canvas: Sequence[int]) -> str:
-        prefix: list[int] = []
-        for t in canvas:
-            if t == self.mask_id or t == self.eos_id:
-                break
-            prefix.append(t)
+        prefix = committed_prefix(canvas, self.mask_id, self.eos_id)
         text = unheal(self.tokenizer.decode(prefix).rstrip(REPLACEMENT), self.skip)
         if self.stop:
             text, stopped = apply_stop(text, self.stop)
