@@ -87,7 +87,29 @@ def test_compiled_engine_keeps_window_shapes_static(tokenizer, cache, monkeypatc
     compiled = engine.generate(prompt, opts(cache=cache))
     hook.remove()
     assert compiled.tokens == eager.tokens  # padded windows change nothing
-    assert len(shapes) == 2  # one refresh shape + one window shape (and strides: guards check them) for all blocks
+    # for all blocks: the first block's refresh, one window shape, and one for a later block's first step
+    # (which recomputes the block before it); strides too, as guards check them
+    assert len(shapes) == 3
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_block_causal_decoding_computes_the_prompt_once(tokenizer, corpus_texts, shift):
+    # finished blocks' K/V are final: after the first block's refresh, each step recomputes at most the
+    # block before the current one and the current one, however long the prompt
+    model = sharp_model(tokenizer, attention="block_causal", block_size=8, logits_shift=shift)
+    prompt = tokenizer.encode(corpus_texts[3])[200:216]
+    assert len(prompt) == 16
+    o = opts(threshold=1.0)  # one token a step: later tokens see earlier ones
+    plain = Engine(model).generate(prompt, o.replace(cache="none"))
+    spans = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: spans.append((int(kw["positions"].min()), int(kw["positions"].max()) + 1)),
+        with_kwargs=True)
+    cached = Engine(model).generate(prompt, o.replace(cache="prefix"))
+    hook.remove()
+    assert cached.tokens == plain.tokens and len(set(plain.tokens)) > 2
+    assert spans[0] == (0, 24)  # the prompt and the first block, once
+    assert all(e - s <= 16 for s, e in spans[1:]) and len(spans) == cached.nfe
 
 
 def test_dual_cache_is_an_approximation_on_bidirectional_models(tokenizer):

@@ -14,7 +14,9 @@ there ("stop"), like EOS does; the caller cuts the text at the stop string.
 Per step and request, in order:
   1. forward   refresh (whole canvas, rewrites the row's K/V) at a block's first step, every
                `cache_refresh` steps, or always with cache="none"; otherwise only the block's window
-               against the cached rest (cache.py explains the layout)
+               against the cached rest (cache.py explains the layout). block_causal models refresh only
+               for their first block: a finished block's K/V are final once recomputed with its last
+               tokens, so a later block's first step widens its window back over the block before it
   2. sample    tokens + confidence for the block's positions (logit bias, penalties, temperature / top-k /
                top-p, seeded)
   3. correct   (self_correct, after the block's masks are filled) rewrite confident changes, re-mask
@@ -105,8 +107,10 @@ class Request:
     pos: torch.Tensor | None = None  # the block's positions
     src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
     window: tuple[int, int] = (0, 0)  # slots a window step recomputes
+    entry_window: tuple[int, int] | None = None  # block_causal, later blocks: the first step's window
     visible: int = 0  # slots [0, visible) can influence the block: a refresh recomputes only those
     window_width: int = 0  # compiled engines pad every window of the request to this width
+    entry_width: int = 0  # ... and every entry window to this one
 
     @property
     def n(self) -> int:
@@ -114,7 +118,13 @@ class Request:
 
     def needs_refresh(self) -> bool:
         o = self.options
-        return o.cache == "none" or self.block_step == 0 or (o.cache_refresh > 0 and self.block_step % o.cache_refresh == 0)
+        if o.cache == "none" or (o.cache_refresh > 0 and self.block_step % o.cache_refresh == 0):
+            return True
+        return self.block_step == 0 and self.entry_window is None
+
+    def step_window(self) -> tuple[int, int]:
+        """The slots this (window) step recomputes."""
+        return self.entry_window if self.block_step == 0 and self.entry_window is not None else self.window
 
 
 class Engine:
@@ -318,11 +328,21 @@ class Engine:
             return start, min(r.n, max(hi, (blk[-1] // bs + 1) * bs))
         return start, r.n if r.options.cache == "prefix" else hi
 
+    def _entry_window(self, r: Request, block: int) -> tuple[int, int] | None:
+        """block_causal, block > 0: the first step's window also recomputes everything since the previous
+        block's model block began (that block's K/V were last written with some of it still masked; model
+        blocks of context in between were never computed), so no refresh of the whole canvas is needed."""
+        if self.config.attention != "block_causal" or block == 0:
+            return None
+        s, e = self._block_window(r, r.blocks[block])
+        return min(s, r.blocks[block - 1][0] // self.config.block_size * self.config.block_size), e
+
     def _enter_block(self, r: Request) -> None:
         blk = r.blocks[r.block]
         r.pos = torch.tensor(blk, device=self.device)
         r.src = (r.pos - (1 if self.config.logits_shift else 0)).clamp_min(0)
         r.window = self._block_window(r, blk)
+        r.entry_window = self._entry_window(r, r.block)
         # block_causal: nothing after the block's model block reaches it (not even a suffix); compiled
         # engines keep whole-canvas refreshes, one graph shape per request
         r.visible = r.window[1] if self.config.attention == "block_causal" and not self._compiled else r.n
@@ -330,6 +350,8 @@ class Engine:
             # one window width for all of the request's blocks (prefix windows shrink block by block):
             # compiled graphs keep their shapes instead of recompiling per block
             r.window_width = max(e - s for s, e in (self._block_window(r, b) for b in r.blocks))
+            entries = [w for w in (self._entry_window(r, i) for i in range(len(r.blocks))) if w is not None]
+            r.entry_width = max((e - s for s, e in entries), default=0)
         r.block_step, r.correcting = 0, -1
         r.policy.start_block(len(blk), r.steps_budget)
 
@@ -360,28 +382,29 @@ class Engine:
         return {r.id: h[i, r.src] for i, r in enumerate(reqs)}
 
     def _window_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
-        key = ("window", C, tuple((r.row, r.visible, r.window) for r in reqs))
+        windows = [r.step_window() for r in reqs]
+        key = ("window", C, tuple((r.row, r.visible, w) for r, w in zip(reqs, windows)))
         if self._memo.get("window", (None,))[0] != key:
-            W = max(max(r.window[1] - r.window[0], r.window_width) for r in reqs)
+            W = max(max(e - s, r.entry_width if r.step_window() != r.window else r.window_width)
+                    for r, (s, e) in zip(reqs, windows))
             slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
             positions = torch.zeros((len(reqs), W), dtype=torch.long, device=self.device)
-            for i, r in enumerate(reqs):
-                s, e = r.window
+            for i, (s, e) in enumerate(windows):
                 slots[i, : e - s] = positions[i, : e - s] = torch.arange(s, e, device=self.device)
             q_real = slots < C
             mask = attention_mask(self.config, positions, q_real, [r.visible for r in reqs], C)
             self._memo["window"] = (key, W, positions, slots, mask)
         _, W, positions, slots, mask = self._memo["window"]
-        if len(reqs) == 1 and W == reqs[0].window[1] - reqs[0].window[0]:
-            s, e = reqs[0].window
+        if len(reqs) == 1 and W == windows[0][1] - windows[0][0]:
+            s, e = windows[0]
             tokens = reqs[0].x[s:e][None]  # strides as the padded (stacked) path's: one compiled graph
         else:
-            tokens = torch.stack([F.pad(r.x[slice(*r.window)], (0, W - (r.window[1] - r.window[0])),
-                                        value=self.config.pad_id) for r in reqs])
+            tokens = torch.stack([F.pad(r.x[s:e], (0, W - (e - s)), value=self.config.pad_id)
+                                  for r, (s, e) in zip(reqs, windows)])
         view = CacheView(self.cache, self._rows(reqs), slots, C)
         h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
                           return_hidden=True)
-        return {r.id: h[i, r.src - r.window[0]] for i, r in enumerate(reqs)}
+        return {r.id: h[i, r.src - s] for i, (r, (s, _)) in enumerate(zip(reqs, windows))}
 
     def _advance(self, r: Request, logits: torch.Tensor, model_logprobs: torch.Tensor | None) -> StepEvent:
         """Sample, correct, commit for one request's block; then bookkeeping on the host copy.
