@@ -53,6 +53,38 @@ def test_factor_rule():
     assert chosen(p.select(CONF, ALL, 0)) == [2]  # at least one
 
 
+def test_entropy_bound_policy_bounds_the_summed_error_of_a_step():
+    # surest first: 0.99, 0.95, 0.91, 0.5, 0.3, 0.2 -> errors 0.010, 0.051, 0.094, 0.693, 1.204, 1.609
+    # a token goes if the errors of the surer ones sum to <= γ: cumulative before = 0, 0.010, 0.061, 0.155, ...
+    def commits(gamma, conf=CONF, candidates=ALL):
+        return chosen(make_policy(DecodeOptions(policy="eb", entropy_bound=gamma)).select(conf, candidates, 0))
+
+    assert commits(0.0) == [2]  # only the surest: nothing precedes it
+    assert commits(0.05) == [0, 2]  # 0.010 before the second
+    assert commits(0.1) == [0, 2, 4]  # 0.061 before the third, 0.155 > 0.1 before the fourth
+    assert commits(0.2) == [0, 2, 3, 4]
+    assert commits(100.0) == [0, 1, 2, 3, 4, 5]
+    only = torch.tensor([False, True, False, True, False, True])  # non-candidates neither commit nor count
+    assert commits(0.8, candidates=only) == [3, 5]  # 0.5 then 0.3 (0.693 before it); 0.2 has 1.9 before
+    certain = torch.ones(4, dtype=torch.float64)
+    assert commits(0.0, conf=certain, candidates=torch.ones(4, dtype=torch.bool)) == [0, 1, 2, 3]
+    with pytest.raises(OptionsError, match="entropy_bound"):
+        DecodeOptions(policy="eb", entropy_bound=-1)
+
+
+def test_eb_policy_decodes_more_per_step_as_its_bound_grows(tokenizer):
+    # position i of the answer is proposed with confidence 0.99 - 0.1 * (i % 4): runs of sure and unsure
+    model = ScriptedModel(tokenizer, lambda pos, cur: (100 + pos, 0.99 - 0.1 * (pos % 4)))
+    steps = []
+    for gamma in (0.0, 0.2, 1.0, 100.0):
+        r = Engine(model).generate([5, 6, 7, 8], DecodeOptions(max_new_tokens=16, block_length=8, policy="eb",
+                                                               entropy_bound=gamma, early_stop=False))
+        assert r.tokens == [104 + i for i in range(16)]
+        steps.append(r.steps)
+    assert steps[0] == 16 and steps[-1] == 2  # one token a step ... the whole block at once
+    assert steps == sorted(steps, reverse=True) and len(set(steps)) == 4
+
+
 def test_confidence_measures():
     probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]], dtype=torch.float64)
     tok = torch.tensor([0, 1])

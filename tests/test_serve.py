@@ -243,6 +243,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "threshold": 1.5}, 422, "threshold"),
     ("/v1/completions", {"prompt": "x", "policy": "best"}, 422, "policy"),
+    ("/v1/completions", {"prompt": "x", "policy": "eb", "entropy_bound": -0.5}, 422, "entropy_bound"),
     ("/v1/completions", {"prompt": "x", "temprature": 0.5}, 422, "temprature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x " * 200, "max_tokens": 200}, 400, "max_tokens"),  # exceeds the context

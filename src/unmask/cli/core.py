@@ -11,7 +11,7 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Policy, Seed,
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, EntropyBound, Heal, MaxNewTokens, Policy, Seed,
                                Steps, Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
@@ -29,6 +29,7 @@ def generate(
     steps: Steps = None,
     policy: Policy = None,
     threshold: Threshold = None,
+    entropy_bound: EntropyBound = None,
     temperature: Temperature = None,
     top_p: TopP = None,
     seed: Seed = None,
@@ -42,8 +43,8 @@ def generate(
     """Continue a prompt with a diffusion model (or AR-decode a causal twin). Options not given come from
     the model's generation_config.json (its recommended decoding), then from the built-in defaults."""
     given = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                 threshold=threshold, temperature=temperature, top_p=top_p, seed=seed, cache=cache,
-                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
+                 threshold=threshold, entropy_bound=entropy_bound, temperature=temperature, top_p=top_p, seed=seed,
+                 cache=cache, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
     if (prompt is None) == (input_file is None):
         raise typer.BadParameter("give a prompt or --input FILE.jsonl, not both" if prompt is not None
                                  else "give a prompt, or --input FILE.jsonl for many", param_hint="PROMPT")

@@ -97,6 +97,7 @@ def speed_quality(
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="AR twin for the generative NLL column."),
     steps: str = typer.Option("256,64,32,16", "--steps", help="Fixed step budgets (comma separated)."),
     thresholds: str = typer.Option("0.9,0.7,0.5", "--thresholds", help="Confidence thresholds (comma separated)."),
+    entropy_bounds: str = typer.Option("", "--entropy-bounds", help="γ of the eb policy (comma separated)."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     block_length: int = typer.Option(32, "--block-length"),
     temperature: Temperature = 0.0,
@@ -118,8 +119,10 @@ def speed_quality(
     from unmask.eval.speed_quality import evaluate, plot, settings
 
     step_budgets, taus = _numbers(steps, int, "--steps"), _numbers(thresholds, float, "--thresholds")
-    if not (step_budgets or taus):
-        raise typer.BadParameter("nothing to compare: give --steps or --thresholds (or both)", param_hint="--steps")
+    gammas = _numbers(entropy_bounds, float, "--entropy-bounds")
+    if not (step_budgets or taus or gammas):
+        raise typer.BadParameter("nothing to compare: give --steps, --thresholds or --entropy-bounds",
+                                 param_hint="--steps")
     texts = list(iter_corpus_texts(data, split="val")) if data.is_dir() and (data / "val.jsonl").exists() \
         else list(iter_corpus_texts(data))
     prompts = function_prompts(texts, limit=n_prompts)
@@ -132,7 +135,7 @@ def speed_quality(
             tokens = token_stream(texts, pipe.tokenizer)[:elbo_tokens]
             elbo[name] = evaluate_bits_per_byte(pipe.model, pipe.tokenizer, tokens, seq_len=min(256, pipe.config.max_seq_len)).bits_per_byte
     ar = load_pipeline(ar_model, device) if ar_model else None
-    grid = settings(max_new_tokens, block_length, step_budgets, taus, temperature=temperature,
+    grid = settings(max_new_tokens, block_length, step_budgets, taus, gammas, temperature=temperature,
                     top_p=top_p, frequency_penalty=frequency_penalty)
     with Progress(console=console) as bar:
         task = bar.add_task("speed-quality", total=len(pipes) * len(grid))

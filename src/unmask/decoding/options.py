@@ -23,9 +23,10 @@ class DecodeOptions:
     max_new_tokens: int = 128
     block_length: int = 32
     steps: int | None = None  # total denoising steps for fixed-step policies (None = max_new_tokens)
-    policy: str = "threshold"  # fixed | threshold | factor (engine policies, chosen by name)
+    policy: str = "threshold"  # fixed | threshold | factor | eb (engine policies, chosen by name)
     threshold: float = 0.9  # confidence threshold τ for the threshold policy
     factor: float = 1.0  # f of the factor policy
+    entropy_bound: float = 0.5  # γ of the eb policy: error (-log confidence) a step may add beyond its surest token
     confidence: str = "prob"  # prob | margin | entropy | random
     temperature: float = 0.0
     top_k: int | None = None
@@ -65,8 +66,10 @@ class DecodeOptions:
         need(self.cache in ("none", "prefix", "dual"), f"cache must be none, prefix or dual, got {self.cache!r}")
         need(self.confidence in ("prob", "margin", "entropy", "random"), f"unknown confidence {self.confidence!r}")
         need(self.max_correction_steps >= 0, "max_correction_steps must be >= 0")
-        need(self.policy in ("fixed", "threshold", "factor"), f"policy must be fixed, threshold or factor, got {self.policy!r}")
+        need(self.policy in ("fixed", "threshold", "factor", "eb"),
+             f"policy must be fixed, threshold, factor or eb, got {self.policy!r}")
         need(self.factor > 0, f"factor must be > 0, got {self.factor}")
+        need(self.entropy_bound >= 0, f"entropy_bound must be >= 0, got {self.entropy_bound}")
         need(self.cache_refresh >= 0, f"cache_refresh must be >= 0, got {self.cache_refresh}")
         need(self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
@@ -87,7 +90,7 @@ GENERATION_CONFIG = "generation_config.json"
 # settings, a published family's own sampler knobs — are ignored)
 SAMPLING_KEYS = ("temperature", "top_p", "top_k")
 DEFAULT_KEYS = SAMPLING_KEYS + ("max_new_tokens", "presence_penalty", "frequency_penalty", "threshold",
-                                "block_length", "policy", "cache")
+                                "block_length", "policy", "cache", "entropy_bound")
 
 
 def generation_defaults(folder: str | Path) -> DecodeOptions:

@@ -7,6 +7,8 @@ number of tokens to commit is computed as a tensor and applied by ranking.
     fixed      the reference behaviour: the block's mask count split evenly over its step budget
     threshold  every masked position with confidence >= τ, and always at least the most confident one
     factor     Fast-dLLM's factor rule: the largest n whose sorted confidences satisfy c_(i) >= 1 - f / (i + 1)
+    eb         EB-Sampler (Ben-Hamu et al. 2025): surest first, as many as keep the summed error of all but the
+               last within γ; error = -log(confidence), the entropy with confidence="entropy"
 
 Confidences (options.confidence) are all in [0, 1] so one threshold means the same for each:
     prob     probability of the proposed token (LLaDA low-confidence remasking, Dream `maskgit_plus`)
@@ -108,7 +110,25 @@ class FactorPolicy(Policy):
         return top_k_mask(conf, candidates, k)
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedStepsPolicy, ThresholdPolicy, FactorPolicy)}
+class EntropyBoundPolicy(Policy):
+    """EB-Sampler: rank candidates by error e = -log(confidence), commit the longest surest-first run whose
+    errors before its last token sum to <= γ (options.entropy_bound). The surest token always goes (nothing
+    precedes it); γ = 0 commits one token a step unless several are certain; a large γ commits the block.
+    Where the threshold policy asks each token to be sure on its own, this bounds the joint error of a step:
+    many near-certain tokens go together, two merely likely ones do not."""
+
+    name = "eb"
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        error = -torch.log(conf.double().clamp_min(1e-300))
+        ranked = torch.sort(torch.where(candidates, error, torch.full_like(error, float("inf")))).values
+        before = ranked.cumsum(0) - ranked  # error of the surer tokens; non-candidates (inf - inf) are NaN
+        k = (before <= self.options.entropy_bound).sum().clamp_min(1)
+        return top_k_mask(conf, candidates, k)
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedStepsPolicy, ThresholdPolicy, FactorPolicy,
+                                                         EntropyBoundPolicy)}
 
 
 def make_policy(options: DecodeOptions) -> Policy:

@@ -90,9 +90,10 @@ class DecodingFields(BaseModel):
     # diffusion decoding
     steps: int | None = Field(None, ge=1, description="total denoising steps; implies policy 'fixed' unless set")
     block_length: int | None = Field(None, ge=1)
-    policy: Literal["fixed", "threshold", "factor"] | None = None
+    policy: Literal["fixed", "threshold", "factor", "eb"] | None = None
     threshold: float | None = Field(None, gt=0.0, le=1.0)
     factor: float | None = Field(None, gt=0.0)
+    entropy_bound: float | None = Field(None, ge=0.0, description="γ of the eb policy")
     confidence: Literal["prob", "margin", "entropy", "random"] | None = None
     cache: Literal["none", "prefix", "dual"] | None = None
     self_correct: bool | None = None
@@ -139,7 +140,8 @@ class DecodingFields(BaseModel):
         for ours, theirs in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"),
                              ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"), ("steps", "steps"),
                              ("block_length", "block_length"), ("policy", "policy"), ("threshold", "threshold"),
-                             ("factor", "factor"), ("confidence", "confidence"), ("cache", "cache"),
+                             ("factor", "factor"), ("entropy_bound", "entropy_bound"),
+                             ("confidence", "confidence"), ("cache", "cache"),
                              ("self_correct", "self_correct"), ("heal", "heal"),
                              ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
             value = getattr(self, theirs)
