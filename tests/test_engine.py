@@ -378,7 +378,7 @@ def test_batched_ar_rows_of_different_lengths_equal_each_alone(tokenizer):
         alone = [ar_generate(model, p, n, frequency_penalty=penalty, stop_at_eos=stop) for p, n in zip(prompts, budgets)]
         assert [r.tokens for r in batch] == [r.tokens for r in alone]
         assert [r.finish_reason for r in batch] == [r.finish_reason for r in alone]
-        assert batch[0].nfe == max(r.nfe for r in alone)  # one forward pass per step serves every row
+        assert [r.nfe for r in batch] == [r.nfe for r in alone]  # each row counts the passes it was live for
     with pytest.raises(ValueError, match="2 budgets for 4 prompts"):
         ar_generate_batch(model, prompts, [1, 2])
 

@@ -33,12 +33,12 @@ def serve(
     """Serve a model: OpenAI-compatible API under /v1 and a live denoising demo page at /."""
     import uvicorn
 
-    from unmask.decoding.engine import Engine
+    from unmask.decoding.queues import request_queue
     from unmask.serve.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(model, device, dtype)
-    engine = Engine(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+    engine = request_queue(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile)
     # the model's recommended decoding (generation_config.json) is what a request gets unless it says otherwise
     web = create_app(pipe, model_name=name, engine=engine,
                      defaults=pipe.defaults.replace(max_new_tokens=max_tokens, block_length=block_length))
@@ -111,7 +111,7 @@ def bench_serve(
     import httpx
     from rich.table import Table
 
-    from unmask.decoding.engine import Engine
+    from unmask.decoding.queues import request_queue
     from unmask.serve.app import create_app
     from unmask.serve.runner import BackgroundServer
     from unmask.errors import UnmaskError
@@ -125,7 +125,7 @@ def bench_serve(
     batches = [max_batch or clients] + ([1] if compare and (max_batch or clients) > 1 else [])
     rows = []
     for b in batches:
-        engine = Engine(pipe.model, max_batch=b, max_queue=max(64, 2 * clients))
+        engine = request_queue(pipe.model, max_batch=b, max_queue=max(64, 2 * clients))
         web = create_app(pipe, engine=engine)
         with BackgroundServer(web) as srv:
             with console.status(f"max_batch={b}: {clients} clients for {seconds:g}s …"):

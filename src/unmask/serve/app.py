@@ -439,6 +439,9 @@ class Server:
         from unmask.serve.edits import check_edit, edit_job
 
         self.check_model(req)
+        if self.config.attention == "causal":
+            raise ApiError("edits need a diffusion model (they denoise masked spans in place); this one is "
+                           "autoregressive", 400, "model")
         if len(req.input) > self.limits.max_prompt_chars:
             raise ApiError(f"input: {len(req.input)} characters is above the limit of {self.limits.max_prompt_chars}",
                            400, "input")
@@ -541,11 +544,12 @@ class BodyLimit:
 def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8, max_queue: int = 64,
                limits: ServerLimits | None = None, defaults: DecodeOptions | None = None, engine: Any = None,
                max_edit_queue: int = 16) -> FastAPI:
-    """The FastAPI app serving `pipeline`. `engine` defaults to Engine(pipeline.model, max_batch, max_queue)."""
+    """The FastAPI app serving `pipeline`. `engine` defaults to the model's request queue: the diffusion
+    Engine, or ARQueue for a causal AR twin (decoding/queues.py)."""
     if engine is None:
-        from unmask.decoding.engine import Engine
+        from unmask.decoding.queues import request_queue
 
-        engine = Engine(pipeline.model, max_batch=max_batch, max_queue=max_queue)
+        engine = request_queue(pipeline.model, max_batch=max_batch, max_queue=max_queue)
     name = model_name or (Path(pipeline.path).name if getattr(pipeline, "path", None) else "unmask")
     defaults = defaults or getattr(pipeline, "defaults", None) or DecodeOptions()
     srv = Server(pipeline, engine, name, limits or ServerLimits(), defaults, max_edit_queue)
