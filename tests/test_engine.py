@@ -403,6 +403,7 @@ def test_generate_many_yields_every_prompt_as_decoded_alone(tokenizer, attention
         pipe.generate_many(PROMPTS, opts(), max_batch=0)
     in_order = pipe.generate_many(PROMPTS, opts(max_new_tokens=10), max_batch=2)
     assert [r.text for r in in_order] == [pipe.generate(p, opts(max_new_tokens=10)).text for p in PROMPTS]
-    if attention == "causal":
-        with pytest.raises(OptionsError, match="same sampling options"):
-            list(generate_many(pipe, prompts, [options[0], opts(temperature=0.5), options[2]]))
+    # each prompt keeps its own sampling options and seed, in one batch as alone
+    mixed = [options[0], opts(max_new_tokens=9, temperature=0.9, seed=3), opts(max_new_tokens=6, frequency_penalty=1.0)]
+    got = dict(generate_many(pipe, prompts, mixed, max_batch=3))
+    assert [got[i].tokens for i in range(3)] == [pipe.generate(p, o).tokens for p, o in zip(prompts, mixed)]

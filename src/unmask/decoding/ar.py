@@ -176,13 +176,24 @@ def ar_generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int =
                 logprobs: int | None = None) -> GenerationResult:
     """Greedy/sampled AR decoding of one prompt. `on_step` gets one StepEvent per new token (the final one
     done=True); `first_allowed` (bool [vocab]) restricts the first new token (token healing)."""
-    on_token = None
-    if on_step is not None:
-        def on_token(row: int, out: list[int]) -> None:
-            on_step(StepEvent("0", len(out), list(out), len(out), changed=[len(out) - 1]))
+    options = DecodeOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                            logit_bias=dict(logit_bias or {}), logprobs=logprobs)
+    return ar_decode(model, ARRow(list(prompt_ids), options, first_allowed, stop_at_eos), on_step)
 
-    [result] = ar_generate_batch(model, [prompt_ids], max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos,
-                                 first_allowed, presence_penalty, frequency_penalty, on_token, logit_bias, logprobs)
+
+@torch.no_grad()
+def ar_decode(model: Transformer, row: ARRow, on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+    """One row to its end, with a StepEvent per new token to `on_step` (the final one done=True)."""
+    batch = ARBatch(model, [row])
+    while not batch.done:
+        before = len(row.tokens)
+        batch.step()
+        n = len(row.tokens)
+        if on_step is not None and n > before:
+            on_step(StepEvent("0", n, list(row.tokens), n, changed=[n - 1],
+                              logprobs=list(row.logprobs) if row.options.logprobs is not None else None))
+    result = batch.result(0)
     if on_step is not None:
         on_step(StepEvent("0", len(result.tokens), list(result.tokens), len(result.tokens), done=True, result=result))
     return result

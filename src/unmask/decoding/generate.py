@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
-from unmask.decoding.ar import ar_generate, ar_generate_batch
+from unmask.decoding.ar import ARBatch, ARRow, ar_decode
 from unmask.decoding.engine import Engine
 from unmask.decoding.healing import Healing, heal
 from unmask.decoding.events import StepEvent
@@ -55,6 +55,10 @@ class Prepared:
         return self.healing.allowed if self.healing is not None else None
 
 
+def _skip(p: Prepared) -> str:
+    return p.healing.removed if p.healing is not None else ""
+
+
 def prepare(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions) -> Prepared:
     """Tokenise, check the context, heal a text prompt (options.heal). The healed token is one of the
     max_new_tokens: same canvas, same block plan."""
@@ -86,13 +90,10 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
     A text prompt is token-healed (options.heal): its last token is re-decoded as the start of the answer,
     and that text is taken off the answer again, so `prompt + result.text` is what the model wrote."""
     p = prepare(pipe, prompt, options)
+    stop_when = stop_checker(pipe.tokenizer, options.stop, skip=_skip(p))
     if pipe.config.attention == "causal":
-        result = ar_generate(pipe.model, p.ids, options.max_new_tokens, options.temperature, options.top_k,
-                             options.top_p, options.seed, on_step=on_step, first_allowed=p.first_allowed,
-                             presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty,
-                             logit_bias=options.logit_bias, logprobs=options.logprobs)
+        result = ar_decode(pipe.model, ARRow(p.ids, options, p.first_allowed, stop_when=stop_when), on_step)
     else:
-        stop_when = stop_checker(pipe.tokenizer, options.stop, skip=p.healing.removed if p.healing else "")
         result = Engine(pipe.model, max_batch=1).generate(p.ids, options, on_step=on_step, stop_when=stop_when,
                                                           first_allowed=p.first_allowed)
     return finish(pipe, result, p, options)
@@ -100,10 +101,9 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
 
 def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options: Sequence[DecodeOptions],
                   max_batch: int = 32) -> Iterator[tuple[int, GenerationResult]]:
-    """generate_text for many prompts, `max_batch` decoded together; yields (index, result) as each
-    finishes. Diffusion models share one engine queue, each request with its own options; causal twins
-    decode `max_batch` prompts at a time with ar_generate_batch, so their options may differ only in
-    max_new_tokens, seed (a chunk samples from its first seed) and stop strings."""
+    """generate_text for many prompts, `max_batch` decoded together, each with its own options; yields
+    (index, result) as each finishes. Diffusion models share one engine queue; causal twins decode
+    `max_batch` prompts at a time as one ARBatch."""
     if len(options) != len(prompts):
         raise OptionsError(f"{len(options)} options for {len(prompts)} prompts")
     if max_batch < 1:
@@ -112,27 +112,19 @@ def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options:
     if not prepared:
         return
     if pipe.config.attention == "causal":
-        sampling = [o.replace(max_new_tokens=1, seed=None, stop=[]) for o in options]
-        if any(x != sampling[0] for x in sampling):
-            raise OptionsError("batched AR decoding needs the same sampling options for every prompt")
-        o = options[0]
-        vocab = pipe.config.vocab_size
         for start in range(0, len(prompts), max_batch):
             chunk = range(start, min(start + max_batch, len(prompts)))
-            allowed = torch.stack([prepared[i].first_allowed[:vocab] if prepared[i].healing else
-                                   torch.ones(vocab, dtype=torch.bool) for i in chunk])
-            results = ar_generate_batch(pipe.model, [prepared[i].ids for i in chunk],
-                                        [options[i].max_new_tokens for i in chunk], o.temperature, o.top_k, o.top_p,
-                                        options[start].seed, first_allowed=allowed,
-                                        presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
-                                        logit_bias=o.logit_bias, logprobs=o.logprobs)
-            yield from ((i, finish(pipe, r, prepared[i], options[i])) for i, r in zip(chunk, results))
+            rows = [ARRow(prepared[i].ids, options[i], prepared[i].first_allowed,
+                          stop_when=stop_checker(pipe.tokenizer, options[i].stop, _skip(prepared[i]))) for i in chunk]
+            batch = ARBatch(pipe.model, rows)
+            while not batch.done:
+                batch.step()
+            yield from ((i, finish(pipe, batch.result(b), prepared[i], options[i])) for b, i in enumerate(chunk))
         return
     engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts))
     index = {}
     for i, (p, o) in enumerate(zip(prepared, options)):
-        skip = p.healing.removed if p.healing else ""
-        rid = engine.submit(p.ids, o, stop_when=stop_checker(pipe.tokenizer, o.stop, skip=skip),
+        rid = engine.submit(p.ids, o, stop_when=stop_checker(pipe.tokenizer, o.stop, skip=_skip(p)),
                             first_allowed=p.first_allowed)
         index[rid] = i
     while engine.has_work():
