@@ -85,11 +85,16 @@ def test_compiled_engine_keeps_window_shapes_static(tokenizer, cache, monkeypatc
     hook = model.register_forward_pre_hook(
         lambda m, args, kw: shapes.add((args[0].shape, args[0].stride(), kw["kv_len"])), with_kwargs=True)
     compiled = engine.generate(prompt, opts(cache=cache))
+    # another prompt length: the key/value length is bucketed (128 here), so the same graphs serve it
+    longer = tokenizer.encode(PROMPTS[1])
+    assert len(longer) != len(prompt)
+    compiled_longer = engine.generate(longer, opts(cache=cache))
     hook.remove()
-    assert compiled.tokens == eager.tokens  # padded windows change nothing
+    assert compiled.tokens == eager.tokens  # padded windows and keys change nothing
+    assert compiled_longer.tokens == Engine(model).generate(longer, opts(cache=cache)).tokens
     # for all blocks: the first block's refresh, one window shape, and one for a later block's first step
     # (which recomputes the block before it); strides too, as guards check them
-    assert len(shapes) == 3
+    assert len(shapes) == 3 and {kv for _, _, kv in shapes} == {128}
 
 
 @pytest.mark.parametrize("shift", [False, True])

@@ -72,6 +72,17 @@ def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfi
     return blocks
 
 
+def kv_bucket(n: int, max_seq_len: int, smallest: int = 128) -> int:
+    """The key/value length a compiled engine attends over for canvases of up to `n` tokens: the next power
+    of two (at least `smallest`, at most the context). Graphs are compiled per shape, so prompts of any
+    length share a handful of them instead of compiling one per length (dynamo gives up after 8 and
+    falls back to eager); the padded keys are masked out."""
+    bucket = smallest
+    while bucket < n:
+        bucket *= 2
+    return max(n, min(bucket, max_seq_len))
+
+
 @dataclass
 class Request:
     """One request's canvas and progress. Engine-internal; callers see StepEvents and GenerationResults."""
@@ -268,6 +279,8 @@ class Engine:
         if not reqs:
             return events
         C = max(r.n for r in reqs)
+        if self._compiled:
+            C = kv_bucket(C, self.config.max_seq_len)
         cache = grow_cache(self.model, self.cache, self.max_batch, C + 1)  # +1: scratch slot for padding
         if cache is not self.cache and self._compiled:
             # The forward writes K/V in place; CUDA graphs only replay over inputs at fixed addresses,
