@@ -180,8 +180,8 @@ class UnmaskLM(_Base):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """The engine's answers, `batch_size` requests decoded together (one queue; a causal twin batches
-        requests with the same sampling settings), cut at each request's `until` strings."""
+        """The model's answers, `batch_size` requests decoded together, each with its own settings, cut at
+        each request's `until` strings."""
         from unmask.decoding.generate import generate_many
 
         prompts, request_options = [], []
@@ -207,15 +207,9 @@ class UnmaskLM(_Base):
                 ids = ids[-keep:]
             prompts.append(ids)
             request_options.append(options)
-        groups: dict[str, list[int]] = {}
-        for i, o in enumerate(request_options):
-            same = repr(o.replace(max_new_tokens=1, seed=None, stop=[])) if self.pipe.config.attention == "causal" else ""
-            groups.setdefault(same, []).append(i)
         out: list[str] = [""] * len(prompts)
-        for members in groups.values():
-            for j, result in generate_many(self.pipe, [prompts[i] for i in members], [request_options[i] for i in members],
-                                           max_batch=self.batch_size):
-                out[members[j]] = result.text
+        for i, result in generate_many(self.pipe, prompts, request_options, max_batch=self.batch_size):
+            out[i] = result.text
         return out
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
