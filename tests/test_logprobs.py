@@ -175,3 +175,16 @@ def test_logit_bias_reaches_the_decoder(client, tokenizer):
     token = tokenizer.encode(" value")[0]
     body = client.post("/v1/completions", json={"prompt": "x =", "logit_bias": {str(token): 100}, **BODY}).json()
     assert body["choices"][0]["text"] == tokenizer.decode([token] * 12)
+
+
+def test_a_rewritten_token_reports_the_probability_of_its_rewrite(tokenizer):
+    # masks are filled with 50 (p 0.95); then the model prefers 51 (p 0.97) over 50, and keeps 51 (p 0.99)
+    table = {50: (51, 0.97), 51: (51, 0.99)}
+    model = ScriptedModel(tokenizer, lambda pos, cur: table.get(cur, (50, 0.95)) if pos >= 3 else (cur, 0.99))
+    o = DecodeOptions(max_new_tokens=8, block_length=8, threshold=0.9, self_correct=True, rewrite_above=0.96,
+                      max_correction_steps=4, logprobs=0)
+    r = Engine(model).generate([5, 6, 7], o)
+    assert r.tokens == [51] * 8 and r.steps_per_block == [3]  # fill, rewrite, a step that changes nothing
+    V = tokenizer.vocab_size
+    assert r.logprobs == pytest.approx([renormalised(0.97, V)] * 8, abs=1e-5)  # not the fill's 0.95 or the last 0.99
+    assert r.top_logprobs == [[]] * 8
