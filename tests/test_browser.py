@@ -70,6 +70,9 @@ def test_page_animates_denoising_and_edits(tiny_pipeline, tmp_path):
             assert page.inner_text("#canvas") == final.replace("\r\n", "\n") or page.text_content("#canvas") == final
             assert page.locator("#canvas .tok.masked").count() == 0
             assert page.inner_text("#c-nfe") == "12" and page.inner_text("#c-tps") not in ("–", "")
+            # each token carries the probability it was committed with: an underline and a tooltip
+            scored = page.locator("#canvas .tok.scored")
+            assert scored.count() > 0 and "% sure when committed" in scored.first.get_attribute("title")
             page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
 
             # --- Instant Edit: select a region of the text and rewrite it

@@ -188,3 +188,22 @@ def test_a_rewritten_token_reports_the_probability_of_its_rewrite(tokenizer):
     V = tokenizer.vocab_size
     assert r.logprobs == pytest.approx([renormalised(0.97, V)] * 8, abs=1e-5)  # not the fill's 0.95 or the last 0.99
     assert r.top_logprobs == [[]] * 8
+
+
+def test_diffusing_streams_carry_each_tokens_confidence(client):
+    req = {"prompt": "def f(x):", "max_tokens": 12, "block_length": 4, "steps": 6, "stream": True,
+           "diffusing": True, "logprobs": 0, "heal": False}
+    chunks = [c for c in sse_chunks(client.post("/v1/completions", json=req).text) if c["choices"]]
+    infos = [c["choices"][0]["diffusion"] for c in chunks]
+    assert len(infos) == 6 and any(0 < i["masked"] < i["total"] for i in infos)
+    for info in infos:
+        assert len(info["confidence"]) == len(info["pieces"])
+        for piece, c in zip(info["pieces"], info["confidence"]):
+            assert (piece is None) == (c is None) and (c is None or 0 < c <= 1)
+    final = chunks[-1]["choices"][0]
+    assert final["finish_reason"] and final["diffusion"]["final"]
+    want = [round(math.exp(lp), 4) for lp in final["logprobs"]["token_logprobs"]]
+    assert final["diffusion"]["confidence"] == pytest.approx(want, abs=1e-4)
+    # a token keeps the confidence it was committed with, from step to step
+    for before, after in zip(infos, infos[1:-1]):
+        assert all(b is None or b == a for b, a in zip(before["confidence"], after["confidence"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -409,8 +410,11 @@ class Server:
     @staticmethod
     def diffusion_info(ev: StepEvent, pieces: list[str | None], final: bool = False) -> dict:
         masked = sum(p is None for p in pieces)
-        return {"step": ev.step, "masked": masked, "total": len(pieces), "pieces": pieces,
+        info = {"step": ev.step, "masked": masked, "total": len(pieces), "pieces": pieces,
                 "changed": [i for i in ev.changed if i < len(pieces)], "final": final}
+        if ev.logprobs is not None:  # with logprobs: each committed token's probability when it was committed
+            info["confidence"] = [None if e is None else round(math.exp(e[0]), 4) for e in ev.logprobs[: len(pieces)]]
+        return info
 
     @staticmethod
     def finish_reason(result: Any, stopped: bool) -> str:

@@ -43,13 +43,21 @@ async function errorMessage(res) {
 // --- drawing ----------------------------------------------------------------------------------------
 // A canvas is a list of pieces (the text of each position, null where still masked). Each position is a
 // span, so a masked "░" visibly turns into its token; positions committed by this step flash yellow.
-function drawPieces(el, pieces, changed) {
+// `confidence` (optional, per position): the probability each token had when it was committed, shown as
+// a red underline that deepens as it falls, and as the span's tooltip.
+function drawPieces(el, pieces, changed, confidence) {
   const fresh = new Set(changed || []);
   const frag = document.createDocumentFragment();
   pieces.forEach((p, i) => {
     const s = document.createElement("span");
     s.className = p === null ? "tok masked" : fresh.has(i) ? "tok fresh" : "tok";
     s.textContent = p === null ? "░" : p;
+    const c = confidence ? confidence[i] : null;
+    if (p !== null && typeof c === "number") {
+      s.classList.add("scored");
+      s.style.setProperty("--doubt", (1 - c).toFixed(3));
+      s.title = `${(100 * c).toFixed(1)}% sure when committed`;
+    }
     frag.appendChild(s);
   });
   el.replaceChildren(frag);
@@ -106,6 +114,7 @@ function generateBody() {
     policy: $("policy").value,
     steps: numberOr("steps", parseInt),
     threshold: numberOr("threshold"),
+    entropy_bound: numberOr("entropy_bound"),
     temperature: numberOr("temperature"),
     top_p: numberOr("top_p"),
     seed: numberOr("seed", parseInt),
@@ -124,6 +133,7 @@ async function generate() {
   const body = generateBody();
   if (chat) body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
+  if ($("shade").checked) body.logprobs = chat ? true : 0;  // per-token confidence for the underline
   const out = $("gen-output");
   const canvas = $("canvas");
   $("gen-error").textContent = "";
@@ -135,7 +145,7 @@ async function generate() {
   $("stop").disabled = false;
 
   const player = new Player((f) => {
-    drawPieces(canvas, f.d.pieces, f.d.changed);
+    drawPieces(canvas, f.d.pieces, f.d.changed, f.d.confidence);
     setCounter("c-step", f.d.step);
     setCounter("c-masked", `${f.d.masked}/${f.d.total}`);
     if (f.tps !== undefined) setCounter("c-tps", fmt(f.tps));
