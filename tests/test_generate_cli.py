@@ -51,6 +51,7 @@ def test_bad_batch_files_are_named_and_nothing_is_written(tmp_path, model_dir, c
     (["generate"], "give a prompt, or --input"),
     (["generate", "def f():", "-o", "{dst}"], "--output goes with --input"),
     (["generate", "-i", "{tmp}/missing.jsonl"], "no such file"),
+    (["generate", "def f():", "--logprobs", "2"], "--logprobs goes with --input"),
 ])
 def test_prompt_and_input_are_checked(tmp_path, model_dir, capsys, argv, message):
     src = tmp_path / "p.jsonl"
@@ -58,3 +59,16 @@ def test_prompt_and_input_are_checked(tmp_path, model_dir, capsys, argv, message
     argv = [a.format(src=src, dst=tmp_path / "o.jsonl", tmp=tmp_path) for a in argv] + ["-m", str(model_dir)]
     assert main(argv) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_batch_records_can_carry_logprobs(tmp_path, model_dir, tiny_pipeline):
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    dst = tmp_path / "answers.jsonl"
+    assert main(["generate", "-m", str(model_dir), "-i", str(src), "-o", str(dst), "-n", "8", "--logprobs", "2"]) == 0
+    for line, prompt in zip(dst.read_text().splitlines(), PROMPTS):
+        row = json.loads(line)
+        alone = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=8, logprobs=2))
+        assert [t["id"] for t in row["logprobs"]] == alone.tokens and row["tokens"] == len(alone.tokens)
+        assert [t["logprob"] for t in row["logprobs"]] == pytest.approx(alone.logprobs, abs=1e-5)
+        assert all(len(t["top"]) == 2 and t["top"][0]["logprob"] >= t["logprob"] - 1e-6 for t in row["logprobs"])

@@ -37,6 +37,9 @@ def generate(
     presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty")] = None,
     frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty")] = None,
     heal: Heal = True,
+    logprobs: Annotated[Optional[int], typer.Option(
+        "--logprobs", min=0, max=20, help="With --input: each record also lists its tokens with their log-probabilities "
+                                          "and this many alternatives.")] = None,
     device: Device = None,
     dtype: Dtype = None,
 ) -> None:
@@ -44,12 +47,16 @@ def generate(
     the model's generation_config.json (its recommended decoding), then from the built-in defaults."""
     given = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
                  threshold=threshold, entropy_bound=entropy_bound, temperature=temperature, top_p=top_p, seed=seed,
-                 cache=cache, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal)
+                 cache=cache, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal,
+                 logprobs=logprobs)
     if (prompt is None) == (input_file is None):
         raise typer.BadParameter("give a prompt or --input FILE.jsonl, not both" if prompt is not None
                                  else "give a prompt, or --input FILE.jsonl for many", param_hint="PROMPT")
     if output_file is not None and input_file is None:
         raise typer.BadParameter("--output goes with --input", param_hint="--output")
+    if logprobs is not None and input_file is None:
+        raise typer.BadParameter("--logprobs goes with --input (they are written into its JSONL records)",
+                                 param_hint="--logprobs")
     prompts = read_prompts(input_file) if input_file is not None else None
     pipe = load_pipeline(model, device, dtype)
     if prompts is not None:
@@ -82,6 +89,18 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
+def record(pipe, prompt: str, result) -> dict:
+    """One output line of `generate --input`; with logprobs, its tokens (as ids and text) and theirs."""
+    rec = {"prompt": prompt, "text": result.text, "tokens": len(result.tokens), "nfe": result.nfe,
+           "finish_reason": result.finish_reason}
+    if result.logprobs is not None:
+        decode = pipe.tokenizer.decode
+        rec["logprobs"] = [{"id": t, "token": decode([t]), "logprob": lp,
+                            "top": [{"id": a, "token": decode([a]), "logprob": alp} for a, alp in top]}
+                           for t, lp, top in zip(result.tokens, result.logprobs, result.top_logprobs)]
+    return rec
+
+
 def generate_batch(pipe, prompts: list[str], options, output: Path | None, batch_size: int) -> None:
     """Continue every prompt, `batch_size` at a time; one JSONL record per prompt, in input order."""
     import json
@@ -100,8 +119,7 @@ def generate_batch(pipe, prompts: list[str], options, output: Path | None, batch
             results[i] = result
             bar.advance(task)
     seconds = time.perf_counter() - t0
-    lines = [json.dumps({"prompt": p, "text": r.text, "tokens": len(r.tokens), "nfe": r.nfe,
-                         "finish_reason": r.finish_reason}) + "\n" for p, r in zip(prompts, results)]
+    lines = [json.dumps(record(pipe, p, r)) + "\n" for p, r in zip(prompts, results)]
     if output is None:
         out.print("".join(lines), end="", markup=False, highlight=False, soft_wrap=True)
     else:
