@@ -133,9 +133,14 @@ class Request:
             return True
         return self.block_step == 0 and self.entry_window is None
 
+    @property
+    def entering(self) -> bool:
+        """A later block's first step of a block_causal model: it runs the entry window."""
+        return self.block_step == 0 and self.entry_window is not None
+
     def step_window(self) -> tuple[int, int]:
         """The slots this (window) step recomputes."""
-        return self.entry_window if self.block_step == 0 and self.entry_window is not None else self.window
+        return self.entry_window if self.entering else self.window
 
 
 class Engine:
@@ -398,8 +403,7 @@ class Engine:
         windows = [r.step_window() for r in reqs]
         key = ("window", C, tuple((r.row, r.visible, w) for r, w in zip(reqs, windows)))
         if self._memo.get("window", (None,))[0] != key:
-            W = max(max(e - s, r.entry_width if r.step_window() != r.window else r.window_width)
-                    for r, (s, e) in zip(reqs, windows))
+            W = max(max(e - s, r.entry_width if r.entering else r.window_width) for r, (s, e) in zip(reqs, windows))
             slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
             positions = torch.zeros((len(reqs), W), dtype=torch.long, device=self.device)
             for i, (s, e) in enumerate(windows):
