@@ -61,9 +61,11 @@ def test_more_requests_than_rows_wait_cancel_and_queue_limits(tokenizer, ar_mode
     with pytest.raises(QueueFull):
         queue.submit([5], o)
     queue.step()
-    assert queue.num_active == 2 and queue.num_waiting == 1  # the third waits for the next batch
+    assert queue.num_active == 2 and queue.num_waiting == 1  # the third waits for a free place
     queue.cancel(ids[1])
     assert queue.num_active == 1
+    queue.step()
+    assert queue.num_active == 2 and queue.num_waiting == 0  # ... and takes the cancelled one's
     results, _ = run(queue)
     assert set(results) == {ids[0], ids[2]}  # a cancelled request reports nothing
     assert results[ids[2]].tokens == ar_generate(ar_model, tokenizer.encode(PROMPTS[2]), 6).tokens
@@ -98,3 +100,29 @@ def test_the_server_serves_an_ar_twin(tokenizer, ar_model):
         r = client.post("/v1/completions", json={"prompt": "x", "suffix": "y"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
         assert client.get("/health").json()["status"] == "ok"
+
+
+def test_requests_join_a_running_batch_and_decode_as_alone(tokenizer, ar_model):
+    """Continuous batching: a request arriving mid-batch takes a free place at once (its prompt fills the
+    slots before the batch's next one), one too long to fit there waits (until the batch has advanced past
+    its length, or ended) and those behind it wait in order, and a joiner whose answer runs past the cache
+    grows it. Each writes what it writes alone."""
+    long_prompt = tokenizer.encode(PROMPTS[1] * 3)
+    first = tokenizer.encode(PROMPTS[1])
+    queue = ARQueue(ar_model, max_batch=3)
+    a = queue.submit(first, DecodeOptions(max_new_tokens=6))
+    for _ in range(2):
+        queue.step()
+    b = queue.submit(tokenizer.encode(PROMPTS[0]), DecodeOptions(max_new_tokens=30, temperature=0.8, seed=5))
+    c = queue.submit(long_prompt, DecodeOptions(max_new_tokens=5))
+    d = queue.submit(tokenizer.encode(PROMPTS[3]), DecodeOptions(max_new_tokens=4, logprobs=1))
+    queue.step()
+    assert queue.num_active == 2 and queue.num_waiting == 2  # b joined; c's prompt does not fit yet, d waits behind it
+    results, _ = run(queue)
+    cases = {a: (first, 6, {}), b: (tokenizer.encode(PROMPTS[0]), 30, {"temperature": 0.8, "seed": 5}),
+             c: (long_prompt, 5, {}), d: (tokenizer.encode(PROMPTS[3]), 4, {"logprobs": 1})}
+    for rid, (prompt, n, kw) in cases.items():
+        alone = ar_generate(ar_model, prompt, n, **kw)
+        assert results[rid].tokens == alone.tokens and results[rid].nfe == alone.nfe, rid
+        if "logprobs" in kw:
+            assert results[rid].logprobs == pytest.approx(alone.logprobs, abs=1e-4)

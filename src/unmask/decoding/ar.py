@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from unmask.decoding.cache import CacheView
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.result import GenerationResult
@@ -40,7 +41,8 @@ class ARRow:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None  # set when the row ends: "eos" | "length" | "stop" | "cancelled"
     nfe: int = 0  # forward passes while the row was live
-    seconds: float = 0.0
+    started: float = 0.0  # perf_counter when it entered a batch
+    seconds: float = 0.0  # from then until it ended
 
     @property
     def live(self) -> bool:
@@ -49,51 +51,73 @@ class ARRow:
 
 class ARBatch:
     """Rows decoded together (module docstring). `generator`: one generator for the whole batch, used when
-    every row samples alike (ar_generate_batch's seed); otherwise each row draws from its own seed."""
+    every row samples alike (ar_generate_batch's seed); otherwise each row draws from its own seed.
+    `capacity`: rows to make room for, so that requests can `join` a running batch (ARQueue)."""
 
-    def __init__(self, model: Transformer, rows: Sequence[ARRow], generator: torch.Generator | None = None):
+    def __init__(self, model: Transformer, rows: Sequence[ARRow], generator: torch.Generator | None = None,
+                 capacity: int = 0):
         c = model.config
         if c.attention != "causal":
             raise OptionsError(f"AR decoding needs a causal model, this one is {c.attention}")
         if not rows or any(not r.prompt for r in rows):
             raise OptionsError("AR decoding needs at least one prompt token")
         for r in rows:
-            if len(r.prompt) + r.options.max_new_tokens > c.max_seq_len:
-                raise OptionsError(f"prompt + new tokens = {len(r.prompt) + r.options.max_new_tokens} exceeds the "
-                                   f"model context of {c.max_seq_len}")
-        self.model, self.config, self.rows = model, c, list(rows)
+            self._check_fits(c, r)
+        self.model, self.config, self.generator = model, c, generator
         self.device = model.output.weight.device
-        self.t0 = time.perf_counter()
-        B, V = len(rows), c.vocab_size
-        self.pos = P = max(len(r.prompt) for r in rows)
-        total = P + max(r.options.max_new_tokens for r in rows)
-        self.cache = model.new_cache(B, total)
-        pad = torch.tensor([P - len(r.prompt) for r in rows], device=self.device)[:, None]
-        slots = torch.arange(total, device=self.device)[None, :]
-        self.cache.set_layout((slots - pad).clamp_min(0), slots >= pad)
-        # sampling: one vectorised draw when every row samples alike, else one per row with its own seed
-        first = rows[0].options
-        same = all((r.options.temperature, r.options.top_k, r.options.top_p) ==
-                   (first.temperature, first.top_k, first.top_p) for r in rows)
-        unseeded = generator is not None or all(r.options.seed is None for r in rows) or first.temperature <= 0
-        self.alike = same and unseeded  # (greedy rows draw nothing: their seeds do not matter)
-        self.generators = [generator] * B if self.alike else [
-            torch.Generator().manual_seed(r.options.seed) if r.options.seed is not None else None for r in rows]
-        self.presence = torch.tensor([[r.options.presence_penalty] for r in rows], device=self.device)
-        self.frequency = torch.tensor([[r.options.frequency_penalty] for r in rows], device=self.device)
-        self.penalized = any(r.options.presence_penalty or r.options.frequency_penalty for r in rows)
-        biases = [bias_vector(r.options.logit_bias, V, self.device) for r in rows]
-        self.bias = None if all(b is None for b in biases) else torch.stack(
-            [b if b is not None else torch.zeros(V, device=self.device) for b in biases])
-        allowed = [r.first_allowed for r in rows]
-        self.first_allowed = None if all(a is None for a in allowed) else torch.stack(
-            [a[:V].to(self.device) if a is not None else torch.ones(V, dtype=torch.bool, device=self.device)
-             for a in allowed])
-        self.top = max((r.options.logprobs for r in rows if r.options.logprobs is not None), default=None)
+        t0 = time.perf_counter()
+        for r in rows:
+            r.started = t0
+        # free places hold an ended one-token row: its keys stay valid, its outputs are never read
+        self.rows = list(rows) + [ARRow([c.eos_id], DecodeOptions(max_new_tokens=1), finish="empty")
+                                  for _ in range(capacity - len(rows))]
+        B, V = len(self.rows), c.vocab_size
+        self.pos = P = max(len(r.prompt) for r in rows)  # the slot every row writes next
+        self.cache = model.new_cache(B, P + max(r.options.max_new_tokens for r in rows))
+        self.offset = [P - len(r.prompt) for r in self.rows]  # each row's first slot (left padding before it)
+        self._layout()
+        self.generators: list[torch.Generator | None] = [None] * B
+        self.presence = torch.zeros(B, 1, device=self.device)
+        self.frequency = torch.zeros(B, 1, device=self.device)
         self.counts = torch.zeros(B, V, device=self.device)
-        prompts = torch.tensor([[c.eos_id] * (P - len(r.prompt)) + list(r.prompt) for r in rows], device=self.device)
+        self.bias: torch.Tensor | None = None  # [B, V] once a row has a logit bias
+        self.first_allowed: torch.Tensor | None = None  # [B, V] once a row restricts its first token
+        self.first = [True] * B  # the row's next token is its first
+        for b, r in enumerate(self.rows):
+            self._settings(b, r)
+        prompts = torch.tensor([[c.eos_id] * o + list(r.prompt) for o, r in zip(self.offset, self.rows)],
+                               device=self.device)
         self.logits = self._forward(prompts, 0)[:, -1]
         self.steps = 0
+
+    @staticmethod
+    def _check_fits(c, row: ARRow) -> None:
+        if len(row.prompt) + row.options.max_new_tokens > c.max_seq_len:
+            raise OptionsError(f"prompt + new tokens = {len(row.prompt) + row.options.max_new_tokens} exceeds the "
+                               f"model context of {c.max_seq_len}")
+
+    def _layout(self) -> None:
+        """RoPE positions count from each row's first slot; slots before it are padding."""
+        slots = torch.arange(self.cache.max_len, device=self.device)[None, :]
+        offset = torch.tensor(self.offset, device=self.device)[:, None]
+        self.cache.set_layout((slots - offset).clamp_min(0), slots >= offset)
+
+    def _settings(self, b: int, r: ARRow) -> None:
+        """Row b's sampling state from its options (at the start, or when a request joins there)."""
+        V, o = self.config.vocab_size, r.options
+        self.generators[b] = torch.Generator().manual_seed(o.seed) if o.seed is not None else None
+        self.presence[b], self.frequency[b] = o.presence_penalty, o.frequency_penalty
+        self.counts[b] = 0
+        self.first[b] = True
+        bias = bias_vector(o.logit_bias, V, self.device)
+        if bias is not None and self.bias is None:
+            self.bias = torch.zeros(len(self.rows), V, device=self.device)
+        if self.bias is not None:
+            self.bias[b] = 0 if bias is None else bias
+        if r.first_allowed is not None and self.first_allowed is None:
+            self.first_allowed = torch.ones(len(self.rows), V, dtype=torch.bool, device=self.device)
+        if self.first_allowed is not None:
+            self.first_allowed[b] = True if r.first_allowed is None else r.first_allowed[:V].to(self.device)
 
     @property
     def done(self) -> bool:
@@ -105,11 +129,38 @@ class ARBatch:
         return self.model(tokens, cache=self.cache, cache_start=start)
 
     def _end(self, row: ARRow, finish: str) -> None:
-        row.finish, row.seconds = finish, time.perf_counter() - self.t0
+        row.finish, row.seconds = finish, time.perf_counter() - row.started
 
     def cancel(self, b: int) -> None:
         if self.rows[b].live:
             self._end(self.rows[b], "cancelled")
+
+    def can_join(self, row: ARRow) -> bool:
+        """A free place, a prompt that fits before the next slot, and its answer within the context."""
+        return (any(not r.live for r in self.rows) and len(row.prompt) <= self.pos
+                and self.pos + row.options.max_new_tokens <= self.config.max_seq_len)
+
+    @torch.no_grad()
+    def join(self, row: ARRow) -> int:
+        """Put `row` in a free place of the running batch (check can_join first): its prompt fills the slots
+        just before the next one, so from the next step on it decodes with the others."""
+        self._check_fits(self.config, row)
+        b = next(i for i, r in enumerate(self.rows) if not r.live)
+        L, need = len(row.prompt), self.pos + row.options.max_new_tokens
+        if need > self.cache.max_len:  # grow the cache, keeping every row's K/V
+            old, self.cache = self.cache, self.model.new_cache(len(self.rows), need)
+            self.cache.k[..., : old.max_len, :] = old.k
+            self.cache.v[..., : old.max_len, :] = old.v
+        self.rows[b], self.offset[b] = row, self.pos - L
+        self._layout()
+        self._settings(b, row)
+        row.started = time.perf_counter()
+        view = CacheView(self.cache, slice(b, b + 1), None, self.pos)
+        view.positions, view.valid = self.cache.positions[b : b + 1], self.cache.valid[b : b + 1]
+        prompt = torch.tensor([row.prompt], device=self.device)
+        self.logits[b] = self.model(prompt, cache=view, cache_start=self.pos - L, kv_len=self.pos)[0, -1]
+        row.nfe += 1
+        return b
 
     @torch.no_grad()
     def step(self) -> list[int]:
@@ -118,21 +169,23 @@ class ARBatch:
         if not stepped:
             return []
         logits = self.logits
-        model_logprobs = logits.float().log_softmax(-1) if self.top is not None else None
-        if self.first_allowed is not None and self.steps == 0:
-            logits = logits.masked_fill(~self.first_allowed, float("-inf"))
+        model_logprobs = logits.float().log_softmax(-1) if self._top() is not None else None
+        if self.first_allowed is not None and any(self.first[b] for b in stepped):
+            first = torch.tensor(self.first, device=self.device)[:, None]
+            logits = logits.masked_fill(first & ~self.first_allowed, float("-inf"))
         if self.bias is not None:
             logits = logits + self.bias
-        if self.penalized:
+        if bool(self.presence.any() or self.frequency.any()):
             logits = penalize(logits, self.counts, self.presence, self.frequency)
-        tokens = self._choose(logits)
+        tokens = self._choose(logits, stepped)
         self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
-        entries = token_logprobs(model_logprobs, tokens, self.top) if model_logprobs is not None else None
+        entries = token_logprobs(model_logprobs, tokens, self._top()) if model_logprobs is not None else None
         self.steps += 1
         for b, t in enumerate(tokens.tolist()):
             r = self.rows[b]
             if not r.live:
                 continue
+            self.first[b] = False
             if r.stop_at_eos and t == self.config.eos_id:
                 self._end(r, "eos")
                 continue
@@ -149,12 +202,8 @@ class ARBatch:
             self.pos += 1
         return stepped
 
-    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.alike:
-            o = self.rows[0].options
-            return sample_tokens(logits, o.temperature, o.top_k, o.top_p, self.generators[0])[0]
-        return torch.cat([sample_tokens(logits[b : b + 1], r.options.temperature, r.options.top_k, r.options.top_p,
-                                        self.generators[b])[0] for b, r in enumerate(self.rows)])
+    def _top(self) -> int | None:
+        return max((r.options.logprobs for r in self.rows if r.live and r.options.logprobs is not None), default=None)
 
     def result(self, b: int) -> GenerationResult:
         r = self.rows[b]
@@ -166,6 +215,19 @@ class ARBatch:
             result.top_logprobs = [top for _, top in r.logprobs]
         return result
 
+    def _choose(self, logits: torch.Tensor, live: list[int]) -> torch.Tensor:
+        """One vectorised draw when the live rows sample alike (greedy, or one shared generator, or no seeds);
+        else each live row draws from its own generator, the others get EOS."""
+        settings = {(o.temperature, o.top_k, o.top_p) for o in (self.rows[b].options for b in live)}
+        (temperature, top_k, top_p), *more = settings
+        unseeded = all(self.rows[b].options.seed is None for b in live)
+        if not more and (temperature <= 0 or self.generator is not None or unseeded):
+            return sample_tokens(logits, temperature, top_k, top_p, self.generator)[0]
+        tokens = torch.full((len(self.rows),), self.config.eos_id, dtype=torch.long, device=self.device)
+        for b in live:
+            o = self.rows[b].options
+            tokens[b] = sample_tokens(logits[b : b + 1], o.temperature, o.top_k, o.top_p, self.generators[b])[0][0]
+        return tokens
 
 @torch.no_grad()
 def ar_generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
@@ -242,9 +304,11 @@ def ar_generate_batch(
 
 
 class ARQueue:
-    """The diffusion Engine's request-queue API for a causal model, so the server serves AR twins too:
-    waiting requests start together as one ARBatch of up to `max_batch` rows; a new batch starts when the
-    running one has ended (static batching: simple, and fair to each request's wait)."""
+    """The diffusion Engine's request-queue API for a causal model, so the server serves AR twins too.
+
+    Continuous batching: waiting requests start together as one ARBatch of `max_batch` places, and later
+    ones join it as places free up (in arrival order), as long as their prompt fits before the batch's next
+    slot and their answer within the context. Otherwise they wait, at the latest for the batch to end."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64):
         if model.config.attention != "causal":
@@ -288,22 +352,32 @@ class ARQueue:
             raise OptionsError(f"token ids must be in [0, {c.vocab_size})")
         bias_vector(options.logit_bias, c.vocab_size, "cpu")  # a bad token id fails here, not mid-batch
         request_id = request_id if request_id is not None else f"req-{next(self._counter)}"
-        if request_id in self._ids or any(rid == request_id for rid, _ in self._waiting):
+        if self._running(request_id) is not None or any(rid == request_id for rid, _ in self._waiting):
             raise OptionsError(f"request id {request_id!r} is already in use")
         self._waiting.append((request_id, ARRow(list(prompt_ids), options, first_allowed, True, stop_when)))
         return request_id
 
     def cancel(self, request_id: str) -> None:
         self._waiting = deque(w for w in self._waiting if w[0] != request_id)
-        if self._batch is not None and request_id in self._ids:
-            self._batch.cancel(self._ids.index(request_id))
+        b = self._running(request_id)
+        if b is not None:
+            self._batch.cancel(b)
+
+    def _running(self, request_id: str) -> int | None:
+        """The place of a request decoding now (an ended row keeps its id until the place is reused)."""
+        if self._batch is None:
+            return None
+        return next((b for b, rid in enumerate(self._ids) if rid == request_id and self._batch.rows[b].live), None)
 
     @torch.no_grad()
     def step(self) -> list[StepEvent]:
         if (self._batch is None or self._batch.done) and self._waiting:
             taken = [self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))]
-            self._ids = [rid for rid, _ in taken]
-            self._batch = ARBatch(self.model, [row for _, row in taken])
+            self._ids = [rid for rid, _ in taken] + [""] * (self.max_batch - len(taken))
+            self._batch = ARBatch(self.model, [row for _, row in taken], capacity=self.max_batch)
+        while self._waiting and self._batch.can_join(self._waiting[0][1]):
+            rid, row = self._waiting.popleft()
+            self._ids[self._batch.join(row)] = rid
         if self._batch is None:
             return []
         events = []
