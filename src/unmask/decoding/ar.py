@@ -5,8 +5,9 @@ batched answerer of sequence-level distillation, and the server's decoder for ca
 are left-padded (padding is invalid in the cache, and RoPE positions start at each prompt's first token,
 so a row computes what it would alone). Each row has its own DecodeOptions (budget, sampling, penalties,
 logit bias, logprobs, seed) and ends on its own (EOS, budget, a stop check, or cancel); the batch runs
-until every row has ended. `ar_generate_batch` and `ar_generate` run one to the end; `ARQueue` gives the
-engine's request-queue API (serve/worker.py drives it) over successive batches.
+until every row has ended, and new rows may `join` it in places that have ended. `ar_generate_batch`,
+`ar_generate` and `ar_decode` run a batch to the end; `ARQueue` gives the engine's request-queue API
+(serve/worker.py drives it) with continuous batching.
 """
 
 from __future__ import annotations
