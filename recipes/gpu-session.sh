@@ -22,7 +22,8 @@
 #
 # Minutes: AR_MIN for the twin, ADAPT_MIN for each recipe (sequential, so each has the GPU to itself).
 # A 15-minute session: AR_MIN=2.5 ADAPT_MIN=2 (train ~7.5 min with start-up and final validation), bench ~4,
-# collect ~1.5, the machine's start ~2. BENCH_SHAPES and THRESHOLDS trim the benches and the evaluation.
+# collect ~1.5, the machine's start ~2. BENCH_SHAPES and THRESHOLDS trim the benches and the evaluation;
+# ENTROPY_BOUNDS sets the eb (EB-Sampler) rows of the teacher-vs-student comparison.
 # SMOKE=1 rehearses every phase on the CPU with tiny shapes and seconds of training.
 set -euo pipefail  # pipefail: a failed bench is seen through its tee
 
@@ -156,8 +157,8 @@ student() {
   done
   [[ -e "$WORK/distill-failed" ]] && { tail -30 "$WORK/distill.log"; return 1; }
   COLUMNS=200 "${UNMASK[@]}" eval speed-quality "$WORK/$(cat "$WORK/winner")" "$WORK/student" --data "$PROMPTS" \
-    --ar-model "$WORK/ar" --steps "" --thresholds 0.9,0.7,0.5,0.3 -n "$NEW" --prompts "$N_PROMPTS" \
-    --elbo-tokens 0 "${DECODING[@]}" --device "$DEVICE" \
+    --ar-model "$WORK/ar" --steps "" --thresholds 0.9,0.7,0.5,0.3 --entropy-bounds "${ENTROPY_BOUNDS:-0.1,0.5,1}" \
+    -n "$NEW" --prompts "$N_PROMPTS" --elbo-tokens 0 "${DECODING[@]}" --device "$DEVICE" \
     --plot "$WORK/distill-quality.png" --json "$WORK/distill-quality.json" 2>&1
   cp "$WORK/distill-quality.png" "$OUT"/
   export_model "$WORK/student"

@@ -69,7 +69,7 @@ def test_train_then_collect_compares_three_runs_and_exports_the_winner(session):
 
     assert "distilling in the background" in run("distill")
     out = run("student")
-    assert "τ=0.3" in out and (root / "out" / "distill-quality.png").stat().st_size > 0
+    assert "τ=0.3" in out and "eb γ=0.5" in out and (root / "out" / "distill-quality.png").stat().st_size > 0
     student = unmask.load(root / "out", device="cpu")  # the student: the winner's architecture
     assert student.config.attention == exported.config.attention
     assert f"{root / 'work' / 'ar'} answered" in " ".join((root / "work" / "distill.log").read_text().split())
