@@ -412,3 +412,47 @@ def test_generate_many_yields_every_prompt_as_decoded_alone(tokenizer, attention
     mixed = [options[0], opts(max_new_tokens=9, temperature=0.9, seed=3), opts(max_new_tokens=6, frequency_penalty=1.0)]
     got = dict(generate_many(pipe, prompts, mixed, max_batch=3))
     assert [got[i].tokens for i in range(3)] == [pipe.generate(p, o).tokens for p, o in zip(prompts, mixed)]
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_prefix_store_reuses_finished_prompt_blocks_exactly(tokenizer, corpus_texts, shift):
+    """block_causal: a later request whose prompt starts like an earlier one copies the stored K/V of the
+    shared model blocks and computes only from the first new block — and decodes what it decodes alone."""
+    model = sharp_model(tokenizer, attention="block_causal", block_size=8, logits_shift=shift)
+    text = tokenizer.encode(corpus_texts[3])
+    shared = text[200:232]  # four model blocks
+    first, second = shared + text[300:305], shared + text[400:411]  # second: 32 shared + 11 new tokens
+    other = text[500:543]
+    o = opts(threshold=1.0, max_new_tokens=16)
+    engine = Engine(model, prefix_blocks=16)
+    starts = []
+    hook = model.register_forward_pre_hook(lambda m, args, kw: starts.append(int(kw["positions"].min())),
+                                           with_kwargs=True)
+    results = []
+    for prompt in (first, second, other):
+        starts.clear()
+        results.append(engine.generate(prompt, o))
+        results[-1].first_start = starts[0]
+    hook.remove()
+    for prompt, r in zip((first, second, other), results):
+        assert r.tokens == Engine(model).generate(prompt, o.replace(cache="none")).tokens
+    assert results[0].first_start == 0  # nothing stored yet: the whole prompt is computed ...
+    assert results[1].first_start == 32  # ... then only past the 4 shared blocks
+    assert results[2].first_start == 0  # another prompt: no match
+    assert engine.prefix.reused == 4 and len(engine.prefix) == 4 + 1 + 5  # complete prompt blocks, each once
+    with pytest.raises(OptionsError, match="block_causal"):
+        Engine(sharp_model(tokenizer), prefix_blocks=4)
+
+
+def test_prefix_store_evicts_the_least_recently_used_block(tokenizer):
+    import torch as t
+
+    from unmask.decoding.prefix import PrefixStore
+
+    store = PrefixStore(capacity_blocks=2, block_size=2)
+    kv = t.zeros(1, 1, 2, 1)
+    store.insert([1, 2, 3, 4], 0, kv, kv)
+    store.insert([1, 2, 3, 4], 1, kv, kv)
+    assert len(store.lookup([1, 2, 3, 4, 5], 2)) == 2
+    store.insert([7, 8], 0, kv, kv)  # evicts [1, 2] (least recently used: looked up before [1, 2, 3, 4])
+    assert store.lookup([1, 2, 3, 4], 2) == [] and len(store.lookup([7, 8], 1)) == 1

@@ -592,3 +592,22 @@ def test_echo_puts_each_prompt_before_its_answer(client, tiny_pipeline):
     assert frames[-1]["choices"][0]["text"] == echoed[0]["text"]
     chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "echo": True})
     assert chat.status_code == 400 and "echo" in chat.json()["error"]["message"]
+
+
+def test_block_causal_server_reuses_a_shared_prompt_prefix(tokenizer, corpus_texts):
+    from conftest import tiny_model
+    from unmask.decoding.queues import request_queue
+    from unmask.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_model(tokenizer, attention="block_causal", block_size=8), tokenizer)
+    app = create_app(pipe, engine=request_queue(pipe.model, prefix_blocks=32))
+    preamble = corpus_texts[1][:400]  # a long shared beginning, as a system prompt or a file
+    with TestClient(app) as client:
+        texts = []
+        for tail in ("\ndef first(x):\n", "\nclass Second:\n"):
+            body = {"prompt": preamble + tail, "max_tokens": 8, "block_length": 8, "heal": False}
+            texts.append(client.post("/v1/completions", json=body).json()["choices"][0]["text"])
+        stats = client.get("/health").json()["prefix_cache"]
+    assert stats["reused"] >= 8 and stats["computed"] >= stats["blocks"] > 0  # the second reused the preamble
+    for tail, text in zip(("\ndef first(x):\n", "\nclass Second:\n"), texts):
+        assert text == pipe.generate(preamble + tail, max_new_tokens=8, block_length=8, heal=False).text

@@ -28,6 +28,9 @@ def serve(
     block_length: int = typer.Option(32, "--block-length", help="Default block length."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id reported by /v1/models."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's forward passes (GPU)."),
+    prefix_blocks: int = typer.Option(64, "--prefix-cache-blocks", min=0,
+                                      help="block_causal models: finished prompt blocks whose K/V are kept for "
+                                           "later requests that start the same way (0: off)."),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a model: OpenAI-compatible API under /v1 and a live denoising demo page at /."""
@@ -38,7 +41,8 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     pipe = load_pipeline(model, device, dtype)
-    engine = request_queue(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+    engine = request_queue(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile,
+                           prefix_blocks=prefix_blocks)
     # the model's recommended decoding (generation_config.json) is what a request gets unless it says otherwise
     web = create_app(pipe, model_name=name, engine=engine,
                      defaults=pipe.defaults.replace(max_new_tokens=max_tokens, block_length=block_length))

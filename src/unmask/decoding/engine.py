@@ -45,6 +45,7 @@ from unmask.decoding.cache import CacheView, attention_mask, grow_cache
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
+from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.sampling import TokenLogprob, bias_vector, decision_logits, penalize, sample_tokens, token_logprobs
 from unmask.errors import UnmaskError
@@ -122,6 +123,8 @@ class Request:
     visible: int = 0  # slots [0, visible) can influence the block: a refresh recomputes only those
     window_width: int = 0  # compiled engines pad every window of the request to this width
     entry_width: int = 0  # ... and every entry window to this one
+    prefix_fill: list | None = None  # stored K/V of its leading prompt blocks, copied in before its first pass
+    prefix_new: range = range(0)  # its prompt's model blocks to store after its first pass
 
     @property
     def n(self) -> int:
@@ -152,9 +155,13 @@ class Engine:
     compile     torch.compile the forward passes: True (CUDA graphs, "reduce-overhead", on a GPU; plain
                 inductor on a CPU) or a torch.compile mode ("default", "max-autotune", ...); window
                 shapes are static per request, so graphs are reused across steps and blocks
+    prefix_blocks  block_causal models, uncompiled: keep the K/V of up to this many finished prompt model
+                blocks across requests (decoding/prefix.py); a request whose canvas starts with stored
+                blocks copies them in and computes only from the first new one
     """
 
-    def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False):
+    def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False,
+                 prefix_blocks: int = 0):
         if model.config.attention == "causal":
             raise OptionsError("the diffusion engine needs a bidirectional or block_causal model; "
                                "causal models decode with ar_generate")
@@ -172,6 +179,10 @@ class Engine:
         self._memo: dict[str, tuple] = {}
         self._forward: Callable = model
         self._compiled = bool(compile)
+        if prefix_blocks and (model.config.attention != "block_causal" or compile):
+            raise OptionsError("prefix reuse needs a block_causal model (only there are finished blocks' K/V "
+                               "exact) and an uncompiled engine")
+        self.prefix = PrefixStore(prefix_blocks, model.config.block_size) if prefix_blocks > 0 else None
         if compile:
             # on a GPU a 32-token window step is hundreds of small kernels: without CUDA graphs
             # ("reduce-overhead") it is bound by their launches, not by the weight reads
@@ -293,6 +304,13 @@ class Engine:
             torch._dynamo.mark_static_address(cache.k)
             torch._dynamo.mark_static_address(cache.v)
         self.cache = cache
+        for r in reqs:
+            if r.prefix_fill:
+                bs = self.config.block_size
+                for j, (k, v) in enumerate(r.prefix_fill):
+                    cache.k[:, r.row, :, j * bs : (j + 1) * bs] = k
+                    cache.v[:, r.row, :, j * bs : (j + 1) * bs] = v
+                r.prefix_fill = None
         refresh = [r for r in reqs if r.needs_refresh()]
         window = [r for r in reqs if not r.needs_refresh()]
         hidden: dict[str, torch.Tensor] = {}
@@ -300,6 +318,13 @@ class Engine:
             hidden.update(self._refresh_forward(refresh, C))
         if window:
             hidden.update(self._window_forward(window, C))
+        for r in reqs:
+            if r.prefix_new:  # its first pass computed these prompt blocks: keep them for later requests
+                bs = self.config.block_size
+                for j in r.prefix_new:
+                    self.prefix.insert(r.host, j, cache.k[:, r.row, :, j * bs : (j + 1) * bs],
+                                       cache.v[:, r.row, :, j * bs : (j + 1) * bs])
+                r.prefix_new = range(0)
         if len(reqs) == 1:
             h = hidden[reqs[0].id][None]
         else:
@@ -332,6 +357,20 @@ class Engine:
             self._active[r.id] = r
             if r.blocks:
                 self._enter_block(r)
+                if self.prefix is not None and r.options.cache != "none" and not r.options.cache_refresh:
+                    self._reuse_prefix(r)
+
+    def _reuse_prefix(self, r: Request) -> None:
+        """Plan a new request's first pass around the prefix store: the stored leading model blocks of its
+        canvas are copied in (step(), once the cache is sized) and its first pass starts after them, as an
+        entry window; the complete model blocks before its first mask are stored after that pass."""
+        bs = self.config.block_size
+        complete = r.blocks[0][0] // bs  # model blocks wholly before the first masked position
+        found = self.prefix.lookup(r.host, complete)
+        if found:
+            r.prefix_fill = found
+            r.entry_window = (min(len(found) * bs, r.window[0]), r.window[1])
+        r.prefix_new = range(len(found), complete)
 
     def _block_window(self, r: Request, blk: list[int]) -> tuple[int, int]:
         """The slots a window step over block `blk` recomputes."""

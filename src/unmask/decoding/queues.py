@@ -10,7 +10,10 @@ from unmask.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 
-def request_queue(model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False):
+def request_queue(model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False,
+                  prefix_blocks: int = 0):
+    """`prefix_blocks`: the Engine's store of finished prompt blocks, where it applies (block_causal models,
+    uncompiled); ignored elsewhere."""
     from unmask.decoding.ar import ARQueue
     from unmask.decoding.engine import Engine
 
@@ -18,4 +21,5 @@ def request_queue(model: Transformer, max_batch: int = 8, max_queue: int = 64, c
         if compile:
             log.warning("--compile applies to the diffusion engine; this causal model decodes uncompiled")
         return ARQueue(model, max_batch=max_batch, max_queue=max_queue)
-    return Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile)
+    reuse = prefix_blocks if model.config.attention == "block_causal" and not compile else 0
+    return Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile, prefix_blocks=reuse)

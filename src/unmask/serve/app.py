@@ -616,9 +616,14 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
     async def health():
         w = srv.worker
         ok = w.alive or w.steps == 0  # not started yet is fine: it starts on the first request
-        return JSONResponse({"status": "ok" if ok else "worker stopped", "model": srv.model_name,
-                             "queue_depth": w.num_waiting, "active": w.num_active, "engine_steps": w.steps,
-                             "last_error": w.last_error}, status_code=200 if ok else 503)
+        body = {"status": "ok" if ok else "worker stopped", "model": srv.model_name,
+                "queue_depth": w.num_waiting, "active": w.num_active, "engine_steps": w.steps,
+                "last_error": w.last_error}
+        prefix = getattr(w.engine, "prefix", None)
+        if prefix is not None:  # read without the worker's lock: counters, a moment old at worst
+            body["prefix_cache"] = {"blocks": len(prefix), "capacity": prefix.capacity, "reused": prefix.reused,
+                                    "computed": prefix.computed}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
