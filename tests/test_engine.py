@@ -456,3 +456,23 @@ def test_prefix_store_evicts_the_least_recently_used_block(tokenizer):
     assert len(store.lookup([1, 2, 3, 4, 5], 2)) == 2
     store.insert([7, 8], 0, kv, kv)  # evicts [1, 2] (least recently used: looked up before [1, 2, 3, 4])
     assert store.lookup([1, 2, 3, 4], 2) == [] and len(store.lookup([7, 8], 1)) == 1
+
+
+def test_generate_many_reuses_a_shared_beginning(tokenizer, corpus_texts, monkeypatch):
+    from unmask.decoding import generate
+    from unmask.pipeline import Pipeline
+
+    pipe = Pipeline(sharp_model(tokenizer, attention="block_causal", block_size=8), tokenizer)
+    text = tokenizer.encode(corpus_texts[3])
+    prompts = [text[200:240] + text[300 + 10 * i : 305 + 10 * i] for i in range(4)]  # 5 shared blocks each
+    o = opts(threshold=1.0, max_new_tokens=8)
+    computed = []
+    hook = pipe.model.register_forward_pre_hook(lambda m, args, kw: computed.append(args[0].numel()), with_kwargs=True)
+    reused = dict(generate.generate_many(pipe, prompts, [o] * 4, max_batch=1))
+    with_store, computed[:] = sum(computed), []
+    monkeypatch.setattr(generate, "PREFIX_BLOCKS", 0)
+    plain = dict(generate.generate_many(pipe, prompts, [o] * 4, max_batch=1))
+    hook.remove()
+    assert [reused[i].tokens for i in range(4)] == [plain[i].tokens for i in range(4)]
+    assert [plain[i].tokens for i in range(4)] == [pipe.generate(p, o).tokens for p in prompts]
+    assert with_store == sum(computed) - 3 * 40  # the three later prompts skip the 40 shared tokens

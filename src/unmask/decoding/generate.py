@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from unmask.pipeline import Pipeline
 
 
+PREFIX_BLOCKS = 256  # generate_many's store of finished prompt blocks (decoding/prefix.py)
+
+
 def check_context(n_prompt: int, n_new: int, max_seq_len: int) -> None:
     if n_prompt + n_new > max_seq_len:
         raise OptionsError(
@@ -121,7 +124,9 @@ def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options:
                 batch.step()
             yield from ((i, finish(pipe, batch.result(b), prepared[i], options[i])) for b, i in enumerate(chunk))
         return
-    engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts))
+    # prompts sharing a beginning (few-shot examples, one file) reuse its finished blocks: exact, block_causal only
+    reuse = PREFIX_BLOCKS if pipe.config.attention == "block_causal" else 0
+    engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts), prefix_blocks=reuse)
     index = {}
     for i, (p, o) in enumerate(zip(prepared, options)):
         rid = engine.submit(p.ids, o, stop_when=stop_checker(pipe.tokenizer, o.stop, skip=_skip(p)),
