@@ -608,6 +608,8 @@ def test_block_causal_server_reuses_a_shared_prompt_prefix(tokenizer, corpus_tex
             body = {"prompt": preamble + tail, "max_tokens": 8, "block_length": 8, "heal": False}
             texts.append(client.post("/v1/completions", json=body).json()["choices"][0]["text"])
         stats = client.get("/health").json()["prefix_cache"]
+        metrics = client.get("/metrics").text
+    assert f"unmask_prefix_cache_reused_blocks {float(stats['reused'])}" in metrics
     assert stats["reused"] >= 8 and stats["computed"] >= stats["blocks"] > 0  # the second reused the preamble
     for tail, text in zip(("\ndef first(x):\n", "\nclass Second:\n"), texts):
         assert text == pipe.generate(preamble + tail, max_new_tokens=8, block_length=8, heal=False).text

@@ -116,6 +116,8 @@ class Server:
         self.defaults = defaults
         self.worker = Worker(engine, max_jobs=max_edit_queue)
         self.metrics = Metrics(lambda: self.worker.num_waiting, lambda: self.worker.num_active)
+        if getattr(engine, "prefix", None) is not None:
+            self.metrics.watch_prefix_store(engine.prefix)
         self.created = int(time.time())
         # strings that end an assistant turn: the checkpoint's end-of-turn tokens, or the start of a new turn
         self.turn_ends = end_of_turn_strings(pipeline)

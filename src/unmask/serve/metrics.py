@@ -34,6 +34,16 @@ class Metrics:
         Gauge("unmask_active_requests", "requests being denoised in the current batch",
               registry=r).set_function(active)
 
+    def watch_prefix_store(self, store) -> None:
+        """Gauges over a PrefixStore (decoding/prefix.py): blocks held, blocks reused and computed so far."""
+        r = self.registry
+        Gauge("unmask_prefix_cache_blocks", "prompt model blocks whose K/V are kept for reuse",
+              registry=r).set_function(lambda: len(store))
+        Gauge("unmask_prefix_cache_reused_blocks", "prompt model blocks taken from the store instead of computed",
+              registry=r).set_function(lambda: store.reused)
+        Gauge("unmask_prefix_cache_computed_blocks", "prompt model blocks computed and stored",
+              registry=r).set_function(lambda: store.computed)
+
     def finished(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int, nfe: int,
                  steps: int, status: str = "200") -> None:
         self.requests.labels(endpoint, status).inc()
