@@ -594,6 +594,32 @@ def test_echo_puts_each_prompt_before_its_answer(client, tiny_pipeline):
     assert chat.status_code == 400 and "echo" in chat.json()["error"]["message"]
 
 
+def test_edits_of_one_file_share_the_servers_prefix_store(tokenizer, corpus_texts):
+    """block_causal: Instant Edit runs on the worker thread, so it shares the engine's store — the second
+    edit of a file reuses the context blocks the first one computed, and edits what a store-less
+    pipeline edits."""
+    from conftest import tiny_model
+    from unmask.decoding.queues import request_queue
+    from unmask.pipeline import Pipeline
+
+    model = tiny_model(tokenizer, attention="block_causal", block_size=8)
+    pipe = Pipeline(model, tokenizer)
+    app = create_app(pipe, engine=request_queue(model, prefix_blocks=64))
+    text = corpus_texts[2][:300] + "\ndef average(values):\n    return sum(values) / len(vaules)\n"  # fits the context
+    start = text.index("vaules")
+    with TestClient(app) as client:
+        edited = []
+        for span in ([start, start + 6], [text.index("sum(values)"), text.index("sum(values)") + 3]):
+            body = {"input": text, "spans": [span], "max_tokens": 8, "steps": 4}
+            edited.append((span, client.post("/v1/edits", json=body).json()["choices"][0]["text"]))
+        stats = client.get("/health").json()["prefix_cache"]
+    assert stats["reused"] > 0 and stats["computed"] > 0
+    plain = Pipeline(model, tokenizer)
+    for span, new in edited:
+        want = plain.edit(text, spans=[tuple(span)], options=DecodeOptions(max_new_tokens=8, steps=4, policy="fixed"))
+        assert new == want.text
+
+
 def test_block_causal_server_reuses_a_shared_prompt_prefix(tokenizer, corpus_texts):
     from conftest import tiny_model
     from unmask.decoding.queues import request_queue

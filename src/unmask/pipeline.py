@@ -57,6 +57,9 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.path = path
         self.defaults = defaults or DecodeOptions()
+        # block_causal models: finished context blocks kept across edits (decoding/prefix.py); the server
+        # shares its engine's store here, as edits run on the same worker thread
+        self.prefix_store = None
 
     @property
     def config(self):

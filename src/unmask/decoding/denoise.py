@@ -16,6 +16,7 @@ from typing import Callable
 from unmask.decoding.engine import Engine
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
+from unmask.decoding.prefix import PrefixStore
 from unmask.model.transformer import Transformer
 
 
@@ -50,14 +51,16 @@ def denoise_batch(
     options: DecodeOptions,
     on_step: Callable[[StepEvent], None] | None = None,
     request_ids: Sequence[str] | None = None,
+    prefix_store: PrefixStore | None = None,
 ) -> list[DenoiseOutput]:
     """`denoise` for several canvases (any lengths) decoded together, one forward pass per step for all:
     as fast as one canvas where the device has room (length search, candidate edits). Each canvas gets the
-    tokens it would get alone (greedy); `on_step` sees every canvas's events, told apart by request id."""
+    tokens it would get alone (greedy); `on_step` sees every canvas's events, told apart by request id.
+    `prefix_store` (block_causal models): finished context blocks kept from earlier calls (decoding/prefix.py)."""
     ids = list(request_ids) if request_ids is not None else [str(i) for i in range(len(canvases))]
     if len(ids) != len(canvases) or len(set(ids)) != len(ids):
         raise ValueError("denoise_batch needs one distinct request id per canvas")
-    engine = Engine(model, max_batch=max(1, len(canvases)), max_queue=len(canvases))
+    engine = Engine(model, max_batch=max(1, len(canvases)), max_queue=len(canvases), prefix_store=prefix_store)
     for canvas, rid in zip(canvases, ids):
         engine.submit_canvas(list(canvas), options, rid)
     results = {}

@@ -158,10 +158,11 @@ class Engine:
     prefix_blocks  block_causal models, uncompiled: keep the K/V of up to this many finished prompt model
                 blocks across requests (decoding/prefix.py); a request whose canvas starts with stored
                 blocks copies them in and computes only from the first new one
+    prefix_store   ... or use this PrefixStore, shared with other engines of the same model (edits)
     """
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False,
-                 prefix_blocks: int = 0):
+                 prefix_blocks: int = 0, prefix_store: PrefixStore | None = None):
         if model.config.attention == "causal":
             raise OptionsError("the diffusion engine needs a bidirectional or block_causal model; "
                                "causal models decode with ar_generate")
@@ -179,10 +180,12 @@ class Engine:
         self._memo: dict[str, tuple] = {}
         self._forward: Callable = model
         self._compiled = bool(compile)
-        if prefix_blocks and (model.config.attention != "block_causal" or compile):
+        if (prefix_blocks or prefix_store is not None) and (model.config.attention != "block_causal" or compile):
             raise OptionsError("prefix reuse needs a block_causal model (only there are finished blocks' K/V "
                                "exact) and an uncompiled engine")
-        self.prefix = PrefixStore(prefix_blocks, model.config.block_size) if prefix_blocks > 0 else None
+        if prefix_store is None and prefix_blocks > 0:
+            prefix_store = PrefixStore(prefix_blocks, model.config.block_size)
+        self.prefix = prefix_store
         if compile:
             # on a GPU a 32-token window step is hundreds of small kernels: without CUDA graphs
             # ("reduce-overhead") it is bound by their launches, not by the weight reads

@@ -111,7 +111,8 @@ def _run(pipe, candidates: list[list[Piece]], options: DecodeOptions, prompt_ids
             relay(event)
 
     with banned_tokens(pipe.model, banned):
-        results = denoise_batch(pipe.model, [cv.ids for cv in canvases], options, on_step=shown, request_ids=ids)
+        results = denoise_batch(pipe.model, [cv.ids for cv in canvases], options, on_step=shown, request_ids=ids,
+                                prefix_store=pipe.prefix_store)
     steps = max(r.steps for r in results)
     relay.steps += steps
     out.nfe += sum(r.nfe for r in results)

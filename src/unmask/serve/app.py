@@ -118,6 +118,7 @@ class Server:
         self.metrics = Metrics(lambda: self.worker.num_waiting, lambda: self.worker.num_active)
         if getattr(engine, "prefix", None) is not None:
             self.metrics.watch_prefix_store(engine.prefix)
+            pipeline.prefix_store = engine.prefix  # edits (on the same worker thread) reuse it too
         self.created = int(time.time())
         # strings that end an assistant turn: the checkpoint's end-of-turn tokens, or the start of a new turn
         self.turn_ends = end_of_turn_strings(pipeline)
