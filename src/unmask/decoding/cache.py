@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from unmask.model.config import ModelConfig
-from unmask.model.transformer import KVCache
+from unmask.model.transformer import KVCache, layout_mask
 
 
 class _Nothing:
@@ -92,10 +92,8 @@ def attention_mask(config: ModelConfig, q_pos: torch.Tensor, q_real: torch.Tenso
     k_pos = torch.arange(kv_len, device=q_pos.device)
     n = torch.tensor(lengths, device=q_pos.device)
     mask = (k_pos[None, None, :] < n[:, None, None]).expand(-1, q_pos.shape[1], -1)
-    if config.attention == "causal":
-        mask = mask & (k_pos[None, None, :] <= q_pos[:, :, None])
-    elif config.attention == "block_causal":
-        bs = config.block_size
-        mask = mask & (k_pos[None, None, :] // bs <= q_pos[:, :, None] // bs)
+    layout = layout_mask(config, q_pos, k_pos)
+    if layout is not None:
+        mask = mask & layout
     pad_q = ~q_real[:, :, None] & (k_pos[None, None, :] == 0)
     return (mask | pad_q)[:, None]

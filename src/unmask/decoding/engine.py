@@ -65,7 +65,9 @@ def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfi
     blocks: list[list[int]] = []
     for p in mask_positions:
         cur = blocks[-1] if blocks else None
-        same_model_block = config.attention != "block_causal" or (cur and cur[0] // config.block_size == p // config.block_size)
+        # causal inside blocks, nothing depends on where model blocks begin
+        aligned = config.attention == "block_causal" and config.block_attention == "bidirectional"
+        same_model_block = not aligned or (cur and cur[0] // config.block_size == p // config.block_size)
         if cur is not None and len(cur) < block_length and same_model_block:
             cur.append(p)
         else:
@@ -380,6 +382,8 @@ class Engine:
         c = self.config
         lo, hi = blk[0], blk[-1] + 1
         start = max(lo - (1 if c.logits_shift else 0), 0)  # shift: the first logit is the slot before's output
+        if c.attention == "block_causal" and c.block_attention == "causal":
+            return start, hi  # nothing in the block sees what follows it; the entry window renews the one before
         if c.attention == "block_causal":  # the block's model block is bidirectional inside: recompute all of it
             bs = c.block_size
             start = min(start, lo // bs * bs)
@@ -395,7 +399,10 @@ class Engine:
         if self.config.attention != "block_causal" or block == 0:
             return None
         s, e = self._block_window(r, r.blocks[block])
-        return min(s, r.blocks[block - 1][0] // self.config.block_size * self.config.block_size), e
+        previous = r.blocks[block - 1][0]
+        if self.config.block_attention == "bidirectional":
+            previous = previous // self.config.block_size * self.config.block_size
+        return min(s, previous), e
 
     def _enter_block(self, r: Request) -> None:
         blk = r.blocks[r.block]

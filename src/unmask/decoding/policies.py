@@ -7,6 +7,8 @@ number of tokens to commit is computed as a tensor and applied by ranking.
     fixed      the reference behaviour: the block's mask count split evenly over its step budget
     threshold  every masked position with confidence >= τ, and always at least the most confident one
     factor     Fast-dLLM's factor rule: the largest n whose sorted confidences satisfy c_(i) >= 1 - f / (i + 1)
+    leftmost   threshold, but the token always committed is the leftmost masked one (causal-inside-block
+               models: that one is the AR model's own prediction, so greedy quality is AR's at least)
     eb         EB-Sampler (Ben-Hamu et al. 2025): surest first, as many as keep the summed error of all but the
                last within γ; error = -log(confidence), the entropy with confidence="entropy"
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.options import POLICY_NAMES, DecodeOptions, OptionsError
 
 
 def confidence(kind: str, probs: torch.Tensor, chosen: torch.Tensor,
@@ -95,6 +97,20 @@ class ThresholdPolicy(Policy):
         return sure | top_k_mask(conf, candidates, torch.tensor(1, device=conf.device))
 
 
+class LeftmostThresholdPolicy(Policy):
+    """Every candidate with confidence >= τ, and always the leftmost candidate. A model with causal attention
+    inside its blocks and shifted logits reads the leftmost mask from the committed token before it, which is
+    how its AR base predicts the next token; so each step advances at least as greedy AR decoding would, and
+    every look-ahead token surer than τ is a step saved. τ = 1.0 decodes exactly as greedy AR."""
+
+    name = "leftmost"
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        tau = self.options.threshold
+        sure = candidates & (conf >= tau) if tau < 1.0 else torch.zeros_like(candidates)
+        return sure | (candidates & (candidates.cumsum(0) == 1))
+
+
 class FactorPolicy(Policy):
     """Fast-dLLM factor: sort confidences descending, commit the largest n with c_(i) >= 1 - f/(i+1)
     for every i <= n (i counted from 1), at least one."""
@@ -128,7 +144,8 @@ class EntropyBoundPolicy(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedStepsPolicy, ThresholdPolicy, FactorPolicy,
-                                                         EntropyBoundPolicy)}
+                                                         EntropyBoundPolicy, LeftmostThresholdPolicy)}
+assert tuple(POLICIES) == POLICY_NAMES, "options.POLICY_NAMES lists the registered policies"
 
 
 def make_policy(options: DecodeOptions) -> Policy:

@@ -5,6 +5,8 @@ SFT               prompt never masked; answer (incl. trailing EOS padding) maske
 AR                next-token cross-entropy for the causal twin
 block diffusion   the noised copy attends to itself inside its block and to the *clean* copy of earlier
                   blocks (input [x_t, x_0] of length 2L), exactly what the decoder sees at inference
+adaptation        an AR model learning block diffusion: decoder-like masks (a block's tail masked after a
+                  random cut, or each token masked with probability t), mean cross-entropy of the masked tokens
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from unmask.model.adapter import is_adapter_param
 from unmask.model.transformer import Transformer
 
 EPS = 1e-3
@@ -37,11 +40,15 @@ def mask_tokens(x0: torch.Tensor, t: torch.Tensor, mask_id: int, generator: torc
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def block_diffusion_mask(length: int, block_size: int, device=None) -> torch.Tensor:
-    """Mask [1, 1, 2L, 2L] for the input [x_t, x_0] (True = may attend)."""
-    blk = torch.arange(length, device=device) // block_size
+def block_diffusion_mask(length: int, block_size: int, device=None, causal_inside: bool = False) -> torch.Tensor:
+    """Mask [1, 1, 2L, 2L] for the input [x_t, x_0] (True = may attend). `causal_inside`: a noisy token sees
+    only the noisy tokens of its block up to itself (block_attention "causal")."""
+    idx = torch.arange(length, device=device)
+    blk = idx // block_size
     q, k = blk[:, None], blk[None, :]
     noisy_noisy = q == k
+    if causal_inside:
+        noisy_noisy = noisy_noisy & (idx[None, :] <= idx[:, None])
     noisy_clean = k < q
     clean_clean = k <= q
     top = torch.cat([noisy_noisy, noisy_clean], dim=1)
@@ -49,26 +56,71 @@ def block_diffusion_mask(length: int, block_size: int, device=None) -> torch.Ten
     return torch.cat([top, bottom], dim=0)[None, None]
 
 
+class CleanContext:
+    """Duck-types KVCache for a pass of x_t over the K/V of x_0 computed beforehand without gradients: each
+    layer's keys are [this call's, clean], concatenated rather than written in place, so autograd sees them."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], positions: torch.Tensor):
+        self.k_clean, self.v_clean = k, v
+        self.positions = positions.repeat(1, 2)
+        self.valid = torch.ones_like(self.positions, dtype=torch.bool)
+        self.k, self.v = k[0], v[0]  # the Transformer reads the buffers' dtype
+
+    @property
+    def max_len(self) -> int:
+        return self.positions.shape[1]
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # slots in the order of the [x_t, x_0] mask: this call's (noisy) first, then the clean copy
+        return torch.cat([k, self.k_clean[layer]], dim=2), torch.cat([v, self.v_clean[layer]], dim=2)
+
+
+def _clean_half_frozen(model: Transformer) -> bool:
+    """True when nothing trainable acts on the clean copy x_0: the adapter is gated to [MASK] inputs (x_0 has
+    none) and every base weight is frozen. Then x_0 needs no gradients and is computed once, cheaply."""
+    c = model.config
+    return (torch.is_grad_enabled() and c.adapter_rank > 0 and c.adapter_tokens == "masks"
+            and not any(p.requires_grad for n, p in model.named_parameters() if not is_adapter_param(n)))
+
+
+def block_hidden(model: Transformer, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Final hidden states [B, 2L, dim] of a block_causal model on [x_t, x_0]."""
+    c = model.config
+    B, L = x_t.shape
+    positions = torch.arange(L, device=x_t.device).repeat(2).expand(B, -1)
+    mask = block_diffusion_mask(L, c.block_size, device=x_t.device, causal_inside=c.block_attention == "causal")
+    if not _clean_half_frozen(model):
+        return model(torch.cat([x_t, x0], dim=1), positions=positions, attn_mask=mask, return_hidden=True)
+    # the clean copy attends only to itself: run it alone, without gradients, and keep its K/V
+    with torch.no_grad():
+        cache = model.new_cache(B, L, dtype=torch.get_autocast_dtype("cpu" if x0.device.type == "cpu" else "cuda")
+                                if torch.is_autocast_enabled(x0.device.type) else None)
+        clean = model(x0, positions=positions[:, :L], cache=cache, attn_mask=mask[..., L:, L:], return_hidden=True)
+        context = CleanContext(list(cache.k), list(cache.v), positions[:, :L])
+    noisy = model(x_t, positions=positions[:, :L], cache=context, cache_start=L, kv_len=2 * L,
+                  attn_mask=mask[..., :L, :], return_hidden=True)
+    return torch.cat([noisy, clean], dim=1)
+
+
+def logit_sources(config, L: int, device=None) -> torch.Tensor:
+    """For each position i of x_t, the row of the [x_t, x_0] hidden states its logits are read from.
+    Shifted (AR-initialised) models read token i from output i-1: inside a block that is the noisy copy's
+    output; for a block's first token it is the *clean* previous token's output, which is what the decoder
+    has at inference (the last committed token of the previous block)."""
+    i = torch.arange(L, device=device)
+    if not config.logits_shift:
+        return i
+    first = (i % config.block_size == 0) & (i > 0)
+    return torch.where(first, L + i - 1, (i - 1).clamp_min(0))
+
+
 def denoiser_logits(model: Transformer, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Logits for predicting x0 from x_t, with clean block context for block-causal models."""
     c = model.config
     if c.attention != "block_causal":
         return model(x_t)
-    B, L = x_t.shape
-    positions = torch.arange(L, device=x_t.device).repeat(2).expand(B, -1)
-    mask = block_diffusion_mask(L, c.block_size, device=x_t.device)
-    x = torch.cat([x_t, x0], dim=1)
-    if not c.logits_shift:
-        return model(x, positions=positions, attn_mask=mask)[:, :L]
-    # Shifted (AR-initialised) model: token i is read from output i-1. Inside a block that is the noisy
-    # copy's output; for a block's first token it is the *clean* previous token's output, which is what the
-    # decoder has at inference (the last committed token of the previous block).
-    raw = model.output(model(x, positions=positions, attn_mask=mask, return_hidden=True))
-    noisy, clean = raw[:, :L], raw[:, L:]
-    prev = torch.cat([noisy[:, :1], noisy[:, :-1]], dim=1)
-    prev_clean = torch.cat([clean[:, :1], clean[:, :-1]], dim=1)
-    first = (torch.arange(L, device=x.device) % c.block_size == 0) & (torch.arange(L, device=x.device) > 0)
-    return torch.where(first[None, :, None], prev_clean, prev)
+    hidden = block_hidden(model, x_t, x0)
+    return model.output(hidden[:, logit_sources(c, x_t.shape[1], x_t.device)])
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -95,6 +147,35 @@ def sft_loss(model: Transformer, x0: torch.Tensor, prompt_len: torch.Tensor, eps
     nll = token_nll(denoiser_logits(model, x_t, x0), x0)
     answer_len = answer.sum(1).clamp(min=1)
     return ((nll * masked).sum(1) / t / answer_len).mean()
+
+
+def decoder_like_masks(x0: torch.Tensor, block_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Masks [B, L] shaped like a block decoder's canvases: even rows mask each block's tail after a random
+    cut (what left-to-right threshold decoding sees), odd rows mask each token with probability t ~ U(0, 1)
+    (tokens committed out of order). Every block keeps at least one mask."""
+    B, L = x0.shape
+    pos = torch.arange(L) % block_size
+    n_blocks = -(-L // block_size)
+    cut = torch.randint(0, block_size, (B, n_blocks), generator=generator).repeat_interleave(block_size, 1)[:, :L]
+    tail = pos[None, :] >= cut
+    t = torch.rand(B, 1, generator=generator)
+    scattered = torch.rand(B, L, generator=generator) < t
+    scattered |= pos[None, :] == cut  # at least the token at the cut
+    rows = torch.arange(B)[:, None] % 2 == 0
+    return torch.where(rows, tail, scattered).to(x0.device)
+
+
+def adaptation_loss(model: Transformer, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the masked tokens of decoder-like canvases (a block_causal model). Only the
+    masked positions' logits are computed: the vocabulary projection is a large share of a small model."""
+    c = model.config
+    masked = decoder_like_masks(x0, c.block_size, generator)
+    x_t = torch.where(masked, torch.full_like(x0, c.mask_id), x0)
+    hidden = block_hidden(model, x_t, x0)
+    rows, cols = masked.nonzero(as_tuple=True)
+    src = logit_sources(c, x0.shape[1], x0.device)[cols]
+    logits = model.output(hidden[rows, src])
+    return F.cross_entropy(logits.float(), x0[rows, cols])
 
 
 def ar_loss(model: Transformer, x: torch.Tensor) -> torch.Tensor:

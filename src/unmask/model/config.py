@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 ATTENTION_MODES = ("bidirectional", "causal", "block_causal")
+BLOCK_ATTENTION = ("bidirectional", "causal")
+ADAPTER_TOKENS = ("masks", "all")
 
 
 class ConfigError(UnmaskError, ValueError):
@@ -34,6 +36,16 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention: str = "bidirectional"  # bidirectional | causal | block_causal
     block_size: int = 32  # used when attention == "block_causal"
+    # inside a block of a block_causal model: "bidirectional" (BD3-LM, Fast-dLLM v2) or "causal" (masks are
+    # placeholders for future tokens; with logits_shift the leftmost mask is read from a committed token, so
+    # it is predicted as the AR model predicts it)
+    block_attention: str = "bidirectional"
+    # low-rank adapter on every linear layer of every block (0 = none), out = W x + (alpha/rank) B A x,
+    # added on `adapter_tokens`: "masks" (only at [MASK] inputs, so committed tokens compute exactly as the
+    # base model) or "all"; with an adapter the [MASK] input embedding is its own vector (mask_embedding)
+    adapter_rank: int = 0
+    adapter_alpha: float = 32.0
+    adapter_tokens: str = "masks"
     # Dream / AR-adapted models: output i predicts token i+1, so a masked token is read from i-1.
     logits_shift: bool = False
     # mixture of experts (n_experts 0 = every layer has one dense SwiGLU of ffn_hidden): the first
@@ -101,6 +113,11 @@ class ModelConfig:
                                   f"n_experts_per_token={self.n_experts_per_token} experts")
         elif self.router_topk_groups:
             raise ConfigError("router_topk_groups needs router_groups > 0")
+        if self.block_attention not in BLOCK_ATTENTION:
+            raise ConfigError(f"block_attention must be one of {BLOCK_ATTENTION}, got {self.block_attention!r}")
+        if self.adapter_rank < 0 or self.adapter_tokens not in ADAPTER_TOKENS:
+            raise ConfigError(f"adapter_rank must be >= 0 and adapter_tokens one of {ADAPTER_TOKENS}, got "
+                              f"{self.adapter_rank}, {self.adapter_tokens!r}")
         if self.attention == "block_causal" and self.block_size < 1:
             raise ConfigError("block_size must be >= 1 for block_causal attention")
         if self.n_experts:

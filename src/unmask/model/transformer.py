@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unmask.model.adapter import AdapterGate, adapt_linears, is_adapter_param
 from unmask.model.config import ModelConfig
 
 
@@ -83,6 +84,18 @@ class KVCache(nn.Module):
         return self.k[layer], self.v[layer]
 
 
+def layout_mask(config: ModelConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """Which keys each query may see under the attention mode, from positions [B, Tq] and [B, Tk] or [Tk]:
+    a boolean [B, Tq, Tk], or None when every pair may attend (bidirectional)."""
+    k = k_pos[:, None, :] if k_pos.dim() == 2 else k_pos[None, None, :]
+    q = q_pos[:, :, None]
+    if config.attention == "causal" or (config.attention == "block_causal" and config.block_attention == "causal"):
+        return k <= q  # causal inside blocks too: block-causal with causal blocks is plain causal
+    if config.attention == "block_causal":
+        return k // config.block_size <= q // config.block_size
+    return None
+
+
 def build_attention_mask(
     config: ModelConfig,
     q_pos: torch.Tensor,
@@ -92,12 +105,7 @@ def build_attention_mask(
     k_index: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask [B, 1, Tq, Tk] (True = may attend), or None when every pair may attend."""
-    mask = None
-    if config.attention == "causal":
-        mask = k_pos[:, None, :] <= q_pos[:, :, None]
-    elif config.attention == "block_causal":
-        bs = config.block_size
-        mask = (k_pos[:, None, :] // bs) <= (q_pos[:, :, None] // bs)
+    mask = layout_mask(config, q_pos, k_pos)
     if k_valid is not None and not bool(k_valid.all()):
         valid = k_valid[:, None, :].expand(-1, q_pos.shape[1], -1)
         mask = valid if mask is None else mask & valid
@@ -272,12 +280,18 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.adapter_gate = AdapterGate()
+        if config.adapter_rank:
+            adapt_linears(self.layers, config.adapter_rank, config.adapter_alpha, self.adapter_gate)
+            self.mask_embedding = nn.Parameter(torch.zeros(config.dim))
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """GPT-2 style init; residual projections scaled down by depth."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = 0.02
         for name, p in self.named_parameters():
+            if is_adapter_param(name):
+                continue  # adapters start at zero (lora_b) around whatever the base weights are
             if p.dim() == 1:
                 if name.endswith("bias"):
                     nn.init.zeros_(p)
@@ -335,6 +349,10 @@ class Transformer(nn.Module):
             mask = build_attention_mask(c, positions, k_pos, k_valid, q_index, k_index)
         cos, sin = rope_cos_sin(positions, c.rotary_dim or c.head_dim, c.rope_theta)
         h = self.tok_embeddings(input_ids)
+        if c.adapter_rank:
+            is_mask = (input_ids == c.mask_id)[..., None]
+            h = torch.where(is_mask, self.mask_embedding.to(h.dtype), h)
+            self.adapter_gate.value = is_mask if c.adapter_tokens == "masks" else None
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i, cache_start, kv_len)
         h = self.norm(h)

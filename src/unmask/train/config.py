@@ -18,7 +18,7 @@ import yaml
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 
-MODES = ("diffusion", "ar", "sft")
+MODES = ("diffusion", "ar", "sft", "adapt")
 SCHEDULES = ("cosine", "wsd", "constant")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # as unmask.pipeline.parse_dtype reads them
 
@@ -67,7 +67,7 @@ class CorpusConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/model"
-    mode: str = "diffusion"  # diffusion | ar | sft
+    mode: str = "diffusion"  # diffusion | ar | sft | adapt (an AR model learning block diffusion, objective.py)
     init_from: str | None = None  # a model folder to start from (e.g. the AR twin, adapted to diffusion)
     model: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -90,6 +90,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # default: cuda when available
     dtype: str = "bfloat16"  # autocast dtype on CUDA (CPU trains in float32)
+    cpu_autocast: bool = False  # bf16 autocast on CPU too (CPUs with AMX / AVX512-BF16 run it ~2x faster)
     compile: bool = False
     fsdp: bool = False  # shard parameters with FSDP2 (torchrun, large models) instead of DDP
     save_dtype: str | None = None  # dtype of the final weights (e.g. bfloat16); checkpoints stay float32

@@ -33,7 +33,7 @@ import torch.nn as nn
 from unmask.data.batches import IndexSampler, SFTData, WindowData
 from unmask.data.corpus import iter_corpus_texts
 from unmask.data.shards import TokenShard, sidecar, token_byte_lengths, tokenizer_digest, write_shard
-from unmask.diffusion.objective import ar_loss, masked_diffusion_loss, sft_loss
+from unmask.diffusion.objective import adaptation_loss, ar_loss, masked_diffusion_loss, sft_loss
 from unmask.errors import UnmaskError
 from unmask.eval.elbo import ElboResult, eval_window_len, score_windows, window_starts
 from unmask.io import atomic_write_text
@@ -62,6 +62,8 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor], mode: str, ge
         return ar_loss(model, x)
     if mode == "sft":
         return sft_loss(model, x, batch["prompt_len"], generator=generator)
+    if mode == "adapt":
+        return adaptation_loss(model, x, generator=generator)
     return masked_diffusion_loss(model, x, generator=generator)
 
 
@@ -199,6 +201,8 @@ class Trainer:
             raise TrainConfigError(f"mode ar needs model.attention causal, got {c.attention}")
         if self.mode != "ar" and c.attention == "causal":
             raise TrainConfigError(f"mode {self.mode} needs a bidirectional or block_causal model, got causal")
+        if self.mode == "adapt" and c.attention != "block_causal":
+            raise TrainConfigError(f"mode adapt needs model.attention block_causal, got {c.attention}")
         need = 2 * L if c.attention == "block_causal" and self.mode != "ar" else L
         if need > c.max_seq_len:
             why = " (block diffusion feeds [x_t, x_0], 2 × seq_len tokens)" if need > L else ""
@@ -282,6 +286,8 @@ class Trainer:
         if self.device.type == "cuda" and self.cfg.dtype in ("bfloat16", "bf16", "float16", "fp16"):
             dtype = torch.bfloat16 if self.cfg.dtype.startswith("b") else torch.float16
             return torch.autocast("cuda", dtype=dtype)
+        if self.device.type == "cpu" and self.cfg.cpu_autocast:
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # --- one step ----------------------------------------------------------------------------------
@@ -340,6 +346,8 @@ class Trainer:
             self.model.train()
             total = dist_utils.all_reduce_sum(total)
             return {"val_loss": float(total[0] / total[1].clamp(min=1))}
+        if self.mode == "adapt":
+            return self._evaluate_adaptation(gen)
         shard: TokenShard = self.val_data
         L = eval_window_len(self.model, self.cfg.seq_len)
         starts = window_starts(shard.n_tokens, L, self.cfg.eval_sequences)
@@ -358,6 +366,23 @@ class Trainer:
         return {"val_bpb": r.bits_per_byte, "val_nats_per_token": r.nats_per_token}
 
     _byte_len: np.ndarray | None = None
+
+    def _evaluate_adaptation(self, gen: torch.Generator) -> dict[str, float]:
+        """The adaptation loss on validation windows, with the same masks at every evaluation."""
+        shard: TokenShard = self.val_data
+        L = self.cfg.seq_len
+        starts = window_starts(shard.n_tokens, L, self.cfg.eval_sequences)[self.dist.rank :: self.dist.world_size]
+        starts = [s for s in starts if s + L <= shard.n_tokens]
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for i in range(0, len(starts), self.micro):
+            x = torch.stack([torch.from_numpy(shard.tokens[s : s + L].astype(np.int64)) for s in starts[i : i + self.micro]])
+            with self.autocast():
+                loss = adaptation_loss(self.model, x.to(self.device), generator=gen)
+            total += torch.tensor([float(loss) * len(x), len(x)], device=self.device, dtype=torch.float64)
+        self.model.train()
+        total = dist_utils.all_reduce_sum(total)
+        return {"val_loss": float(total[0] / total[1].clamp(min=1))}
 
     # --- checkpoints -------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
