@@ -11,11 +11,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from unmask.decoding.engine import Engine
+from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
 from unmask.serve.app import create_app
 from unmask.serve.runner import BackgroundServer
 from unmask.serve.text import MASK_PLACEHOLDER
-from unmask.serve.schema import ApiError
+from unmask.serve.schema import UNSUPPORTED, ApiError
 
 # small, fast requests: 8 new tokens in 4 fixed steps
 FAST = {"max_tokens": 8, "steps": 4, "block_length": 8}
@@ -190,10 +191,12 @@ def test_stop_sequence_saves_the_remaining_blocks(client):
 def test_text_prompts_are_healed_like_the_pipeline(client, tiny_pipeline):
     prompt = 'def f(x):\n    """Return x."""\n'  # ends in a token that "\n   " extends
     req = {"prompt": prompt, **FAST}
-    want = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=8, steps=4, block_length=8, policy="fixed"))
+    # the pipeline's healed token is one of its max_new_tokens; the server's max_tokens counts those after it
+    want = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=9, steps=4, block_length=8, policy="fixed"))
     assert tiny_pipeline.tokenizer.decode(want.tokens[:1]).startswith("\n")  # healing happened
     body = client.post("/v1/completions", json=req).json()
     assert body["choices"][0]["text"] == want.text
+    assert body["usage"]["completion_tokens"] == len(want.tokens) - 1 == 8
     streamed = parse_sse(client.post("/v1/completions", json={**req, "stream": True}).text)
     assert "".join(c["choices"][0]["text"] for c in streamed) == want.text
     states = parse_sse(client.post("/v1/completions", json={**req, "stream": True, "diffusing": True}).text)
@@ -309,6 +312,8 @@ def test_a_body_that_is_not_a_json_object_gets_a_clear_reason(client):
         (b'{"prompt": "x"}', "application/x-www-form-urlencoded", "Content-Type: application/json"),  # curl -d
         (b'{"prompt": "x"}', None, "Content-Type: application/json"),
         (b"", "application/json", "empty"),
+        (b'{"prompt": "caf\xe9"}', "application/json", "not valid UTF-8 (byte 15"),  # Latin-1 é
+        (b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "application/json", "nested too deep"),
     ]
     for content, content_type, needle in cases:
         headers = {"content-type": content_type} if content_type else {}
@@ -639,3 +644,176 @@ def test_block_causal_server_reuses_a_shared_prompt_prefix(tokenizer, corpus_tex
     assert stats["reused"] >= 8 and stats["computed"] >= stats["blocks"] > 0  # the second reused the preamble
     for tail, text in zip(("\ndef first(x):\n", "\nclass Second:\n"), texts):
         assert text == pipe.generate(preamble + tail, max_new_tokens=8, block_length=8, heal=False).text
+
+
+# ---- what an OpenAI client expects ----------------------------------------------------------------------------
+
+
+def test_models_retrieve_gives_the_listed_model_or_404(client):
+    listed = client.get("/v1/models").json()["data"][0]
+    assert client.get("/v1/models/tiny").json() == listed
+    r = client.get("/v1/models/gpt-4")
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["param"] == "model" and "'gpt-4' does not exist" in r.json()["error"]["message"]
+
+
+def test_a_developer_message_is_a_system_instruction(client):
+    def ask(role: str) -> dict:
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Sort a list"}]
+        r = client.post("/v1/chat/completions", json={"messages": messages, **FAST})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    developer, system = ask("developer"), ask("system")
+    assert developer["usage"]["prompt_tokens"] == system["usage"]["prompt_tokens"]
+    assert developer["choices"][0]["message"] == system["choices"][0]["message"]  # greedy: the same answer
+
+
+STRICT = [  # (endpoint, body, the field the 422 names): OpenAI takes no "8" for 8 and no "yes" for true
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "8"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 8.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, "n"),
+    ("/v1/completions", {"prompt": "x", "seed": "7"}, "seed"),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": 1}, "echo"),
+    ("/v1/completions", {"prompt": "x", "heal": "false"}, "heal"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": "true"}, "logprobs"),
+    ("/v1/edits", {"input": "abcdef", "spans": [["1", 2]]}, "spans.0.0"),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, field", STRICT, ids=[f for _, _, f in STRICT])
+def test_numbers_and_booleans_are_strict(client, endpoint, body, field):
+    r = client.post(endpoint, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == field and r.json()["error"]["message"].startswith(f"{field}: ")
+
+
+def test_an_integer_is_a_float(client):
+    r = client.post("/v1/completions", json={"prompt": "x", "temperature": 0, "top_p": 1, **FAST})
+    assert r.status_code == 200, r.text
+
+
+FLOATS = [  # every float field, with a value of the right range when finite
+    ("/v1/completions", "temperature"), ("/v1/completions", "top_p"), ("/v1/completions", "presence_penalty"),
+    ("/v1/completions", "frequency_penalty"), ("/v1/completions", "threshold"), ("/v1/completions", "factor"),
+    ("/v1/completions", "entropy_bound"), ("/v1/completions", "logit_bias.5"), ("/v1/edits", "strength"),
+    ("/v1/edits", "flag_below"),
+]
+
+
+@pytest.mark.parametrize("endpoint, field", FLOATS, ids=[f for _, f in FLOATS])
+def test_floats_must_be_finite(client, endpoint, field):
+    """Python's JSON parser takes NaN and Infinity; a NaN was "less than or equal to 2"."""
+    base = {"prompt": "x"} if endpoint == "/v1/completions" else {"input": "abc", "mode": "auto"}
+    for value in ("NaN", "Infinity", "-Infinity"):
+        name, _, key = field.partition(".")
+        item = f'{{"{key}": {value}}}' if key else value
+        body = json.dumps(base)[:-1] + f', "{name}": {item}}}'
+        r = client.post(endpoint, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["error"]["message"] == f"{field}: Input should be a finite number", r.text
+        assert r.json()["error"]["param"] == field
+
+
+def test_an_edit_has_one_choice(client):
+    r = client.post("/v1/edits", json={"input": "abcdef", "spans": [[1, 3]], "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert "n must be 1" in r.json()["error"]["message"]
+    r = client.post("/v1/edits", json={"input": "abcdef", "spans": [[1, 3]], "n": 1, "max_tokens": 4, "steps": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+
+
+def test_an_edit_has_a_bounded_number_of_spans(client):
+    """Each span is denoised in turn (1,000 spans took 41.5 s): more than the server's 64 is a 400."""
+    text = "ab" * 100
+    spans = [[2 * i, 2 * i + 1] for i in range(65)]
+    marked = "".join(f"<<<{c}>>>" for c in "x" * 65)
+    for body in ({"input": text, "spans": spans}, {"input": marked}):
+        t0 = time.perf_counter()
+        r = client.post("/v1/edits", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "spans", r.text
+        assert r.json()["error"]["message"] == "spans: 65 spans is more than this server's limit of 64 per edit"
+        assert time.perf_counter() - t0 < 5  # refused before any decoding
+
+
+def test_healing_does_not_spend_max_tokens(client, tokenizer):
+    """The healed prompt token is re-decoded in the prompt's place: max_tokens counts the tokens after it,
+    and so does completion_tokens (the healed token is in prompt_tokens)."""
+    token = tokenizer.encode("def")[0]
+    assert tokenizer.encode("def") == [token]
+    body = {"prompt": "import os\n", "max_tokens": 1, "logit_bias": {str(token): 100}}  # healing can't pick "def"
+    healed, plain = (client.post("/v1/completions", json={**body, "heal": h}).json() for h in (True, False))
+    assert plain["choices"][0]["text"] == "def"
+    assert healed["choices"][0]["text"].endswith("def"), healed  # the healed token's text, then one new token
+    for r in (healed, plain):
+        assert r["usage"]["completion_tokens"] == 1
+        assert r["usage"]["prompt_tokens"] == len(tokenizer.encode("import os\n"))
+
+
+def test_a_healed_token_reports_the_text_the_client_sees(client, tokenizer):
+    """The first answer token re-decodes the prompt's "\\n": it and its alternatives are listed without it."""
+    prompt = "import os\n"
+    healing = heal(tokenizer, tokenizer.encode(prompt), tokenizer.vocab_size)
+    assert healing.removed == "\n"
+    seen = {tokenizer.decode([i])[1:] for i in healing.allowed.nonzero().flatten().tolist()}
+    body = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 2, "logprobs": 5}).json()
+    lp = body["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"] and lp["text_offset"][:1] == [0]
+    first, chosen = lp["top_logprobs"][0], lp["tokens"][0]
+    assert first[chosen] == lp["token_logprobs"][0] and set(first) <= seen, first
+    assert first.get("\n" + chosen) != first[chosen]  # not listed again as the token it was
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 2, "logprobs": True, "top_logprobs": 5}).json()
+    entry = chat["choices"][0]["logprobs"]["content"][0]
+    assert "".join(e["token"] for e in chat["choices"][0]["logprobs"]["content"]) == \
+        chat["choices"][0]["message"]["content"]
+    for alt in [entry, *entry["top_logprobs"]]:
+        assert bytes(alt["bytes"]) == alt["token"].encode("utf-8")
+
+
+def test_a_chunked_body_is_refused_once_it_passes_the_limit(tiny_pipeline):
+    """A chunked body declares no Content-Length: it is read only up to the limit (2 MB), not all 50 MB."""
+    app = create_app(tiny_pipeline)
+    sent = []
+
+    async def fifty_megabytes():
+        for _ in range(50):
+            sent.append(1_000_000)
+            yield b" " * 1_000_000
+
+    async def post():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            r = await http.post("/v1/completions", content=fifty_megabytes(),
+                                headers={"content-type": "application/json"})
+            ok = await http.post("/v1/completions", json={"prompt": "still serving", **FAST})
+        return r, ok
+
+    try:
+        r, ok = asyncio.run(post())
+    finally:
+        app.state.server.worker.stop()
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["param"] == "body" and "above the limit of 2000000 bytes" in r.json()["error"]["message"]
+    assert sum(sent) <= 3_000_000
+    assert ok.status_code == 200
+
+
+def test_openai_features_we_do_not_have_are_named(client):
+    chat = {"messages": [{"role": "user", "content": "hi"}], **FAST}
+    asks = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "auto",
+            "response_format": {"type": "json_object"}, "best_of": 2}
+    for field, value in asks.items():
+        r = client.post("/v1/chat/completions", json={**chat, field: value})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"] == {"message": UNSUPPORTED[field], "type": "invalid_request_error", "param": field,
+                                     "code": None}
+    assert UNSUPPORTED["tools"] == "tools are not supported by this server"
+    assert client.post("/v1/chat/completions", json={**chat, "tools": None}).status_code == 200  # null: not set
+    r = client.post("/v1/chat/completions", json={**chat, "toolz": []})  # a typo is still an unknown field
+    assert r.status_code == 422 and r.json()["error"]["param"] == "toolz"

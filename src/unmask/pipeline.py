@@ -10,6 +10,7 @@ import torch
 from unmask.decoding.options import DecodeOptions, generation_defaults, save_generation_defaults
 from unmask.decoding.result import GenerationResult
 from unmask.model.checkpoints import load_model, read_config
+from unmask.model.gguf import is_gguf, load_gguf
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 
@@ -114,8 +115,12 @@ class Pipeline:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None) -> Pipeline:
-    """Load a model folder (ours or a published layout) with its tokenizer."""
+    """Load a model folder (ours or a published layout) with its tokenizer, or a `.gguf` file (model and
+    tokenizer from the file's metadata; `unmask.model.gguf.load_gguf_cached` keeps a converted copy instead)."""
     path = Path(path) if path is not None else DEFAULT_MODEL
+    if is_gguf(path) and not path.is_dir():
+        model, tokenizer, _ = load_gguf(path, device=parse_device(device), dtype=parse_dtype(dtype))
+        return Pipeline(model, tokenizer, path)
     config, _, _ = read_config(path)
     model = load_model(path, device=parse_device(device), dtype=parse_dtype(dtype))
     tokenizer = Tokenizer.from_dir(path, mask_id=config.mask_id, eos_id=config.eos_id, pad_id=config.pad_id,

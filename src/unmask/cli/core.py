@@ -131,16 +131,22 @@ def generate_batch(pipe, prompts: list[str], options, output: Path | None, batch
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="Model folder.")) -> None:
+def info(model: Path = typer.Argument(..., help="Model folder or .gguf file.")) -> None:
     """Print a model's config, parameter count and special ids."""
     from rich.table import Table
 
     from unmask.model.checkpoints import read_config, weight_files
+    from unmask.model.gguf import is_gguf
 
-    config, family, _ = read_config(model)
-    weight_files(model)  # fails clearly on missing/corrupt shards
+    config, family, raw = read_config(model)
+    if not is_gguf(model):
+        weight_files(model)  # fails clearly on missing/corrupt shards (a GGUF file's tensors were checked)
     table = Table(title=str(model), show_header=False)
     table.add_row("family", family.name)
+    if is_gguf(model):
+        for key in ("name", "license", "tensor_types"):
+            if raw.get(key) is not None:
+                table.add_row(key, str(raw[key]))
     table.add_row("parameters", f"{config.num_params():,}")
     if config.n_experts:
         table.add_row("active parameters", f"{config.num_params(active=True):,}")

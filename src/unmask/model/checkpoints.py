@@ -79,7 +79,12 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 <<
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, Family, dict[str, Any]]:
+    """(config, family, raw config.json) of a model folder; for a `.gguf` file the raw dict is its metadata."""
     path = Path(path)
+    if _is_gguf(path):
+        from unmask.model.gguf import read_gguf_config  # imported here: that module imports this one
+
+        return read_gguf_config(path)
     if not path.exists():
         raise CheckpointError(f"model folder not found: {path}")
     if not path.is_dir():
@@ -146,8 +151,17 @@ def _check_memory(config: ModelConfig, device: torch.device, dtype: torch.dtype)
         )
 
 
+def _is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf" and not path.is_dir()
+
+
 def load_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
+    """A model folder (ours or a published layout) or a `.gguf` file (see model/gguf.py)."""
     path = Path(path)
+    if _is_gguf(path):
+        from unmask.model.gguf import load_gguf_model  # imported here: that module imports this one
+
+        return load_gguf_model(path, device=device, dtype=dtype)
     config, family, _ = read_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     files = weight_files(path)

@@ -87,13 +87,13 @@ class KVCache(nn.Module):
 def layout_mask(config: ModelConfig, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
     """Which keys each query may see under the attention mode, from positions [B, Tq] and [B, Tk] or [Tk]:
     a boolean [B, Tq, Tk], or None when every pair may attend (bidirectional)."""
+    if config.attention == "bidirectional":
+        return None
     k = k_pos[:, None, :] if k_pos.dim() == 2 else k_pos[None, None, :]
     q = q_pos[:, :, None]
-    if config.attention == "causal" or (config.attention == "block_causal" and config.block_attention == "causal"):
+    if config.attention == "causal" or config.block_attention == "causal":
         return k <= q  # causal inside blocks too: block-causal with causal blocks is plain causal
-    if config.attention == "block_causal":
-        return k // config.block_size <= q // config.block_size
-    return None
+    return k // config.block_size <= q // config.block_size
 
 
 def build_attention_mask(

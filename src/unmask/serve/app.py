@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: a thin translation of requests into engine calls (vLLM's split).
 
 `create_app(pipeline)` returns a FastAPI app with
-  GET  /v1/models, POST /v1/completions (with `suffix` = infilling), POST /v1/chat/completions,
+  GET  /v1/models, GET /v1/models/{id}, POST /v1/completions (with `suffix` = infilling), POST /v1/chat/completions,
   POST /v1/edits (Instant Edit), GET /health, GET /metrics (Prometheus), and the demo page at `/`.
 
 Streaming (`stream: true`) is Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`.
@@ -24,10 +24,11 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -80,7 +81,12 @@ class Choice:
 class Final:
     choice: Choice
     result: Any  # GenerationResult
-    completion_tokens: int
+    tokens: list[int]  # those that make the answer's text (cut at EOS and stop strings)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens of new text: a healed prompt's re-decoded last token is the prompt's (in prompt_tokens)."""
+        return max(len(self.tokens) - (1 if self.choice.skip else 0), 0)
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
@@ -128,10 +134,20 @@ class Server:
         self.absorbed = frozenset(i for i in (self.config.eos_id, self.config.pad_id) if i is not None)
 
     # --- request checks ----------------------------------------------------------------------------
-    def check_model(self, req: DecodingFields) -> None:
-        if req.model not in (None, "", self.model_name):
-            raise ApiError(f"model: '{req.model}' does not exist; this server serves '{self.model_name}'", 404,
+    def check_model(self, model: str | None) -> None:
+        """A 404 for a model this server does not serve (none named: the one it serves)."""
+        if model not in (None, "", self.model_name):
+            raise ApiError(f"model: '{model}' does not exist; this server serves '{self.model_name}'", 404,
                            "model", type="not_found_error")
+
+    def model_card(self) -> dict:
+        """The served model as /v1/models lists it: OpenAI's fields, then ours."""
+        c, d = self.config, self.defaults
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "unmask",
+                "max_model_len": c.max_seq_len, "attention": c.attention, "mask_placeholder": MASK_PLACEHOLDER,
+                "max_tokens_limit": min(self.limits.max_tokens, c.max_seq_len),
+                "defaults": {"max_tokens": d.max_new_tokens, "block_length": d.block_length, "policy": d.policy,
+                             "threshold": d.threshold}}
 
     def encode(self, text: str, param: str) -> list[int]:
         if len(text) > self.limits.max_prompt_chars:
@@ -186,6 +202,8 @@ class Server:
         ids, skip, allowed = prompt_ids, "", None
         if healing is not None:
             ids, allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
+            # the re-decoded token stands in for the prompt's last one: max_tokens counts the tokens after it
+            opts = opts.replace(max_new_tokens=opts.max_new_tokens + 1)
         def seeded(j: int) -> DecodeOptions:  # wrapped into torch's signed 64-bit seeds
             return opts if opts.seed is None else opts.replace(seed=(opts.seed + j + 2**63) % 2**64 - 2**63)
 
@@ -199,7 +217,7 @@ class Server:
                            f"{self.limits.max_choices} choices per request", 400, "n")
 
     async def completion(self, request: Request, req: CompletionRequest) -> Response:
-        self.check_model(req)
+        self.check_model(req.model)
         prompts = self.prompts(req.prompt)
         self.check_choices(req, len(prompts))
         suffix_ids = self.encode(req.suffix, "suffix") if req.suffix else None
@@ -214,7 +232,7 @@ class Server:
         return await self.run(request, req, "/v1/completions", choices, chat=False)
 
     async def chat(self, request: Request, req: ChatCompletionRequest) -> Response:
-        self.check_model(req)
+        self.check_model(req.model)
         self.check_choices(req, 1)
         if len(req.messages) > self.limits.max_messages:
             raise ApiError(f"messages: at most {self.limits.max_messages} messages", 400, "messages")
@@ -268,7 +286,7 @@ class Server:
         for c, ev in zip(choices, events):
             text, tokens, stopped = final_text(self.tokenizer, ev.result.tokens, self.config.eos_id, c.opts.stop,
                                                c.skip)
-            finals.append(Final(c, ev.result, len(tokens)))
+            finals.append(Final(c, ev.result, tokens))
             finish = self.finish_reason(ev.result, stopped)
             logprobs = self.logprob_format(c, chat)
             if logprobs is not None:
@@ -407,7 +425,7 @@ class Server:
                 if delta or rest:
                     yield chunk(delta, extra=rest)
                 yield chunk(None if chat else "", finish)
-            yield Final(c, ev.result, len(tokens))
+            yield Final(c, ev.result, tokens)
             return
 
     @staticmethod
@@ -445,7 +463,7 @@ class Server:
     async def edit(self, request: Request, req: EditRequest) -> Response:
         from unmask.serve.edits import check_edit, edit_job
 
-        self.check_model(req)
+        self.check_model(req.model)
         if self.config.attention == "causal":
             raise ApiError("edits need a diffusion model (they denoise masked spans in place); this one is "
                            "autoregressive", 400, "model")
@@ -460,7 +478,7 @@ class Server:
         if mode == "spans" and not req.spans and not has_markers(req.input):
             raise ApiError("spans: give at least one [start, end) character range (or <<< >>> markers in the input) "
                            "in spans mode", 400, "spans")
-        check_edit(req, mode)
+        check_edit(req, mode, self.limits)
         opts = self.options(req, 0)
         t0 = time.perf_counter()
         ticket = await self.worker.run_job(edit_job(self.pipeline, req, mode, opts), every_step=req.stream)
@@ -514,6 +532,11 @@ class Server:
                 self.metrics.requests.labels("/v1/edits", "cancelled").inc()
 
 
+def says_json(content_type: str) -> bool:
+    """Whether a request's Content-Type is JSON, the only body FastAPI parses."""
+    return "json" in content_type.lower()
+
+
 def body_problem(errors: list[dict], content_type: str) -> str | None:
     """The message for a body that is not a JSON object at all; pydantic's own ("1: JSON decode error",
     "body: Input should be a valid dictionary") do not say what is wrong. None: a field-level problem."""
@@ -524,28 +547,86 @@ def body_problem(errors: list[dict], content_type: str) -> str | None:
         return f"body: not valid JSON{where}: {err.get('ctx', {}).get('error', 'decode error')}"
     if loc != ("body",):
         return None
-    if "json" not in content_type.lower():  # FastAPI parses JSON only when the client says so
+    if not says_json(content_type):  # FastAPI parses JSON only when the client says so
         return f"body: send a JSON object with Content-Type: application/json (got {content_type or 'none'!r})"
     if err.get("type") == "missing":
         return "body: empty; send a JSON object"
     return None
 
 
+async def parse_json_body(request: Request) -> None:
+    """Parse a JSON body before FastAPI does (Starlette keeps the result, so it is parsed once), to say what is
+    wrong with one that is not UTF-8 or nests deeper than the parser goes: FastAPI answers both with a bare 400.
+    Syntax errors are left to FastAPI, whose 422 says where (body_problem)."""
+    try:
+        await request.json()
+    except UnicodeDecodeError as e:
+        raise ApiError(f"body: not valid UTF-8 (byte {e.start}: {e.object[e.start:e.start + 1]!r})", 422,
+                       "body") from None
+    except RecursionError:
+        raise ApiError("body: JSON nested too deep", 422, "body") from None
+    except ValueError:  # json.JSONDecodeError
+        pass
+
+
+class JsonRoute(APIRoute):
+    """FastAPI's route, with the JSON body parsed by parse_json_body first."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handle = super().get_route_handler()
+
+        async def parse_then_handle(request: Request) -> Response:
+            if says_json(request.headers.get("content-type", "")):
+                await parse_json_body(request)
+            return await handle(request)
+
+        return parse_then_handle
+
+
 class BodyLimit:
-    """413 for a declared Content-Length above the limit, before the body is read. A plain ASGI middleware:
-    Starlette's BaseHTTPMiddleware would hide client disconnects from the handlers."""
+    """413 for a body above the limit, before the app sees it: a declared Content-Length at once, a chunked
+    body (which declares none) as soon as the bytes read pass the limit. The body is read here and handed on
+    whole. A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the
+    handlers (after the body, `receive` is the server's own again)."""
 
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length", b"")
-            if size.isdigit() and int(size) > self.max_bytes:
-                body = error_body(f"body: {int(size)} bytes is above the limit of {self.max_bytes} bytes")
-                await JSONResponse(body, status_code=413)(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self.refuse(f"{int(declared)} bytes", scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
                 return
-        await self.app(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self.refuse(f"{size} bytes read so far", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, self.replay(b"".join(chunks), receive), send)
+
+    async def refuse(self, size: str, scope, receive, send) -> None:
+        body = error_body(f"body: {size} is above the limit of {self.max_bytes} bytes", param="body")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+    @staticmethod
+    def replay(body: bytes, receive):
+        """`receive` that gives the body read, then the server's messages (a disconnect)."""
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive_again():
+            return pending.pop() if pending else await receive()
+
+        return receive_again
 
 
 def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8, max_queue: int = 64,
@@ -569,6 +650,7 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
 
     app = FastAPI(title="unmask", summary="OpenAI-compatible server for diffusion language models",
                   lifespan=lifespan)
+    app.router.route_class = JsonRoute
     app.state.server = srv
 
     app.add_middleware(BodyLimit, max_bytes=srv.limits.max_body_bytes)
@@ -634,14 +716,12 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
 
     @app.get("/v1/models")
     async def models():
-        c = srv.config
-        return {"object": "list", "data": [{
-            "id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "unmask",
-            "max_model_len": c.max_seq_len, "attention": c.attention, "mask_placeholder": MASK_PLACEHOLDER,
-            "max_tokens_limit": min(srv.limits.max_tokens, c.max_seq_len),
-            "defaults": {"max_tokens": srv.defaults.max_new_tokens, "block_length": srv.defaults.block_length,
-                         "policy": srv.defaults.policy, "threshold": srv.defaults.threshold},
-        }]}
+        return {"object": "list", "data": [srv.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        srv.check_model(model_id)
+        return srv.model_card()
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):

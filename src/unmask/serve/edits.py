@@ -14,16 +14,22 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.edit.editor import EditResult, edit_text, resolve_regions
 from unmask.edit.spans import EditError
-from unmask.serve.schema import ApiError, EditRequest
+from unmask.serve.schema import ApiError, EditRequest, ServerLimits
 
 
-def check_edit(req: EditRequest, mode: str) -> None:
-    """Fail fast on bad spans (a 400 naming `spans`, as every error names its field) instead of after the
-    job was queued."""
+def check_edit(req: EditRequest, mode: str, limits: ServerLimits) -> None:
+    """Fail fast (a 400 naming the field, as every error names its field) instead of after the job was
+    queued: `n` other than 1 (an edit has one result), bad spans, or more spans than the server's limit
+    (each span is denoised in turn, so their number bounds the edit's time)."""
+    if req.n != 1:
+        raise ApiError(f"n: an edit returns one choice; n must be 1, got {req.n}", 400, "n")
     try:
-        resolve_regions(req.input, req.spans, None, markers=True, required=mode == "spans")
+        _, regions = resolve_regions(req.input, req.spans, None, markers=True, required=mode == "spans")
     except EditError as e:
         raise ApiError(f"spans: {e}", 400, "spans") from None
+    if len(regions) > limits.max_spans:
+        raise ApiError(f"spans: {len(regions)} spans is more than this server's limit of {limits.max_spans} per edit",
+                       400, "spans")
 
 
 def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> Callable:

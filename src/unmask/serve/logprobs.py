@@ -4,6 +4,10 @@ Completions answer in the legacy form ({tokens, token_logprobs, top_logprobs, te
 current one ({content: [{token, logprob, bytes, top_logprobs}]}). A streamed answer is formatted run by run
 (each chunk carries the tokens its text delta completed), so one formatter keeps the running count and text
 offset of an answer.
+
+Token healing re-decodes the prompt's last token as the answer's first (decoding/healing.py): that token and
+its alternatives are reported as the text the client sees, the prompt's part taken off; alternatives that do
+not extend the prompt's last token could not come first and are left out.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ def _lp(value: float | None) -> float:
     return FLOOR if value is None else max(float(value), FLOOR)
 
 
-def token_piece(tokenizer: Tokenizer, token: int) -> tuple[str, bytes]:
-    """(text, bytes) of one token. A token holding part of a UTF-8 character is named by its bytes,
-    "bytes:\\xe2\\x86", as OpenAI names them."""
-    raw = tokenizer.token_bytes(token)
+def bytes_piece(raw: bytes) -> tuple[str, bytes]:
+    """(text, bytes) of a token's bytes. Part of a UTF-8 character is named by its bytes, "bytes:\\xe2\\x86",
+    as OpenAI names them."""
     try:
         return raw.decode("utf-8"), raw
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+def token_piece(tokenizer: Tokenizer, token: int) -> tuple[str, bytes]:
+    """(text, bytes) of one token."""
+    return bytes_piece(tokenizer.token_bytes(token))
 
 
 class LogprobFormat:
@@ -38,6 +46,7 @@ class LogprobFormat:
 
     def __init__(self, tokenizer: Tokenizer, chat: bool, skip: str = "", offset: int = 0):
         self.tokenizer, self.chat, self.skip, self.start = tokenizer, chat, skip, offset
+        self.skip_bytes = skip.encode("utf-8")
         self.tokens: list[int] = []  # formatted so far
 
     def offset(self) -> int:
@@ -45,21 +54,29 @@ class LogprobFormat:
         character split over tokens counts once; a token inside one points past it)."""
         return self.start + len(unheal(self.tokenizer.decode(self.tokens), self.skip))
 
-    def piece(self, token: int) -> tuple[str, bytes]:
-        text, raw = token_piece(self.tokenizer, token)
-        if not self.tokens and self.skip:  # the healed first token: only its answer part
-            text = unheal(self.tokenizer.decode([token]), self.skip)
-            raw = text.encode("utf-8")
-        return text, raw
+    def healed_piece(self, token: int) -> tuple[str, bytes] | None:
+        """A token at the healed position as the client sees it: without the prompt's last token's text.
+        None: it does not extend that text, so healing never lets it come first."""
+        raw = self.tokenizer.token_bytes(token)
+        return bytes_piece(raw[len(self.skip_bytes):]) if raw.startswith(self.skip_bytes) else None
+
+    def pieces(self, token: int, top: list) -> tuple[tuple[str, bytes], list[tuple[str, bytes, float]]]:
+        """((text, bytes) of the token, (text, bytes, logprob) of its alternatives)."""
+        if self.skip and not self.tokens:  # the healed first token
+            alternatives = [(*p, alp) for a, alp in top if (p := self.healed_piece(a)) is not None]
+            return self.healed_piece(token) or ("", b""), alternatives
+        return token_piece(self.tokenizer, token), [(*token_piece(self.tokenizer, a), alp) for a, alp in top]
 
     def __call__(self, tokens: Sequence[int], entries: Sequence[TokenLogprob | None]) -> dict:
-        pieces, offsets = [], []
-        for t in tokens:
-            offsets.append(self.offset())
-            pieces.append(self.piece(t))
-            self.tokens.append(t)
         entries = [e if e is not None else (None, []) for e in entries]
-        alternatives = [[(*token_piece(self.tokenizer, a), alp) for a, alp in top] for _, top in entries]
+        entries += [(None, [])] * (len(tokens) - len(entries))  # none known: FLOOR, as for a None entry
+        pieces, alternatives, offsets = [], [], []
+        for t, (_, top) in zip(tokens, entries):
+            offsets.append(self.offset())
+            piece, alts = self.pieces(t, top)
+            pieces.append(piece)
+            alternatives.append(alts)
+            self.tokens.append(t)
         if self.chat:
             return {"content": [
                 {"token": text, "logprob": _lp(lp), "bytes": list(raw),

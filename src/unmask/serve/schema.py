@@ -5,7 +5,10 @@ diffusion-specific knobs (`steps`, `block_length`, `threshold`, `policy`, `diffu
 top-level fields, the way OpenAI clients pass them (`extra_body=` in the Python client).
 
 Unknown fields are rejected (422 naming the field) so a typo such as `temprature` is not silently ignored;
-OpenAI fields we cannot honour (`echo` in chat, prompt log-probabilities) get a 400 saying so.
+OpenAI features we do not have (`tools`, `response_format`, ...: UNSUPPORTED) and OpenAI fields we cannot
+honour (`echo` in chat, prompt log-probabilities) get a 400 saying so. Numbers and booleans are strict, as
+OpenAI's are ("8" is not an integer, "yes" not a boolean), and every float must be finite (Python's JSON
+parser takes NaN and Infinity).
 
 `logprobs` are the model's log-probabilities of each answer token at the denoising step that committed it
 (before logit_bias and penalties, as vLLM's default), with the most likely alternatives at that step:
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from unmask.decoding.options import MAX_TOP_LOGPROBS, DecodeOptions
@@ -49,6 +52,29 @@ class ServerLimits:
     max_stop_chars: int = 64
     max_choices: int = 16  # prompts x n in one request
     max_body_bytes: int = 2_000_000  # whole HTTP body; larger -> 413
+    max_spans: int = 64  # spans of one edit (each is denoised in turn)
+
+
+# strict JSON types, as OpenAI's: no "8" for 8, no "yes" for true; a float is a finite number (or an integer)
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+
+# OpenAI features this server does not have: a 400 whose message the OpenAI client shows, naming the field
+# (not the 422 of an unknown field); null is "not set", as OpenAI takes it
+UNSUPPORTED = {
+    "tools": "tools are not supported by this server",
+    "tool_choice": "tool_choice: tools are not supported by this server",
+    "parallel_tool_calls": "parallel_tool_calls: tools are not supported by this server",
+    "functions": "functions are not supported by this server",
+    "function_call": "function_call: functions are not supported by this server",
+    "response_format": "response_format is not supported by this server: answers are plain text",
+    "best_of": "best_of is not supported by this server (ask for n choices instead)",
+    "audio": "audio is not supported by this server",
+    "modalities": "modalities are not supported by this server: answers are text",
+    "prediction": "prediction (predicted outputs) is not supported by this server",
+    "web_search_options": "web_search_options: web search is not supported by this server",
+}
 
 
 def valid_unicode(value: Any) -> Any:
@@ -67,7 +93,7 @@ def valid_unicode(value: Any) -> Any:
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class DecodingFields(BaseModel):
@@ -76,35 +102,46 @@ class DecodingFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1, description="new tokens to generate (default 128)")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: discourage tokens already generated")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: ... by how often they were")
+    max_tokens: Int | None = Field(None, ge=1, description="tokens of new text to generate (default 128)")
+    temperature: Float | None = Field(None, ge=0.0, le=2.0)
+    top_p: Float | None = Field(None, gt=0.0, le=1.0)
+    top_k: Int | None = Field(None, ge=1)
+    presence_penalty: Float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: discourage tokens already generated")
+    frequency_penalty: Float = Field(0.0, ge=-2.0, le=2.0, description="as OpenAI: ... by how often they were")
     # torch seeds a generator with a 64-bit integer; a larger one would fail inside the engine (500)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
     # diffusion decoding
-    steps: int | None = Field(None, ge=1, description="total denoising steps; implies policy 'fixed' unless set")
-    block_length: int | None = Field(None, ge=1)
+    steps: Int | None = Field(None, ge=1, description="total denoising steps; implies policy 'fixed' unless set")
+    block_length: Int | None = Field(None, ge=1)
     policy: Literal["fixed", "threshold", "factor", "eb"] | None = None
-    threshold: float | None = Field(None, gt=0.0, le=1.0)
-    factor: float | None = Field(None, gt=0.0)
-    entropy_bound: float | None = Field(None, ge=0.0, description="γ of the eb policy")
+    threshold: Float | None = Field(None, gt=0.0, le=1.0)
+    factor: Float | None = Field(None, gt=0.0)
+    entropy_bound: Float | None = Field(None, ge=0.0, description="γ of the eb policy")
     confidence: Literal["prob", "margin", "entropy", "random"] | None = None
     cache: Literal["none", "prefix", "dual"] | None = None
-    self_correct: bool | None = None
-    heal: bool | None = Field(None, description="token healing of a text prompt (default on)")
-    diffusing: bool = Field(False, description="stream every denoising state (whole text, masks shown) instead of deltas")
-    n: int = 1  # choices per prompt
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+    self_correct: Bool | None = None
+    heal: Bool | None = Field(None, description="token healing of a text prompt (default on)")
+    diffusing: Bool = Field(False, description="stream every denoising state (whole text, masks shown) instead of deltas")
+    n: Int = 1  # choices per prompt
+    logit_bias: dict[str, Annotated[Float, Field(ge=-100.0, le=100.0)]] | None = Field(
         None, description="token id (as a string) -> bias added to its logit, as OpenAI")
     # OpenAI fields accepted for compatibility; only their neutral values are allowed
-    echo: bool = False
+    echo: Bool = False
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unsupported(cls, body: Any) -> Any:
+        """An OpenAI feature we do not have (UNSUPPORTED) is a 400 naming it, before any other check."""
+        if not isinstance(body, dict):
+            return body
+        asked = next((k for k, v in body.items() if k in UNSUPPORTED and v is not None), None)
+        if asked is not None:
+            raise ApiError(UNSUPPORTED[asked], 400, asked)
+        return {k: v for k, v in body.items() if k not in UNSUPPORTED}
 
     @field_validator("n", "stream", "echo", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
@@ -157,10 +194,10 @@ class DecodingFields(BaseModel):
 
 
 class CompletionRequest(DecodingFields):
-    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+    prompt: str | list[Int] | list[str] | list[list[Int]] = Field(
         ..., description="text, token ids, or a list of either: one choice (n choices) per prompt")
     suffix: str | None = Field(None, description="text after the gap: the model fills the middle (infilling)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                  description="log-probabilities of the answer's tokens and of this many alternatives")
 
     check_unicode = field_validator("prompt", "suffix")(valid_unicode)
@@ -171,10 +208,16 @@ class CompletionRequest(DecodingFields):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ... are passed to the template as-is
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str
 
     check_unicode = field_validator("content")(valid_unicode)
+
+    @field_validator("role")
+    @classmethod
+    def developer_is_system(cls, role: str) -> str:
+        """OpenAI's current name for system instructions; chat templates know them as "system"."""
+        return "system" if role == "developer" else role
 
     @field_validator("content", mode="before")
     @classmethod
@@ -192,11 +235,11 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(DecodingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     # OpenAI's current name for max_tokens in chat (its SDK documents max_tokens as deprecated there)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     # vLLM's name: extra chat template variables, e.g. {"enable_thinking": false} for Qwen3-based models
     chat_template_kwargs: dict[str, Any] | None = None
-    logprobs: bool | None = Field(None, description="report the answer's tokens with their log-probabilities")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
+    logprobs: Bool | None = Field(None, description="report the answer's tokens with their log-probabilities")
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -229,11 +272,11 @@ class EditRequest(DecodingFields):
     input: str
     mode: Literal["spans", "auto", "instruction"] | None = None  # default: spans if given (or <<< >>> markers),
     # else instruction if given, else auto
-    spans: list[tuple[int, int]] | None = None
+    spans: list[tuple[Int, Int]] | None = None
     instruction: str | None = None
-    strength: float | None = Field(None, ge=0.0, le=1.0, description="instruction mode: share of the text re-noised")
-    flag_below: float | None = Field(None, gt=0.0, lt=1.0, description="auto mode: re-mask tokens with p below this")
-    max_rounds: int | None = Field(None, ge=1, le=16, description="auto mode: correction rounds")
+    strength: Float | None = Field(None, ge=0.0, le=1.0, description="instruction mode: share of the text re-noised")
+    flag_below: Float | None = Field(None, gt=0.0, lt=1.0, description="auto mode: re-mask tokens with p below this")
+    max_rounds: Int | None = Field(None, ge=1, le=16, description="auto mode: correction rounds")
     length: Literal["absorb", "search", "fixed"] | None = Field(None, description="how a span's new length is chosen")
 
     check_unicode = field_validator("input", "instruction")(valid_unicode)
