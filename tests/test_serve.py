@@ -14,6 +14,7 @@ from unmask.decoding.engine import Engine
 from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
 from unmask.serve.app import create_app
+from unmask.serve.logprobs import LogprobFormat
 from unmask.serve.runner import BackgroundServer
 from unmask.serve.text import MASK_PLACEHOLDER
 from unmask.serve.schema import UNSUPPORTED, ApiError
@@ -732,7 +733,7 @@ def test_an_edit_has_a_bounded_number_of_spans(client):
     """Each span is denoised in turn (1,000 spans took 41.5 s): more than the server's 64 is a 400."""
     text = "ab" * 100
     spans = [[2 * i, 2 * i + 1] for i in range(65)]
-    marked = "".join(f"<<<{c}>>>" for c in "x" * 65)
+    marked = " ".join("<<<x>>>" for _ in range(65))  # markers are spans too
     for body in ({"input": text, "spans": spans}, {"input": marked}):
         t0 = time.perf_counter()
         r = client.post("/v1/edits", json=body)
@@ -767,13 +768,14 @@ def test_a_healed_token_reports_the_text_the_client_sees(client, tokenizer):
     first, chosen = lp["top_logprobs"][0], lp["tokens"][0]
     assert first[chosen] == lp["token_logprobs"][0] and set(first) <= seen, first
     assert first.get("\n" + chosen) != first[chosen]  # not listed again as the token it was
-    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
-                                                     "max_tokens": 2, "logprobs": True, "top_logprobs": 5}).json()
-    entry = chat["choices"][0]["logprobs"]["content"][0]
-    assert "".join(e["token"] for e in chat["choices"][0]["logprobs"]["content"]) == \
-        chat["choices"][0]["message"]["content"]
-    for alt in [entry, *entry["top_logprobs"]]:
-        assert bytes(alt["bytes"]) == alt["token"].encode("utf-8")
+    # chat's form, on given entries: the healed token and its alternatives less "\n"; "def" could not come first
+    extensions = {tokenizer.decode([i]): i for i in healing.allowed.nonzero().flatten().tolist()}
+    indent, newline, other = extensions["\n   "], extensions["\n"], tokenizer.encode("def")[0]
+    fmt = LogprobFormat(tokenizer, chat=True, skip="\n")
+    [entry] = fmt([indent], [(-0.5, [(indent, -0.5), (other, -0.7), (newline, -1.0)])])["content"]
+    assert (entry["token"], entry["bytes"]) == ("   ", list(b"   "))
+    assert [(a["token"], a["bytes"], a["logprob"]) for a in entry["top_logprobs"]] == [("   ", list(b"   "), -0.5),
+                                                                                       ("", [], -1.0)]
 
 
 def test_a_chunked_body_is_refused_once_it_passes_the_limit(tiny_pipeline):
