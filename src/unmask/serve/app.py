@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: a thin translation of requests into engine calls (vLLM's split).
 
 `create_app(pipeline)` returns a FastAPI app with
-  GET  /v1/models, GET /v1/models/{id}, POST /v1/completions (with `suffix` = infilling), POST /v1/chat/completions,
-  POST /v1/edits (Instant Edit), GET /health, GET /metrics (Prometheus), and the demo page at `/`.
+  GET  /v1/models, GET /v1/models/{id}, POST /v1/completions (with `suffix` = infilling),
+  POST /v1/chat/completions, POST /v1/edits (Instant Edit), GET /health, GET /metrics (Prometheus), and the
+  demo page at `/`.
 
 Streaming (`stream: true`) is Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`.
 Deltas carry the committed prefix of the text as it grows. With `diffusing: true` every chunk instead
@@ -614,8 +615,8 @@ class BodyLimit:
                 break
         await self.app(scope, self.replay(b"".join(chunks), receive), send)
 
-    async def refuse(self, size: str, scope, receive, send) -> None:
-        body = error_body(f"body: {size} is above the limit of {self.max_bytes} bytes", param="body")
+    async def refuse(self, amount: str, scope, receive, send) -> None:
+        body = error_body(f"body: {amount} is above the limit of {self.max_bytes} bytes", param="body")
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
     @staticmethod
