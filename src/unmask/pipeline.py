@@ -9,6 +9,7 @@ import torch
 
 from unmask.decoding.options import DecodeOptions, generation_defaults, save_generation_defaults
 from unmask.decoding.result import GenerationResult
+from unmask.model.base import named_base
 from unmask.model.checkpoints import load_model, read_config
 from unmask.model.gguf import is_gguf, load_gguf
 from unmask.model.transformer import Transformer
@@ -117,7 +118,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
          dtype: str | torch.dtype | None = None) -> Pipeline:
     """Load a model folder (ours or a published layout) with its tokenizer, or a `.gguf` file (model and
     tokenizer from the file's metadata; `unmask.model.gguf.load_gguf_cached` keeps a converted copy instead)."""
-    path = Path(path) if path is not None else DEFAULT_MODEL
+    path = (named_base(path) or Path(path)) if path is not None else DEFAULT_MODEL
     if is_gguf(path) and not path.is_dir():
         model, tokenizer, _ = load_gguf(path, device=parse_device(device), dtype=parse_dtype(dtype))
         return Pipeline(model, tokenizer, path)

@@ -152,3 +152,64 @@ def shards(
             meta = write_shard(iter_corpus_texts(corpus_dir, split, text_field), tok, dest / f"{split}.bin")
         out.print(f"{dest / (split + '.bin')}: {meta['n_tokens']:,} tokens ({meta['dtype']}), "
                   f"{meta['n_bytes']:,} bytes, {meta['n_bytes'] / max(meta['n_tokens'], 1):.2f} bytes/token")
+
+
+@app.command("chat-data")
+def chat_data(
+    corpus_dir: Path = typer.Argument(..., help="A corpus folder from `unmask corpus` (train.jsonl, val.jsonl)."),
+    out_dir: Path = typer.Argument(..., help="Output folder: train.jsonl, val.jsonl, manifest.json."),
+    model: str = typer.Option(..., "--model", "-m", help="The model whose chat template formats the pairs (and "
+                              "which answers them with --self-distill)."),
+    self_distill: int = typer.Option(0, "--self-distill", help="Also this many pairs answered by the model itself "
+                                     "(greedy)."),
+    max_pairs: int = typer.Option(4000, "--max-pairs", help="At most this many docstring → code pairs."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest self-distilled answer."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Self-distillation prompts decoded together."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """An adaptation corpus: the code documents, plus chat documents built from them (a documented function's
+    docstring as the request, its code as the answer), plus the model's own answers to some requests."""
+    import json
+    import random
+
+    from rich.progress import Progress
+
+    from unmask.chat import end_of_turn_strings
+    from unmask.data.corpus import MANIFEST_FILE, TRAIN_FILE, VAL_FILE, iter_corpus_texts
+    from unmask.data.pairs import Pair, chat_document, docstring_pairs
+    from unmask.io import atomic_write_text
+    from unmask.pipeline import load
+
+    pipe = load(model)
+    tok = pipe.tokenizer
+    code = list(iter_corpus_texts(corpus_dir, "train"))
+    pairs = list(docstring_pairs(code))
+    random.Random(seed).shuffle(pairs)
+    pairs = pairs[:max_pairs]
+    distilled: list[Pair] = []
+    asked = pairs[:self_distill]
+    if asked:
+        stops = end_of_turn_strings(pipe)
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p.request}]) for p in asked]
+        with Progress(console=console) as bar:
+            task = bar.add_task("self-distillation", total=len(prompts))
+            for lo in range(0, len(prompts), batch_size):
+                results = pipe.generate_many(prompts[lo : lo + batch_size], max_new_tokens=max_new_tokens,
+                                             temperature=0.0, stop=stops)
+                distilled += [Pair(p.request, r.text.strip()) for p, r in zip(asked[lo : lo + batch_size], results)
+                              if r.text.strip()]
+                bar.advance(task, len(results))
+    docs = code + [chat_document(tok, p) for p in pairs + distilled]
+    random.Random(seed + 1).shuffle(docs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / TRAIN_FILE, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    val = list(iter_corpus_texts(corpus_dir, "val"))
+    atomic_write_text(out_dir / VAL_FILE, "".join(json.dumps({"text": d}) + "\n" for d in val))
+    manifest = {"corpus": str(corpus_dir), "model": model, "code_documents": len(code), "pairs": len(pairs),
+                "self_distilled": len(distilled), "val_documents": len(val), "seed": seed}
+    source = Path(corpus_dir) / MANIFEST_FILE
+    if source.exists():
+        manifest["sources"] = json.loads(source.read_text())["sources"]
+    atomic_write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+    out.print(f"{out_dir}: {len(code)} code documents, {len(pairs)} docstring pairs, {len(distilled)} self-distilled "
+              f"answers; {len(val)} validation documents")

@@ -24,6 +24,7 @@ from unmask.model.families import Family, detect_family
 from unmask.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
+BASE_FILE = "base.json"  # model/base.py: a folder that stores only what an adaptation added to a base
 SINGLE_FILE = "model.safetensors"
 
 
@@ -164,6 +165,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         return load_gguf_model(path, device=device, dtype=dtype)
     config, family, _ = read_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (path / BASE_FILE).is_file():  # an adaptation: the folder holds the adapter, the base the rest
+        from unmask.model.base import load_adaptation  # imported here: that module imports this one
+
+        return load_adaptation(path, device, dtype)
     files = weight_files(path)
     if dtype is None:
         name, file = next(iter(files.items()))

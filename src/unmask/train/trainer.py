@@ -37,7 +37,10 @@ from unmask.diffusion.objective import adaptation_loss, ar_loss, masked_diffusio
 from unmask.errors import UnmaskError
 from unmask.eval.elbo import ElboResult, eval_window_len, score_windows, window_starts
 from unmask.io import atomic_write_text
+from unmask.model.adapter import is_adapter_param
+from unmask.model.base import BASES, BaseRef, named_base, save_adaptation
 from unmask.model.checkpoints import load_model, read_config, save_model
+from unmask.model.gguf import cached_folder, is_gguf
 from unmask.model.config import SHAPES, ConfigError, ModelConfig
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
@@ -119,6 +122,7 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.mode = cfg.mode
 
+        self.base = self._resolve_base()
         self.tokenizer = self._load_tokenizer()
         self.model = self._build_model()
         self._check_lengths()
@@ -157,11 +161,11 @@ class Trainer:
         for source in (d.corpus, d.train):
             if source and not Path(source).exists():
                 raise TrainConfigError(f"training data not found: {source} (build a corpus with `unmask corpus`)")
-        if self.cfg.init_from and not Path(self.cfg.init_from).is_dir():
+        if self.init_dir is not None and not self.init_dir.is_dir():
             raise TrainConfigError(f"model folder not found: {self.cfg.init_from} (init_from)")
         folder = d.tokenizer
-        if folder is None and self.cfg.init_from:
-            folder = self.cfg.init_from
+        if folder is None and self.init_dir is not None:
+            folder = str(self.init_dir)
         if folder is None and d.corpus:
             folder = str(Path(d.corpus) / "tokenizer")
         if folder is None:
@@ -170,20 +174,41 @@ class Trainer:
             raise TrainConfigError(f"no tokenizer.json in {folder} (train one with `unmask tokenizer CORPUS`)")
         return Tokenizer.from_dir(folder)
 
+    def _resolve_base(self) -> BaseRef | None:
+        """init_from as a named base ("smollm2") or a .gguf file: its converted folder becomes init_dir and,
+        when the model has an adapter, the base its saved folders refer to instead of holding every weight."""
+        init = self.cfg.init_from
+        self.init_dir = Path(init) if init else None
+        file = named_base(init) if init else None
+        if file is None and init and is_gguf(init):
+            file = Path(init)
+        if file is None:
+            return None
+        self.init_dir = cached_folder(file)
+        package = BASES[init].package if init in BASES else None
+        return BaseRef.of(file, package)
+
+    @property
+    def adapter_only(self) -> bool:
+        """Only the adapter trains (the base stays frozen); saved folders refer to the base for the rest."""
+        return self.model.config.adapter_rank > 0
+
     def _build_model(self) -> Transformer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # identical init on every rank
         if cfg.init_from:
-            base_cfg, _, _ = read_config(cfg.init_from)
+            base_cfg, _, _ = read_config(self.init_dir)
             section = {k: v for k, v in cfg.model.items() if k != "shape"}
             try:
                 config = dataclasses.replace(base_cfg, **section)
             except (ConfigError, TypeError) as e:
                 raise TrainConfigError(f"model section: {e}") from None
-            source = load_model(cfg.init_from, device="cpu", dtype=torch.float32)
+            source = load_model(self.init_dir, device="cpu", dtype=torch.float32)
             model = Transformer(config)
             try:
-                model.load_state_dict(source.state_dict())
+                missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+                if unexpected or not all(is_adapter_param(n) for n in missing):
+                    model.load_state_dict(source.state_dict())  # raises, naming the mismatch
             except RuntimeError as e:
                 raise TrainConfigError(f"init_from {cfg.init_from}: the model section changes weight shapes "
                                        f"({str(e).splitlines()[-1].strip()})") from None
@@ -193,6 +218,11 @@ class Trainer:
             model = Transformer(build_model_config(cfg, self.tokenizer)).init_weights(cfg.seed)
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise TrainConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
+        if model.config.adapter_rank:
+            with torch.no_grad():  # [MASK] starts as its token's own embedding
+                model.mask_embedding.copy_(model.tok_embeddings.weight[model.config.mask_id])
+            for name, p in model.named_parameters():
+                p.requires_grad_(is_adapter_param(name))
         return model.to(self.device).train()
 
     def _check_lengths(self) -> None:
@@ -410,7 +440,10 @@ class Trainer:
             model.load_state_dict(state, assign=True)
         else:
             model = self.model
-        save_model(model, path, max_shard_bytes=self.cfg.max_shard_mb << 20, dtype=dtype)
+        if self.adapter_only and self.base is not None:
+            save_adaptation(model, path, self.base, dtype=dtype)
+        else:
+            save_model(model, path, max_shard_bytes=self.cfg.max_shard_mb << 20, dtype=dtype)
         self.tokenizer.save(path)
 
     def rng_state(self) -> dict:
