@@ -98,6 +98,8 @@ def speed_quality(
     steps: str = typer.Option("256,64,32,16", "--steps", help="Fixed step budgets (comma separated)."),
     thresholds: str = typer.Option("0.9,0.7,0.5", "--thresholds", help="Confidence thresholds (comma separated)."),
     entropy_bounds: str = typer.Option("", "--entropy-bounds", help="γ of the eb policy (comma separated)."),
+    threshold_policy: str = typer.Option("threshold", "--threshold-policy",
+                                         help="The policy of the --thresholds rows: threshold | leftmost."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
     block_length: int = typer.Option(32, "--block-length"),
     temperature: Temperature = 0.0,
@@ -135,7 +137,7 @@ def speed_quality(
             tokens = token_stream(texts, pipe.tokenizer)[:elbo_tokens]
             elbo[name] = evaluate_bits_per_byte(pipe.model, pipe.tokenizer, tokens, seq_len=min(256, pipe.config.max_seq_len)).bits_per_byte
     ar = load_pipeline(ar_model, device) if ar_model else None
-    grid = settings(max_new_tokens, block_length, step_budgets, taus, gammas, temperature=temperature,
+    grid = settings(max_new_tokens, block_length, step_budgets, taus, gammas, threshold_policy, temperature=temperature,
                     top_p=top_p, frequency_penalty=frequency_penalty)
     with Progress(console=console) as bar:
         task = bar.add_task("speed-quality", total=len(pipes) * len(grid))

@@ -88,7 +88,7 @@ class ARBatch:
             self._settings(b, r)
         prompts = torch.tensor([[c.eos_id] * o + list(r.prompt) for o, r in zip(self.offset, self.rows)],
                                device=self.device)
-        self.logits = self._forward(prompts, 0)[:, -1]
+        self.logits = self._forward(prompts, 0)
         self.steps = 0
 
     @staticmethod
@@ -125,9 +125,11 @@ class ARBatch:
         return not any(r.live for r in self.rows)
 
     def _forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [B, V] of the last position (a prompt's other positions need only their K/V: projecting
+        them onto a 49k vocabulary would cost more memory than the rest of the batch)."""
         for r in self.rows:
             r.nfe += r.live
-        return self.model(tokens, cache=self.cache, cache_start=start)
+        return self.model.output(self.model(tokens, cache=self.cache, cache_start=start, return_hidden=True)[:, -1])
 
     def _end(self, row: ARRow, finish: str) -> None:
         row.finish, row.seconds = finish, time.perf_counter() - row.started
@@ -199,7 +201,7 @@ class ARBatch:
             elif r.stop_when is not None and r.stop_when(r.tokens):
                 self._end(r, "stop")
         if not self.done:
-            self.logits = self._forward(tokens[:, None], self.pos)[:, -1]
+            self.logits = self._forward(tokens[:, None], self.pos)
             self.pos += 1
         return stepped
 

@@ -17,12 +17,15 @@ class Setting:
 
 
 def settings(max_new_tokens: int, block_length: int, steps: list[int], thresholds: list[float],
-             entropy_bounds: list[float] = (), **sampling) -> list[Setting]:
-    """Fixed-step budgets, thresholds and eb bounds, each with the same `sampling` options (temperature,
-    top_p, penalties); sampling is seeded, so every row is reproducible."""
+             entropy_bounds: list[float] = (), threshold_policy: str = "threshold", **sampling) -> list[Setting]:
+    """Fixed-step budgets, thresholds (of `threshold_policy`: threshold or leftmost) and eb bounds, each with
+    the same `sampling` options (temperature, top_p, penalties); sampling is seeded, so every row is
+    reproducible."""
     common = dict(max_new_tokens=max_new_tokens, block_length=block_length, seed=0, **sampling)
     out = [Setting(f"steps={s}", DecodeOptions(steps=s, policy="fixed", **common)) for s in steps]
-    out += [Setting(f"τ={t:g}", DecodeOptions(threshold=t, policy="threshold", **common)) for t in thresholds]
+    mark = "" if threshold_policy == "threshold" else f" {threshold_policy}"
+    out += [Setting(f"τ={t:g}{mark}", DecodeOptions(threshold=t, policy=threshold_policy, **common))
+            for t in thresholds]
     out += [Setting(f"eb γ={g:g}", DecodeOptions(entropy_bound=g, policy="eb", **common)) for g in entropy_bounds]
     return out
 

@@ -49,10 +49,6 @@ class BaseRef:
                                   f"expected {self.sha256[:16]}…")
         return path
 
-    @classmethod
-    def of(cls, path: Path, package: str | None = None) -> "BaseRef":
-        return cls(file=path.name if package else str(path.resolve()), sha256=_known_digest(path), package=package)
-
 
 # Named bases: `unmask.load("smollm2")`, `init_from: smollm2`.
 BASES = {
@@ -84,6 +80,16 @@ def named_base(name: str | os.PathLike) -> Path | None:
     """The verified file of a named base ("smollm2"), None for any other name."""
     ref = BASES.get(str(name))
     return ref.locate() if ref is not None else None
+
+
+def base_of(file: Path) -> BaseRef:
+    """The reference an adaptation of `file` records: the named base with the same sha256 (so a copy of the
+    file anywhere — a GPU machine, a download folder — still points at the installed package), else the path."""
+    digest = _known_digest(Path(file))
+    for ref in BASES.values():
+        if ref.sha256 == digest:
+            return ref
+    return BaseRef(file=str(Path(file).resolve()), sha256=digest)
 
 
 def read_base(folder: Path) -> BaseRef | None:

@@ -38,7 +38,7 @@ from unmask.errors import UnmaskError
 from unmask.eval.elbo import ElboResult, eval_window_len, score_windows, window_starts
 from unmask.io import atomic_write_text
 from unmask.model.adapter import is_adapter_param
-from unmask.model.base import BASES, BaseRef, named_base, save_adaptation
+from unmask.model.base import BaseRef, base_of, named_base, save_adaptation
 from unmask.model.checkpoints import load_model, read_config, save_model
 from unmask.model.gguf import cached_folder, is_gguf
 from unmask.model.config import SHAPES, ConfigError, ModelConfig
@@ -185,8 +185,7 @@ class Trainer:
         if file is None:
             return None
         self.init_dir = cached_folder(file)
-        package = BASES[init].package if init in BASES else None
-        return BaseRef.of(file, package)
+        return base_of(file)
 
     @property
     def adapter_only(self) -> bool:
