@@ -38,7 +38,7 @@ from unmask.errors import UnmaskError
 from unmask.eval.elbo import ElboResult, eval_window_len, score_windows, window_starts
 from unmask.io import atomic_write_text
 from unmask.model.adapter import is_adapter_param
-from unmask.model.base import BaseRef, base_of, named_base, save_adaptation
+from unmask.model.base import BaseRef, base_of, named_base, read_base, save_adaptation
 from unmask.model.checkpoints import load_model, read_config, save_model
 from unmask.model.gguf import cached_folder, is_gguf
 from unmask.model.config import SHAPES, ConfigError, ModelConfig
@@ -179,6 +179,8 @@ class Trainer:
         when the model has an adapter, the base its saved folders refer to instead of holding every weight."""
         init = self.cfg.init_from
         self.init_dir = Path(init) if init else None
+        if self.init_dir is not None and self.init_dir.is_dir():
+            return read_base(self.init_dir)  # an adaptation folder (or None for a folder with all its weights)
         file = named_base(init) if init else None
         if file is None and init and is_gguf(init):
             file = Path(init)
@@ -206,6 +208,7 @@ class Trainer:
             model = Transformer(config)
             try:
                 missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+                fresh_mask_embedding = "mask_embedding" in missing
                 if unexpected or not all(is_adapter_param(n) for n in missing):
                     model.load_state_dict(source.state_dict())  # raises, naming the mismatch
             except RuntimeError as e:
@@ -218,8 +221,9 @@ class Trainer:
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise TrainConfigError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
         if model.config.adapter_rank:
-            with torch.no_grad():  # [MASK] starts as its token's own embedding
-                model.mask_embedding.copy_(model.tok_embeddings.weight[model.config.mask_id])
+            if not cfg.init_from or fresh_mask_embedding:
+                with torch.no_grad():  # [MASK] starts as its token's own embedding
+                    model.mask_embedding.copy_(model.tok_embeddings.weight[model.config.mask_id])
             for name, p in model.named_parameters():
                 p.requires_grad_(is_adapter_param(name))
         return model.to(self.device).train()

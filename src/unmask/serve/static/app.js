@@ -267,6 +267,8 @@ async function checkServer() {
     $("model").textContent = `${m.id} · context ${m.max_model_len}`;
     const d = m.defaults || {};
     if (d.block_length) $("block_length").value = d.block_length;
+    if (d.policy) $("policy").value = d.policy;  // the model's recommended decoding (generation_config.json)
+    if (d.threshold) $("threshold").value = d.threshold;
     const health = await (await fetch("/health")).json();
     $("server-status").textContent = health.status === "ok" ? `ready · queue ${health.queue_depth}` : health.status;
     $("server-status").className = health.status === "ok" ? "pill ok" : "pill bad";
