@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Equal-minutes comparison of the two ways to adapt SmolLM2-135M-Instruct to block diffusion (recipes/smollm2-block.yaml):
-#   causal   causal attention inside blocks of 16, adapter only at [MASK] inputs (the recipe as written)
+#   causal   causal attention inside blocks of 16, adapter only at [MASK] inputs (the recipe with model.block_size=16)
 #   bidir    bidirectional attention inside blocks of 8 (Fast-dLLM v2), adapter on every token
 # Both train at once for MINUTES with one thread each (the same CPU share), then decode held-out function
 # prompts at thresholds 0.9 / 0.7: tokens per step, parse rate, and the AR base's bits per byte of what they wrote.
@@ -9,7 +9,7 @@ set -euo pipefail
 MINUTES=${MINUTES:-8}
 UNMASK=${UNMASK:-.venv/bin/unmask}
 COMMON=(-c recipes/smollm2-block.yaml --set "minutes=$MINUTES" --set eval_interval=0 --set checkpoint_interval=0)
-OMP_NUM_THREADS=1 "$UNMASK" train "${COMMON[@]}" --set out_dir=runs/cmp-causal > runs/cmp-causal.log 2>&1 &
+OMP_NUM_THREADS=1 "$UNMASK" train "${COMMON[@]}" --set out_dir=runs/cmp-causal --set model.block_size=16 > runs/cmp-causal.log 2>&1 &
 OMP_NUM_THREADS=1 "$UNMASK" train "${COMMON[@]}" --set out_dir=runs/cmp-bidir --set model.block_attention=bidirectional \
   --set model.adapter_tokens=all --set model.block_size=8 > runs/cmp-bidir.log 2>&1 &
 wait

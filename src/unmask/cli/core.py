@@ -182,7 +182,7 @@ def demo(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
     prompt: str = typer.Option(DEMO_PROMPT, "--prompt", "-p"),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n"),
-    threshold: float = typer.Option(0.7, "--threshold"),
+    threshold: Threshold = None,  # the model's own (generation_config.json)
     # sampling and a frequency penalty come from the model's generation_config.json: small diffusion models
     # loop under greedy confidence decoding (REFERENCE.md §4); the penalty took the default model's
     # degenerate repetition from ~80 % of samples to ~2 %
