@@ -44,3 +44,16 @@ def test_bench_decode_ar_model_implies_compare_ar(capsys, tmp_path, tokenizer):
     assert main(["bench", "decode", "--shape", "tiny", "--prompt-len", "4", "--new-tokens", "8",
                  "--block-length", "8", "--device", "cpu", "--ar-model", str(tmp_path / "twin")]) == 0
     assert "AR twin" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_decode_runs_with_no_options(capsys):
+    """The tiny shape's context (256) is widened to the run's prompt + new tokens (64 + 256)."""
+    assert main(["bench", "decode"]) == 0
+    out = capsys.readouterr().out
+    assert "256 new tokens" in out and "threshold 0.9 + dual cache" in out
+
+
+def test_bench_decode_leftmost_policy_row(capsys):
+    assert main(["bench", "decode", "-n", "16", "--block-length", "8", "--policy", "leftmost"]) == 0
+    assert "leftmost 0.9 + dual cache" in capsys.readouterr().out

@@ -86,7 +86,7 @@ def _timed(fn: Callable[[], tuple[int, int]], device: torch.device, repeats: int
 @torch.inference_mode()
 def bench_decode(model: Transformer, prompt_ids: list[int], new_tokens: int = 256, block_length: int = 32,
                  threshold: float = 0.9, ar_model: Transformer | None = None, repeats: int = 1,
-                 compile: bool | str = False) -> list[BenchRow]:
+                 compile: bool | str = False, policy: str = "threshold") -> list[BenchRow]:
     """Time each decoder on `prompt_ids` -> `new_tokens` tokens (rounded up to whole blocks)."""
     device = model.output.weight.device
     new_tokens = -(-new_tokens // block_length) * block_length
@@ -105,7 +105,7 @@ def bench_decode(model: Transformer, prompt_ids: list[int], new_tokens: int = 25
         ("engine, no cache", base.replace(policy="fixed", cache="none")),
         ("prefix cache", base.replace(policy="fixed", cache="prefix")),
         ("dual cache", base.replace(policy="fixed", cache="dual")),
-        (f"threshold {threshold} + dual cache", base.replace(policy="threshold", threshold=threshold, cache="dual")),
+        (f"{policy} {threshold} + dual cache", base.replace(policy=policy, threshold=threshold, cache="dual")),
     ]
     for name, opts in variants:
         def run(opts=opts):

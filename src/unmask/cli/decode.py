@@ -26,6 +26,7 @@ def bench_decode_cmd(
     new_tokens: int = typer.Option(256, "--new-tokens", "-n", min=1),
     block_length: int = typer.Option(32, "--block-length", min=1),
     threshold: float = typer.Option(0.9, "--threshold"),
+    policy: str = typer.Option("threshold", "--policy", help="The policy of the threshold row: threshold | leftmost."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Best of N timed runs (after one warm-up)."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 (default: bf16 on CUDA)."),
@@ -61,6 +62,9 @@ def bench_decode_cmd(
         label = str(model)
     else:
         config = shape_config(shape or "tiny")
+        # random weights have no context of their own: widen it to what the run asks for
+        need = prompt_len + -(-new_tokens // block_length) * block_length
+        config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, need))
         with console.status(f"building a random {shape or 'tiny'} model on {dev} …"):
             net = random_model(config, dev, dt, seed)
         gen = torch.Generator().manual_seed(seed)
@@ -81,7 +85,7 @@ def bench_decode_cmd(
             twin = random_model(dataclasses.replace(net.config, attention="causal"), dev, dt, seed + 1)
     with console.status("timing decoders …"):
         rows = bench_decode(net, prompt, new_tokens, block_length, threshold, twin, repeats,
-                            (compile_mode or True) if compile else False)
+                            (compile_mode or True) if compile else False, policy=policy)
     c = net.config
     table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {str(dt)[6:]}, "
                         f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}"
