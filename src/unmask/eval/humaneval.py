@@ -153,6 +153,8 @@ def run_humaneval(
     options = options or DecodeOptions(max_new_tokens=256)
     problems = problems if problems is not None else load_problems(limit)
     stops = STOP_SEQUENCES + ("```",) if chat else STOP_SEQUENCES  # chat answers close their code block
+    # decoding stops where the completion will be cut anyway: no tokens (and seconds) spent past the function
+    options = options.replace(stop=list(dict.fromkeys([*options.stop, *stops])))
     report = HumanEvalReport()
     sink = open(out, "w", encoding="utf-8") if out is not None else None  # noqa: SIM115 (closed below)
     pending: list[tuple[dict, Any, str, str, Future]] = []
