@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 
 from unmask.io import atomic_path, atomic_write_text
 from unmask.model.adapter import is_adapter_param
-from unmask.model.checkpoints import BASE_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, load_model, read_config
+from unmask.model.checkpoints import (BASE_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, assign_weights, empty_model,
+                                      load_model, read_config)
 from unmask.model.gguf import cache_root, cached_folder, file_sha256
 from unmask.model.transformer import Transformer
 
@@ -141,17 +142,12 @@ def load_adaptation(folder: str | Path, device: torch.device, dtype: torch.dtype
             own = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # missing, truncated or corrupt
         raise CheckpointError(f"cannot read the adapter {folder / SINGLE_FILE}: {e}") from None
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = dict(model.state_dict())
+    model, expected = empty_model(config)
     for name, t in own.items():
-        if name not in expected or tuple(t.shape) != tuple(expected[name].shape):
+        if name not in expected or tuple(t.shape) != tuple(expected[name]):
             raise CheckpointError(f"{folder / SINGLE_FILE}: tensor {name!r} does not fit the model of config.json")
         state[name] = t.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"weights missing from {folder} and its base: {', '.join(missing[:5])}")
-    model.load_state_dict({k: state[k] for k in expected}, strict=True, assign=True)
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return assign_weights(model, {k: state[k] for k in expected})

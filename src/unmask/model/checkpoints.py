@@ -152,6 +152,25 @@ def _check_memory(config: ModelConfig, device: torch.device, dtype: torch.dtype)
         )
 
 
+def empty_model(config: ModelConfig) -> tuple[Transformer, dict[str, torch.Size]]:
+    """The model on the meta device, and the shape of every tensor a checkpoint must supply (a tied head is
+    the embedding, so it is not among them)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("output.weight")
+    return model, expected
+
+
+def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
+    """`model` (from empty_model) holding the tensors of `state` themselves, its head tied when configured."""
+    model.load_state_dict(state, strict=False, assign=True)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
 def _is_gguf(path: Path) -> bool:
     return path.suffix.lower() == ".gguf" and not path.is_dir()
 
@@ -182,11 +201,7 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         if device.type == "cpu":
             dtype = torch.float32  # CPUs run half-precision matmuls far slower than float32
     _check_memory(config, device, dtype)
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("output.weight")
+    model, expected = empty_model(config)
     state: dict[str, torch.Tensor] = {}
     handles: dict[Path, Any] = {}
     for ckpt_name, file in files.items():
@@ -218,7 +233,4 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"weights missing from {path}: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
+    return assign_weights(model, state)

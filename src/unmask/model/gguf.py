@@ -62,7 +62,7 @@ from gguf import GGMLQuantizationType as QT
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from unmask.model.checkpoints import CheckpointError, _check_memory, save_model
+from unmask.model.checkpoints import CheckpointError, _check_memory, assign_weights, empty_model, save_model
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family
 from unmask.model.transformer import Transformer
@@ -371,11 +371,7 @@ def _iter_tensors(file: _File, config: ModelConfig, convert: Callable[[torch.Ten
 
 def _state_dict(file: _File, config: ModelConfig, device: torch.device, dtype: torch.dtype
                 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("output.weight")
+    model, expected = empty_model(config)
     state: dict[str, torch.Tensor] = {}
     for name, t in _iter_tensors(file, config, lambda t: t.to(device=device, dtype=dtype)):
         if name not in expected:
@@ -388,13 +384,6 @@ def _state_dict(file: _File, config: ModelConfig, device: torch.device, dtype: t
     if missing:
         raise GGUFError(f"{file.path}: tensors missing for {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     return model, state
-
-
-def _build(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
-    model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.eval()
 
 
 # --- tokenizer -----------------------------------------------------------------------------------------
@@ -503,7 +492,7 @@ def load_gguf(path: str | Path, device: str | torch.device | None = None, dtype:
     device, dtype = _device_dtype(device, dtype)
     _check_memory(config, device, dtype)
     model, state = _state_dict(file, config, device, dtype)
-    return _build(model, state), tokenizer, file.metadata()
+    return assign_weights(model, state), tokenizer, file.metadata()
 
 
 def load_gguf_model(path: str | Path, device: str | torch.device | None = None,
@@ -512,7 +501,7 @@ def load_gguf_model(path: str | Path, device: str | torch.device | None = None,
     config = _config(file)
     device, dtype = _device_dtype(device, dtype)
     _check_memory(config, device, dtype)
-    return _build(*_state_dict(file, config, device, dtype))
+    return assign_weights(*_state_dict(file, config, device, dtype))
 
 
 def _write_folder(out: Path, write: Callable[[Path], None], replace: bool = False) -> None:
