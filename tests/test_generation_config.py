@@ -89,7 +89,7 @@ def test_demo_samples_as_the_model_recommends(tmp_path, capsys, tiny_pipeline, m
     from unmask.cli.main import main
     from unmask.decoding.engine import Engine
 
-    tiny_pipeline.defaults = DecodeOptions(temperature=0.6, top_p=0.9, frequency_penalty=0.3)
+    tiny_pipeline.defaults = DecodeOptions(temperature=0.6, top_p=0.9, frequency_penalty=0.3, threshold=0.77)
     tiny_pipeline.save(tmp_path / "m")
     seen = []
     real = Engine.submit_canvas
@@ -98,7 +98,8 @@ def test_demo_samples_as_the_model_recommends(tmp_path, capsys, tiny_pipeline, m
     assert main(["demo", "-m", str(tmp_path / "m"), "-n", "16", "--delay", "0"]) == 0
     [o] = seen
     assert (o.temperature, o.top_p, o.frequency_penalty) == (0.6, 0.9, 0.3)
-    assert (o.threshold, o.cache, o.seed) == (0.7, "dual", 0)  # the demo's own: parallel, fast, repeatable
+    assert o.threshold == 0.77  # the model's own threshold (and policy)
+    assert (o.cache, o.seed) == ("dual", 0)  # the demo's own: fast, repeatable
     assert "tokens/s" in capsys.readouterr().err  # the figures go to stderr, the completion to stdout
 
 

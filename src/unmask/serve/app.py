@@ -203,8 +203,10 @@ class Server:
         ids, skip, allowed = prompt_ids, "", None
         if healing is not None:
             ids, allowed, skip = healing.prompt_ids, healing.allowed, healing.removed
-            # the re-decoded token stands in for the prompt's last one: max_tokens counts the tokens after it
-            opts = opts.replace(max_new_tokens=opts.max_new_tokens + 1)
+            # the re-decoded token stands in for the prompt's last one: max_tokens counts the tokens after it;
+            # the blocks widen to hold it, so their number (and a fixed step budget's split) stays as asked
+            n, blocks = opts.max_new_tokens, -(-opts.max_new_tokens // opts.block_length)
+            opts = opts.replace(max_new_tokens=n + 1, block_length=-(-(n + 1) // blocks))
         def seeded(j: int) -> DecodeOptions:  # wrapped into torch's signed 64-bit seeds
             return opts if opts.seed is None else opts.replace(seed=(opts.seed + j + 2**63) % 2**64 - 2**63)
 

@@ -260,15 +260,19 @@ async function runEdit(extra) {
 }
 
 // --- wiring -----------------------------------------------------------------------------------------
+let defaultsShown = false;
 async function checkServer() {
   try {
     const models = await (await fetch("/v1/models")).json();
     const m = models.data[0];
     $("model").textContent = `${m.id} · context ${m.max_model_len}`;
-    const d = m.defaults || {};
-    if (d.block_length) $("block_length").value = d.block_length;
-    if (d.policy) $("policy").value = d.policy;  // the model's recommended decoding (generation_config.json)
-    if (d.threshold) $("threshold").value = d.threshold;
+    if (!defaultsShown) {  // the model's recommended decoding (generation_config.json), once: then the user's
+      const d = m.defaults || {};
+      if (d.block_length) $("block_length").value = d.block_length;
+      if (d.policy) $("policy").value = d.policy;
+      if (d.threshold) $("threshold").value = d.threshold;
+      defaultsShown = true;
+    }
     const health = await (await fetch("/health")).json();
     $("server-status").textContent = health.status === "ok" ? `ready · queue ${health.queue_depth}` : health.status;
     $("server-status").className = health.status === "ok" ? "pill ok" : "pill bad";
