@@ -124,6 +124,7 @@ class ARBatch:
     def done(self) -> bool:
         return not any(r.live for r in self.rows)
 
+    @torch.no_grad()  # also for the prefill in __init__: a graph there would keep every prompt activation alive
     def _forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Logits [B, V] of the last position (a prompt's other positions need only their K/V: projecting
         them onto a 49k vocabulary would cost more memory than the rest of the batch)."""
