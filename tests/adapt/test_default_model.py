@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-import torch
 
 import unmask
 from unmask.decoding.ar import ar_generate
@@ -23,7 +22,6 @@ PROMPT = "def fibonacci(n):\n"
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.set_num_threads(2)
     return unmask.load()
 
 
