@@ -132,3 +132,19 @@ def test_adaptation_loss_trains_the_adapter_only(base, tokenizer, block_attentio
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 1.0  # nats; the leftmost masks (the base's own AR predictions) cannot move
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_auto_edit_of_a_left_context_model_flags_only_where_it_was_sure_of_another(base, tokenizer):
+    """A causal-inside model finds a text's first tokens and every new name improbable; auto mode flags a
+    token only where the model's own choice there was sure (>= SURE_OF_ANOTHER), and never the first one."""
+    from unmask.edit.editor import SURE_OF_ANOTHER, _correction_scores
+    from unmask.edit.probe import token_probs
+
+    model = adapted(base)
+    ids = tokenizer.encode("def average(values):\n    return total / len(vaules)\n")
+    scores, _ = _correction_scores(model, ids, None)
+    probs, best, _ = token_probs(model, ids, best=True)
+    assert scores[0] == 1.0
+    sure = best >= SURE_OF_ANOTHER
+    assert torch.equal(scores[1:][sure[1:]], probs[1:][sure[1:]])
+    assert bool((scores[1:][~sure[1:]] == 1.0).all())

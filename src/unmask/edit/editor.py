@@ -308,6 +308,23 @@ def flag_improbable(probs: torch.Tensor, allowed: torch.Tensor, threshold: float
     return flagged & allowed
 
 
+SURE_OF_ANOTHER = 0.9  # left-context models: a token is suspect only where the model was this sure of its own choice
+
+
+def _correction_scores(model, ids: list[int], stride: int | None) -> tuple[torch.Tensor, int]:
+    """Per-token scores auto mode flags below its threshold. A model that sees the whole text scores
+    p(x_i | rest). One that sees only the left (causal inside its blocks) finds every name at its
+    definition and a text's first tokens improbable, so for it a token is suspect only where it was sure
+    of another one (a typo of a name used before), and the first token, which has no context, never is."""
+    c = model.config
+    if not (c.attention == "block_causal" and c.block_attention == "causal"):
+        return token_probs(model, ids, stride=stride)
+    probs, best, passes = token_probs(model, ids, stride=stride, best=True)
+    probs = torch.where(best >= SURE_OF_ANOTHER, probs, torch.ones_like(probs))
+    probs[0] = 1.0
+    return probs, passes
+
+
 def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_rounds, max_steps, probe_stride,
                extra_tokens, length, options, relay) -> EditResult:
     # `outer` keeps the caller's regions apart from the context for the whole loop: each round edits
@@ -330,7 +347,7 @@ def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_roun
             pos += len(p.text)
         for i, (s, e) in enumerate(offsets):
             allowed[i] = any(bs <= s and e <= be for bs, be in bounds)
-        probs, passes = token_probs(pipe.model, ids, stride=probe_stride)
+        probs, passes = _correction_scores(pipe.model, ids, probe_stride)
         nfe += passes
         flagged = flag_improbable(probs, allowed, threshold, neighbors, max_fraction)
         if not bool(flagged.any()):

@@ -3,6 +3,7 @@
 token_probs        p(x_i | x with x_i masked): the signal auto mode uses to find typos and small bugs.
                    A masked-diffusion model is only trained to predict *masked* positions, so reading the
                    logits of unmasked tokens would be meaningless; each probed token is masked.
+                   With `best=True` also the probability of the model's own top choice at each position.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from unmask.model.transformer import Transformer
 
 @torch.no_grad()
 def token_probs(model: Transformer, ids: list[int], stride: int | None = None,
-                batch: int = 16) -> tuple[torch.Tensor, int]:
-    """(p(x_i | context) for every token as [L] float32 on the CPU, number of forward passes).
+                batch: int = 16, best: bool = False) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, torch.Tensor, int]:
+    """(p(x_i | context) for every token as [L] float32 on the CPU, [with best: the top probability at each
+    position,] number of forward passes).
 
     stride None  exact leave-one-out: one row per token, only that token masked.
     stride k     cheaper: k rows per window, row r masks every k-th token from r (k passes per window).
@@ -26,8 +28,9 @@ def token_probs(model: Transformer, ids: list[int], stride: int | None = None,
     c = model.config
     L = len(ids)
     probs = torch.zeros(L)
+    top = torch.zeros(L)
     if L == 0:
-        return probs, 0
+        return (probs, top, 0) if best else (probs, 0)
     device = model.output.weight.device
     W = min(L, c.max_seq_len)
     x = torch.tensor(ids, device=device)
@@ -56,4 +59,6 @@ def token_probs(model: Transformer, ids: list[int], stride: int | None = None,
         for r, (s, pos) in enumerate(chunk):
             local = torch.tensor([i - s for i in pos], device=device)
             probs[pos] = p[r, local, x[pos]].cpu()
-    return probs, -(-len(rows) // batch)
+            top[pos] = p[r, local].max(-1).values.cpu()
+    passes = -(-len(rows) // batch)
+    return (probs, top, passes) if best else (probs, passes)
