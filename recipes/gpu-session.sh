@@ -54,7 +54,7 @@
 # ("key=value ...": more --set overrides of the adaptation).
 # SMOKE=1 rehearses every phase on the CPU: tiny random shapes for the benches; the real base (split, joined,
 # standing in for its package) adapted for 6 steps of 2 x 32 tokens on 3 stdlib modules, HumanEval on 1 problem
-# (~2 min on 2 busy cores). tests/test_gpu_session.py runs the same chain with a tiny llama GGUF instead
+# (~2 min on 2 busy cores). tests/train/test_gpu_session.py runs the same chain with a tiny llama GGUF instead
 # (BASE_FILE, BASE_SHA: ~1 min) and the real file's split, join and stand-in package apart.
 set -euo pipefail  # pipefail: a failed bench is seen through its tee
 

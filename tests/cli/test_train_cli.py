@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from test_train import TINY_MODEL, one_thread  # noqa: F401
+from train_helpers import TINY_MODEL, one_thread  # noqa: F401
 from unmask.cli.main import main
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from conftest import tiny_model
-from test_train import one_thread  # noqa: F401  (autouse: one torch thread)
+from train_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from unmask.diffusion.objective import token_nll
 from unmask.eval.elbo import evaluate_bits_per_byte, token_stream, window_starts
 

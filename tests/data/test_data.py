@@ -7,7 +7,7 @@ import types
 
 import numpy as np
 import pytest
-from test_train import one_thread  # noqa: F401  (autouse: one torch thread)
+from train_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from unmask.data.batches import IndexSampler, SFTData, WindowData
 from unmask.data.corpus import CorpusError, CorpusSpec, build_corpus, doc_hash, is_validation

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_train import TINY_MODEL, make_corpus, one_thread, tiny_train_config  # noqa: F401
+from train_helpers import TINY_MODEL, make_corpus, one_thread, tiny_train_config  # noqa: F401
 from unmask.train.trainer import Trainer
 
 

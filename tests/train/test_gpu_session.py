@@ -22,7 +22,7 @@ from conftest import tiny_model
 from gguf_helpers import write_gguf
 from unmask.model.gguf import file_sha256
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NAMED_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MAX_FILE = 16 << 20  # what the device returns: files of at most 16 MiB, 8 a call
 MAX_FILES = 8

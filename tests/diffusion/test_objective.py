@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_model
-from test_train import one_thread  # noqa: F401  (autouse: one torch thread)
+from train_helpers import one_thread  # noqa: F401  (autouse: one torch thread)
 from unmask.diffusion.objective import denoiser_logits, sft_loss
 from unmask.model.config import ModelConfig
 
