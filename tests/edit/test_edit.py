@@ -151,9 +151,9 @@ def test_length_search_denoises_its_candidates_in_one_batch_as_if_alone(pipe, mo
     batches, filled = [], {}
     real = fill_mod.denoise_batch
 
-    def spy(model, canvases, options, on_step=None, request_ids=None, prefix_store=None):
+    def spy(model, canvases, options, on_step=None, request_ids=None, prefix_store=None, banned=None):
         batches.append(len(canvases))
-        outs = real(model, canvases, options, on_step, request_ids, prefix_store)
+        outs = real(model, canvases, options, on_step, request_ids, prefix_store, banned=banned)
         for canvas, out in zip(canvases, outs):
             filled[tuple(canvas)] = (out.canvas, options)
         return outs
@@ -175,9 +175,9 @@ def test_instruction_mode_renoises_a_strength_fraction(pipe, monkeypatch):
     canvases = []
     real = fill_mod.denoise_batch
 
-    def spy(model, batch, options, on_step=None, request_ids=None, prefix_store=None):
+    def spy(model, batch, options, on_step=None, request_ids=None, prefix_store=None, banned=None):
         canvases.extend(list(c) for c in batch)
-        return real(model, batch, options, on_step, request_ids, prefix_store)
+        return real(model, batch, options, on_step, request_ids, prefix_store, banned=banned)
 
     monkeypatch.setattr(fill_mod, "denoise_batch", spy)
     text = "def add(a, b):\n    return a + b\n"

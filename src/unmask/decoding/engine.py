@@ -100,6 +100,7 @@ class Request:
     cut_at_eos: bool  # generation: the result ends at the first EOS
     stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
     first_allowed: torch.Tensor | None  # generation: bool [V], tokens the first new token may be (healing)
+    banned: torch.Tensor | None  # bool [V]: tokens this request may never write (an edit's special tokens)
     bias: torch.Tensor | None  # [V] options.logit_bias, dense
     prompt_tokens: int
     policy: Policy
@@ -223,9 +224,10 @@ class Engine:
     def submit_canvas(self, canvas: list[int], options: DecodeOptions, request_id: str | None = None,
                       region: tuple[int, int] | None = None, cut_at_eos: bool = False,
                       stop_when: Callable[[list[int]], bool] | None = None,
-                      first_allowed: torch.Tensor | None = None) -> str:
+                      first_allowed: torch.Tensor | None = None, banned: set[int] | None = None) -> str:
         """Queue any canvas: every mask is filled, everything else is context. Events and the result
-        report canvas[region] (default: the whole canvas)."""
+        report canvas[region] (default: the whole canvas). `banned` token ids are never written by this
+        request (their logits are -inf for it alone; other requests in the batch may write them)."""
         c = self.config
         if len(self._waiting) >= self.max_queue:
             raise QueueFull(f"queue full: {len(self._waiting)} requests waiting (max_queue {self.max_queue})")
@@ -251,6 +253,7 @@ class Engine:
             id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
             first_allowed=None if first_allowed is None else first_allowed.to(self.device),
+            banned=self._token_set(banned),
             bias=bias_vector(options.logit_bias, c.vocab_size, self.device),
             prompt_tokens=(region or (0, 0))[0], policy=make_policy(options),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
@@ -258,6 +261,16 @@ class Engine:
         )
         self._waiting.append(req)
         return request_id
+
+    def _token_set(self, ids: set[int] | None) -> torch.Tensor | None:
+        """Token ids as a bool [vocab] mask on the device (None: no restriction)."""
+        if not ids:
+            return None
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            raise OptionsError(f"banned token ids must be in [0, {self.config.vocab_size})")
+        mask = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.device)
+        mask[torch.tensor(sorted(ids), device=self.device)] = True
+        return mask
 
     def cancel(self, request_id: str) -> None:
         """Drop a request, queued or active. Unknown ids (already finished) are ignored."""
@@ -339,6 +352,8 @@ class Engine:
         model_logprobs: dict[int, torch.Tensor] = {}
         for i, r in enumerate(reqs):
             o = r.options
+            if r.banned is not None:  # before everything, as if the model could not say them
+                logits[i].masked_fill_(r.banned, float("-inf"))
             if o.logprobs is not None:  # the model's own distribution: before healing, biases and penalties
                 model_logprobs[i] = logits[i, : r.pos.numel()].float().log_softmax(-1)
             if r.first_allowed is not None and r.block == 0 and r.blocks[0][0] == r.region[0]:

@@ -30,7 +30,7 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.decoding.result import GenerationResult
 from unmask.edit.canvas import Piece, encode_literal, encode_with_offsets, rebuild, split_pieces
-from unmask.edit.fill import FillOutput, StepRelay, default_extra, fill, geometric_lengths
+from unmask.edit.fill import FillOutput, StepRelay, default_extra, fill, geometric_lengths, local_denoiser
 from unmask.edit.probe import token_probs
 from unmask.edit.spans import (EditError, Span, check_spans, extract_markers, has_markers, line_span,
                                whole_text)
@@ -188,6 +188,7 @@ def edit_text(
     options: DecodeOptions | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
     request_id: str = "edit",
+    denoiser: Any = None,
     **overrides: Any,
 ) -> EditResult:
     """Edit `text` in place; see the module docstring for the modes.
@@ -202,6 +203,8 @@ def edit_text(
     remask_below  auto mode: re-mask tokens whose probability given the rest is below this (`threshold`,
                   like every decoding option, is the decoder's confidence threshold)
     on_step       receives every StepEvent (step counted over the whole edit) and a final one with done=True
+    denoiser      where canvases are denoised and text is probed (edit/fill.py LocalDenoiser by default;
+                  the server's runs them as requests of its shared engine)
     """
     if mode not in MODES:
         raise EditError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -211,26 +214,28 @@ def edit_text(
     _check_counts(extra_tokens=extra_tokens, neighbors=neighbors, probe_stride=probe_stride)
     options = _decode_options(pipe, options, overrides)
     relay = StepRelay(on_step, request_id)
+    denoiser = local_denoiser(pipe, denoiser)
     t0 = time.perf_counter()
     if mode == "spans":
         text, regions = resolve_regions(text, spans, lines, markers)
-        result = _edit_spans(pipe, text, regions, options, relay, extra_tokens, length)
+        result = _edit_spans(pipe, denoiser, text, regions, options, relay, extra_tokens, length)
     elif mode == "instruction":
         if not instruction or not instruction.strip():
             raise EditError("instruction mode needs an instruction")
         if not 0.0 <= strength <= 1.0:
             raise EditError(f"strength must be in [0, 1], got {strength}")
         text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_instruction(pipe, text, regions or [whole_text(text)], instruction, strength, options,
-                                   relay, extra_tokens)
+        result = _edit_instruction(pipe, denoiser, text, regions or [whole_text(text)], instruction, strength,
+                                   options, relay, extra_tokens)
     else:
         if not 0.0 < remask_below < 1.0:
             raise EditError(f"remask_below (--remask-below) must be in (0, 1), got {remask_below}")
         if max_rounds < 1:
             raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
         text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_auto(pipe, text, regions or [whole_text(text)], remask_below, neighbors, max_fraction,
-                            max_rounds, max_steps, probe_stride, extra_tokens or 0, length, options, relay)
+        result = _edit_auto(pipe, denoiser, text, regions or [whole_text(text)], remask_below, neighbors,
+                            max_fraction, max_rounds, max_steps, probe_stride, extra_tokens or 0, length, options,
+                            relay)
     result.seconds = time.perf_counter() - t0
     if on_step is not None:
         final = GenerationResult(tokens=encode_literal(pipe.tokenizer, "".join(result.replacements)),
@@ -251,9 +256,9 @@ def _mask_pieces(pipe, pieces: list[Piece], extra_tokens: int | None) -> list[Pi
     return pieces
 
 
-def _edit_spans(pipe, text, regions, options, relay, extra_tokens, length) -> EditResult:
+def _edit_spans(pipe, denoiser, text, regions, options, relay, extra_tokens, length) -> EditResult:
     pieces = _mask_pieces(pipe, split_pieces(text, regions), extra_tokens)
-    out = fill(pipe, pieces, options, relay=relay, length=length)
+    out = fill(pipe, pieces, options, relay=relay, length=length, denoiser=denoiser)
     return _result(text, pieces, regions, out, "spans")
 
 
@@ -269,7 +274,8 @@ def instruction_prompt(pipe, instruction: str) -> list[int]:
     return tok.encode(instruction.rstrip("\n") + "\n\n")
 
 
-def _edit_instruction(pipe, text, regions, instruction, strength, options, relay, extra_tokens) -> EditResult:
+def _edit_instruction(pipe, denoiser, text, regions, instruction, strength, options, relay,
+                      extra_tokens) -> EditResult:
     c = pipe.config
     gen = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
     pieces = split_pieces(text, regions)
@@ -286,7 +292,7 @@ def _edit_instruction(pipe, text, regions, instruction, strength, options, relay
             if c.mask_id not in p.init:  # strength 0 and no room: nothing to denoise, keep one slot open
                 p.init.append(c.mask_id)
     out = fill(pipe, pieces, options, prompt_ids=instruction_prompt(pipe, instruction), relay=relay,
-               length="absorb")
+               length="absorb", denoiser=denoiser)
     return _result(text, pieces, regions, out, "instruction")
 
 
@@ -325,8 +331,8 @@ def _correction_scores(model, ids: list[int], stride: int | None) -> tuple[torch
     return probs, passes
 
 
-def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_rounds, max_steps, probe_stride,
-               extra_tokens, length, options, relay) -> EditResult:
+def _edit_auto(pipe, denoiser, text, regions, threshold, neighbors, max_fraction, max_rounds, max_steps,
+               probe_stride, extra_tokens, length, options, relay) -> EditResult:
     # `outer` keeps the caller's regions apart from the context for the whole loop: each round edits
     # inside the editable pieces only, so the context stays the original characters.
     outer = split_pieces(text, regions)
@@ -347,7 +353,7 @@ def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_roun
             pos += len(p.text)
         for i, (s, e) in enumerate(offsets):
             allowed[i] = any(bs <= s and e <= be for bs, be in bounds)
-        probs, passes = _correction_scores(pipe.model, ids, probe_stride)
+        probs, passes = _correction_scores(denoiser.model, ids, probe_stride)
         nfe += passes
         flagged = flag_improbable(probs, allowed, threshold, neighbors, max_fraction)
         if not bool(flagged.any()):
@@ -378,7 +384,7 @@ def _edit_auto(pipe, text, regions, threshold, neighbors, max_fraction, max_roun
                 owners.append(k)
         before = current
         inner = _mask_pieces(pipe, inner, extra_tokens)
-        out = fill(pipe, inner, options, relay=relay, length=length)
+        out = fill(pipe, inner, options, relay=relay, length=length, denoiser=denoiser)
         nfe += out.nfe
         steps += out.steps
         lengths = out.lengths
@@ -417,12 +423,13 @@ def infill_text(
     on_step: Callable[[StepEvent], None] | None = None,
     request_id: str = "infill",
     search_lengths: Sequence[int] | None = None,
+    denoiser: Any = None,
     **overrides: Any,
 ) -> EditResult:
     """Write the middle between `prefix` and `suffix`; its length is the model's choice, at most
     `max_new_tokens` (absorb: EOS/pad inside the budget are dropped; search: geometric candidates up to
     the budget scored by the ELBO; fixed: exactly max_new_tokens). `result.middle` is the new text,
-    `result.text` the whole text."""
+    `result.text` the whole text. `denoiser`: as for edit_text."""
     _check_model(pipe)
     if max_new_tokens < 1:
         raise EditError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -437,7 +444,8 @@ def infill_text(
         candidates = [[n] for n in (search_lengths or geometric_lengths(max_new_tokens)) if 1 <= n <= max_new_tokens]
         if not candidates:
             raise EditError(f"no search length within 1..{max_new_tokens}")
-    out = fill(pipe, pieces, options, relay=relay, length=length, candidates=candidates)
+    out = fill(pipe, pieces, options, relay=relay, length=length, candidates=candidates,
+               denoiser=local_denoiser(pipe, denoiser))
     result = _result(text, pieces, [(len(prefix), len(prefix))], out, "infill")
     result.seconds = time.perf_counter() - t0
     if on_step is not None:

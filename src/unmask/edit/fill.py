@@ -17,15 +17,14 @@ fixed   exactly the budget, EOS/pad forbidden (the "oracle length" of infill ben
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from unmask.decoding.denoise import denoise_batch
+from unmask.decoding.denoise import DenoiseOutput, denoise_batch
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.diffusion.objective import continuation_nll
@@ -39,27 +38,23 @@ SEARCH_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 SEARCH_SUFFIX_TOKENS = 64
 
 
-@contextlib.contextmanager
-def banned_tokens(model: torch.nn.Module, ids: set[int]) -> Iterator[None]:
-    """Forbid token ids while decoding, by setting their logits to -inf at the output head.
+class LocalDenoiser:
+    """Denoises canvases on the calling thread with an engine of its own per batch: the pipeline and the CLI.
+    The server hands edits another denoiser (serve/jobs.py) whose canvases are requests of its shared engine,
+    decoded step by step together with everything else it serves. Both take the same arguments and give
+    the same tokens (greedy)."""
 
-    A forward hook rather than a sampler argument, so it applies to whatever path the engine takes
-    (full pass, cached block, compiled step). The mask id must never be *written*: the fill loop would
-    never end, and a random or lightly trained model can put it on top.
-    """
-    if not ids:
-        yield
-        return
-    index = torch.tensor(sorted(ids), device=model.output.weight.device)
+    def __init__(self, model: torch.nn.Module, prefix_store=None):
+        self.model, self.prefix_store = model, prefix_store
 
-    def hook(module, args, output):
-        return output.index_fill(-1, index, float("-inf"))
+    def __call__(self, canvases: list[list[int]], options: DecodeOptions, on_step: Callable[[StepEvent], None] | None,
+                 request_ids: list[str], banned: set[int]) -> list[DenoiseOutput]:
+        return denoise_batch(self.model, canvases, options, on_step, request_ids, self.prefix_store, banned=banned)
 
-    handle = model.output.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+
+def local_denoiser(pipe, denoiser=None):
+    """`denoiser` if given, else one that denoises with the pipeline's model on this thread."""
+    return denoiser if denoiser is not None else LocalDenoiser(pipe.model, getattr(pipe, "prefix_store", None))
 
 
 class StepRelay:
@@ -96,10 +91,12 @@ def special_ids(pipe) -> set[int]:
     return {i for i in ids if i is not None and 0 <= i < c.vocab_size}
 
 
-def _run(pipe, candidates: list[list[Piece]], options: DecodeOptions, prompt_ids, relay: StepRelay,
+def _run(pipe, denoiser, candidates: list[list[Piece]], options: DecodeOptions, prompt_ids, relay: StepRelay,
          allow_eos: bool, out: FillOutput) -> list[tuple[Canvas, list[int]]]:
     """Denoise one canvas per candidate piece list, all in one batch. The relay streams the first one's
-    steps (one canvas on screen); NFE counts every canvas's forward passes, steps and seconds the batch's."""
+    steps (one canvas on screen); NFE counts every canvas's forward passes, steps and seconds the batch's.
+    Special tokens are banned per canvas (the mask id must never be *written*: the fill would never end,
+    and a random or lightly trained model can put it on top)."""
     c = pipe.config
     canvases = [build_canvas(pipe.tokenizer, pieces, c.max_seq_len, prompt_ids) for pieces in candidates]
     absorbed = {c.eos_id, c.pad_id}
@@ -110,9 +107,7 @@ def _run(pipe, candidates: list[list[Piece]], options: DecodeOptions, prompt_ids
         if event.request_id == ids[0]:
             relay(event)
 
-    with banned_tokens(pipe.model, banned):
-        results = denoise_batch(pipe.model, [cv.ids for cv in canvases], options, on_step=shown, request_ids=ids,
-                                prefix_store=pipe.prefix_store)
+    results = denoiser([cv.ids for cv in canvases], options, shown, ids, banned)
     steps = max(r.steps for r in results)
     relay.steps += steps
     out.nfe += sum(r.nfe for r in results)
@@ -124,22 +119,26 @@ def _run(pipe, candidates: list[list[Piece]], options: DecodeOptions, prompt_ids
 def fill(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids: list[int] | None = None,
          on_step: Callable[[StepEvent], None] | None = None, request_id: str = "edit", length: str = "absorb",
          candidates: list[list[int]] | None = None, relay: StepRelay | None = None,
-         search_n_samples: int = 8) -> FillOutput:
+         search_n_samples: int = 8, denoiser=None) -> FillOutput:
     """Denoise the masks of the editable pieces (their `init`) with everything else as context.
 
     candidates  for length="search": mask counts to try, one list per candidate with one count per
                 editable piece; default: every piece's budget scaled by SEARCH_SCALES together.
 
+    denoiser    where canvases are denoised (and its `model` scores candidates); default: LocalDenoiser
+
     Regions too far apart for one context window are filled window by window, left to right; regions
     filled earlier are context (with their new text) for later windows.
     """
+    denoiser = local_denoiser(pipe, denoiser)
     if length not in LENGTH_MODES:
         raise EditError(f"length must be one of {', '.join(LENGTH_MODES)}, got {length!r}")
     relay = relay or StepRelay(on_step, request_id)
     room = pipe.config.max_seq_len - len(prompt_ids or [])
     groups = plan_windows(pipe.tokenizer, pieces, room)
     if len(groups) == 1:
-        return _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, search_n_samples)
+        return _fill_window(pipe, denoiser, pieces, options, prompt_ids, relay, length, candidates,
+                            search_n_samples)
     if length == "search":
         raise EditError("length search needs every region within one context window; edit fewer regions at once")
     done: dict[int, tuple[str, list[int], int]] = {}
@@ -147,7 +146,7 @@ def fill(pipe, pieces: list[Piece], options: DecodeOptions, prompt_ids: list[int
     for group in groups:
         sub = [p if i in group or not p.editable else Piece(done[i][0] if i in done else p.text)
                for i, p in enumerate(pieces)]
-        part = _fill_window(pipe, sub, options, prompt_ids, relay, length, None, search_n_samples)
+        part = _fill_window(pipe, denoiser, sub, options, prompt_ids, relay, length, None, search_n_samples)
         for i, text, tokens, n in zip(sorted(group), part.texts, part.tokens, part.lengths):
             done[i] = (text, tokens, n)
         out.nfe += part.nfe
@@ -180,17 +179,18 @@ def plan_windows(tokenizer, pieces: list[Piece], room: int) -> list[set[int]]:
     return groups
 
 
-def _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, search_n_samples) -> FillOutput:
+def _fill_window(pipe, denoiser, pieces, options, prompt_ids, relay, length, candidates,
+                 search_n_samples) -> FillOutput:
     c = pipe.config
     drop = {c.eos_id, c.pad_id}
     out = FillOutput(texts=[], tokens=[])
     if length == "search":
         best = None
-        for canvas, filled in _run(pipe, _search_pieces(pieces, candidates, c.mask_id), options, prompt_ids,
-                                   relay, False, out):
+        for canvas, filled in _run(pipe, denoiser, _search_pieces(pieces, candidates, c.mask_id), options,
+                                   prompt_ids, relay, False, out):
             start, end = canvas.regions[0][0], canvas.regions[-1][1] + SEARCH_SUFFIX_TOKENS
             # the same seed for every candidate: their scores differ by the text, not by the noise
-            score = continuation_nll(pipe.model, filled[:start], filled[start:end], mc_samples=search_n_samples,
+            score = continuation_nll(denoiser.model, filled[:start], filled[start:end], mc_samples=search_n_samples,
                                      batch_size=search_n_samples,
                                      generator=torch.Generator().manual_seed(options.seed or 0))
             out.nfe += 1
@@ -198,7 +198,7 @@ def _fill_window(pipe, pieces, options, prompt_ids, relay, length, candidates, s
                 best = (score, canvas, filled)
         _, canvas, filled = best
     else:
-        [(canvas, filled)] = _run(pipe, [pieces], options, prompt_ids, relay, length == "absorb", out)
+        [(canvas, filled)] = _run(pipe, denoiser, [pieces], options, prompt_ids, relay, length == "absorb", out)
     out.canvas = filled
     out.tokens = region_tokens(canvas, filled, drop)
     out.texts = [pipe.tokenizer.decode(t) for t in out.tokens]
