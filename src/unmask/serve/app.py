@@ -43,6 +43,7 @@ from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
 from unmask.serve.logprobs import LogprobFormat
 from unmask.serve.metrics import Metrics
+from unmask.serve.scheduler import retry_headers
 from unmask.serve.schema import (
     ApiError,
     ChatCompletionRequest,
@@ -123,9 +124,8 @@ class Server:
         self.defaults = defaults
         self.worker = Worker(engine, max_jobs=max_edit_queue)
         self.metrics = Metrics(lambda: self.worker.num_waiting, lambda: self.worker.num_active)
-        if getattr(engine, "prefix", None) is not None:
+        if getattr(engine, "prefix", None) is not None:  # edits' canvases are engine requests: they use it too
             self.metrics.watch_prefix_store(engine.prefix)
-            pipeline.prefix_store = engine.prefix  # edits (on the same worker thread) reuse it too
         self.created = int(time.time())
         # strings that end an assistant turn: the checkpoint's end-of-turn tokens, or the start of a new turn
         self.turn_ends = end_of_turn_strings(pipeline)
@@ -260,14 +260,18 @@ class Server:
     async def run(self, request: Request, req: DecodingFields, endpoint: str, choices: list[Choice],
                   chat: bool) -> Response:
         t0 = time.perf_counter()
-        tickets = []
+        # all choices as one group: admitted whole or refused whole (serve/scheduler.py)
+        tickets, admitted = self.worker.submit_group(
+            [dict(prompt_ids=c.prompt_ids, options=c.opts, suffix_ids=c.suffix_ids,
+                  stop_when=stop_checker(self.tokenizer, c.opts.stop, c.skip), first_allowed=c.first_allowed)
+             for c in choices], every_step=req.stream)
         try:
-            for c in choices:
-                tickets.append(await self.worker.submit(c.prompt_ids, c.opts, suffix_ids=c.suffix_ids,
-                                                        every_step=req.stream,
-                                                        stop_when=stop_checker(self.tokenizer, c.opts.stop, c.skip),
-                                                        first_allowed=c.first_allowed))
-        except BaseException:  # queue full (or the client left) part-way: the accepted choices go too
+            await self.admission(request, admitted)
+        except ClientGone:
+            self.cancel(tickets)
+            self.metrics.requests.labels(endpoint, "cancelled").inc()
+            return Response(status_code=499)
+        except BaseException:  # refused (queue full, bad options): none of its choices stays
             self.cancel(tickets)
             raise
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
@@ -312,6 +316,16 @@ class Server:
     def cancel(self, tickets: list) -> None:
         for t in tickets:
             self.worker.cancel(t.request_id)
+
+    async def admission(self, request: Request, admitted: asyncio.Future) -> None:
+        """Wait until a request's choices are in the engine: at once, unless older requests wait before it
+        (then it waits whole, in arrival order); raises ClientGone if the client disconnects first."""
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(admitted), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone from None
 
     async def wait_final(self, request: Request, ticket) -> Any:
         """The request's last event; raises ClientGone if the client disconnects first."""
@@ -668,7 +682,7 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
     async def unmask_error(request: Request, e: UnmaskError):
         status = 429 if _is_queue_full(e) else 400
         srv.metrics.requests.labels(request.url.path, str(status)).inc()
-        headers = {"Retry-After": "1"} if status == 429 else None
+        headers = retry_headers(getattr(e, "retry_after", 1.0)) if status == 429 else None
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
         return JSONResponse(error_body(str(e), kind), status_code=status, headers=headers)
 

@@ -20,7 +20,7 @@ from unmask.serve.schema import ApiError, EditRequest, ServerLimits
 def check_edit(req: EditRequest, mode: str, limits: ServerLimits) -> None:
     """Fail fast (a 400 naming the field, as every error names its field) instead of after the job was
     queued: `n` other than 1 (an edit has one result), bad spans, or more spans than the server's limit
-    (each span is denoised in turn, so their number bounds the edit's time)."""
+    (the spans' masks are decoded block after block, so their number bounds the edit's time)."""
     if req.n != 1:
         raise ApiError(f"n: an edit returns one choice; n must be 1, got {req.n}", 400, "n")
     try:
@@ -40,9 +40,11 @@ def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions)
         if value is not None:
             kwargs[ours] = value
 
-    def job(on_step: Callable[[StepEvent], None]) -> EditResult:
-        # the edit's own final event (done=True, no canvas) is replaced by the job's return value
-        return edit_text(pipeline, req.input, on_step=lambda ev: None if ev.done else on_step(ev), **kwargs)
+    def job(on_step: Callable[[StepEvent], None], denoiser: Any) -> EditResult:
+        # the edit's own final event (done=True, no canvas) is replaced by the job's return value; its
+        # canvases are requests of the server's engine (the job is its denoiser, serve/jobs.py)
+        return edit_text(pipeline, req.input, on_step=lambda ev: None if ev.done else on_step(ev),
+                         denoiser=denoiser, **kwargs)
 
     return job
 

@@ -1,12 +1,14 @@
-"""The one thread that owns the model: it drives the engine and runs edit jobs; asyncio handlers talk to it.
+"""The one thread that owns the model: it drives the engine; asyncio handlers and edit jobs talk to it.
 
 The model (and the engine's queues) are not thread-safe, so every call into them happens on this thread.
-Handlers post commands to an inbox (submit, cancel, run a job) and get back a `Ticket`: an asyncio queue
-that receives the request's `StepEvent`s through `loop.call_soon_threadsafe`. Between commands the thread
-calls `engine.step()` as long as there is work, so concurrent requests share each batched denoising step.
+Handlers post commands to an inbox and get back `Ticket`s: asyncio queues that receive their request's
+`StepEvent`s through `loop.call_soon_threadsafe`. Each loop of the thread handles the commands that came
+in, feeds the scheduler's line into free batch rows (serve/scheduler.py), runs at most one forward pass an
+edit job asked for, and takes one `engine.step()`. So every request in flight advances by one step per
+loop: completions, their `n` choices and the canvases of edits (serve/jobs.py) alike.
 
-Edit jobs (`run_job`) run whole on this thread between engine steps; their `on_step` callback streams their
-states the same way and raises `Cancelled` once the client has gone.
+Commands: a group of choices (admitted whole, or refused whole with a 429), an edit job's canvases, an edit
+job's forward pass, a cancel.
 """
 
 from __future__ import annotations
@@ -17,30 +19,18 @@ import concurrent.futures
 import logging
 import queue
 import threading
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable
 
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
+from unmask.serve.jobs import Cancelled, Failed, Job, JobDone
+from unmask.serve.scheduler import Entry, Group, Scheduler
 from unmask.serve.schema import ApiError
 
+__all__ = ["Cancelled", "Failed", "JobDone", "Ticket", "Worker"]
+
 log = logging.getLogger(__name__)
-
-
-class Cancelled(Exception):
-    """Raised inside a job's on_step once its client has disconnected."""
-
-
-@dataclass
-class JobDone:
-    value: Any
-
-
-@dataclass
-class Failed:
-    error: BaseException
 
 
 class Ticket:
@@ -69,15 +59,19 @@ def _count(value: Any) -> int:
 
 
 class Worker:
-    def __init__(self, engine: Any, max_jobs: int = 16, idle_poll_s: float = 0.2):
+    """`max_waiting`: requests that may wait for the engine before a 429 (default: the engine's max_queue);
+    `max_jobs`: edit jobs at once."""
+
+    def __init__(self, engine: Any, max_jobs: int = 16, idle_poll_s: float = 0.2, max_waiting: int | None = None):
         self.engine = engine
         self.max_jobs = max_jobs
         self.idle_poll_s = idle_poll_s
+        self.scheduler = Scheduler(engine, engine.max_queue if max_waiting is None else max_waiting)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._tickets: dict[str, tuple[Ticket, bool]] = {}  # engine request id -> (ticket, wants every step)
-        self._jobs: collections.deque = collections.deque()
-        self._jobs_waiting = 0  # jobs submitted and not finished (guarded by _lock)
-        self._cancelled: set[str] = set()  # job ids whose client left (read by running jobs)
+        self._sinks: dict[str, tuple[Any, bool]] = {}  # engine request id -> (where its events go, every step)
+        self._owner: dict[str, Job] = {}  # engine request id -> the edit job it denoises for
+        self._calls: collections.deque = collections.deque()  # edit jobs' forward passes, in order
+        self._jobs: dict[str, Job] = {}  # running edit jobs (guarded by _lock)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -94,6 +88,10 @@ class Worker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            job.cancel()
         self._inbox.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout)
@@ -105,52 +103,77 @@ class Worker:
 
     @property
     def num_waiting(self) -> int:
-        return _count(self.engine.num_waiting) + self._jobs_waiting
+        return _count(self.engine.num_waiting) + self.scheduler.queued
 
     @property
     def num_active(self) -> int:
         return _count(self.engine.num_active)
 
+    def post(self, command: tuple) -> None:
+        self._inbox.put(command)
+
     # --- called from the event loop ----------------------------------------------------------------
-    async def submit(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
-                     every_step: bool = True, **request: Any) -> Ticket:
-        """Queue a generation (`request`: the engine's stop_when / first_allowed); raises the engine's
-        QueueFull when its queue is full."""
+    def submit_group(self, requests: list[dict], every_step: bool = True) -> tuple[list[Ticket], asyncio.Future]:
+        """Queue one client request's choices as one group: each item is an engine.submit's keyword
+        arguments (prompt_ids, options, suffix_ids, stop_when, first_allowed). Returns their tickets and a
+        future that is done once the group is in the engine, or fails with the reason it was refused
+        (LineFull / QueueFull, bad options); cancel the tickets if you stop waiting for it."""
         self.start()
         loop = asyncio.get_running_loop()
-        ticket = Ticket(f"req-{uuid.uuid4().hex[:16]}", loop)
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("submit", ticket, every_step, prompt_ids, options, suffix_ids, request, accepted))
+        tickets = [Ticket(f"req-{uuid.uuid4().hex[:16]}", loop) for _ in requests]
+        admitted: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("group", tickets, every_step, requests, admitted))
+        return tickets, asyncio.wrap_future(admitted)
+
+    async def submit(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
+                     every_step: bool = True, **request: Any) -> Ticket:
+        """One generation (`request`: the engine's stop_when / first_allowed), admitted before this returns."""
+        [ticket], admitted = self.submit_group([dict(prompt_ids=prompt_ids, options=options, suffix_ids=suffix_ids,
+                                                     **request)], every_step)
         try:
-            await asyncio.wrap_future(accepted)
-        except asyncio.CancelledError:  # the client left while the worker was busy: drop the request
+            await admitted
+        except BaseException:  # refused, or the client left while it waited: drop it
             self.cancel(ticket.request_id)
             raise
         return ticket
 
-    async def run_job(self, job: Callable[[Callable[[StepEvent], None]], Any], every_step: bool = True) -> Ticket:
-        """Run `job(on_step)` on the worker thread; its return value arrives as JobDone."""
+    async def run_job(self, fn: Callable[[Callable[[StepEvent], None], Any], Any], every_step: bool = True) -> Ticket:
+        """Run the edit `fn(on_step, denoiser)` on a thread of its own (serve/jobs.py); its return value
+        arrives as JobDone."""
         self.start()
-        with self._lock:
-            if self._jobs_waiting >= self.max_jobs:
-                raise ApiError(f"server busy: {self._jobs_waiting} edits queued; retry later", 429)
-            self._jobs_waiting += 1
         ticket = Ticket(f"edit-{uuid.uuid4().hex[:16]}", asyncio.get_running_loop())
-        self._inbox.put(("job", ticket, every_step, job))
+        with self._lock:
+            if len(self._jobs) >= self.max_jobs:
+                raise ApiError(f"server busy: {len(self._jobs)} edits running; retry later", 429)
+            job = self._jobs[ticket.request_id] = Job(self, ticket, every_step, fn)
+        job.start()
         return ticket
 
     def cancel(self, request_id: str) -> None:
-        self._cancelled.add(request_id)
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is not None:
+            job.cancel()  # it raises Cancelled at its next event or wait and drops its engine requests
         self._inbox.put(("cancel", request_id))
+
+    def job_finished(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
 
     # --- the worker thread ------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("worker started")
         while not self._stopping.is_set():
-            busy = bool(self._jobs) or self.engine.has_work()
+            busy = bool(self._calls) or self.scheduler.has_work() or self.engine.has_work()
             self._drain(block=not busy)
-            if self._jobs:
-                self._run_job(*self._jobs.popleft())
+            self._feed()
+            if self._calls:  # one edit job's forward pass, then a step for everyone
+                fn, done = self._calls.popleft()
+                if done.set_running_or_notify_cancel():
+                    try:
+                        done.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 (raised again on the job's thread)
+                        done.set_exception(e)
             if self.engine.has_work():
                 self._step()
         self._fail_all(RuntimeError("server shutting down"))
@@ -170,28 +193,66 @@ class Worker:
 
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
-        if kind == "submit":
-            _, ticket, every_step, prompt_ids, options, suffix_ids, request, accepted = cmd
-            try:
-                rid = self.engine.submit(prompt_ids, options, request_id=ticket.request_id, suffix_ids=suffix_ids,
-                                         **request)
-            except BaseException as e:  # QueueFull, bad options: the handler turns it into a 4xx
-                accepted.set_exception(e)
+        if kind == "group":
+            _, tickets, every_step, requests, admitted = cmd
+            self._offer(tickets, every_step, [self._choice(t.request_id, r) for t, r in zip(tickets, requests)],
+                        admitted, limited=True)
+        elif kind == "canvases":
+            _, job, rids, canvases, options, banned, sink = cmd
+            if job.cancelled.is_set():
                 return
-            ticket.request_id = rid
-            self._tickets[rid] = (ticket, every_step)
-            accepted.set_result(rid)
-        elif kind == "job":
-            self._jobs.append(cmd[1:])
+            entries = [self._canvas(rid, c, options, banned) for rid, c in zip(rids, canvases)]
+            for rid in rids:
+                self._owner[rid] = job
+            self._offer([sink] * len(rids), True, entries, None, limited=False)
+        elif kind == "call":
+            self._calls.append(cmd[1:])
         elif kind == "cancel":
             rid = cmd[1]
-            if self._tickets.pop(rid, None) is not None:
-                self.engine.cancel(rid)
-            for job in list(self._jobs):  # a queued edit that never started
-                if job[0].request_id == rid:
-                    self._jobs.remove(job)
-                    self._job_finished(rid)
-            self._cancelled.discard(rid)  # a running job has seen it already (it ran on this thread)
+            for own, job in list(self._owner.items()):  # an edit job's: every canvas of it
+                if own == rid or job.id == rid:
+                    self._drop(own)
+            self._drop(rid)
+
+    @staticmethod
+    def _choice(rid: str, request: dict) -> Entry:
+        return Entry(rid, lambda engine: engine.submit(request_id=rid, **request))
+
+    @staticmethod
+    def _canvas(rid: str, canvas: list[int], options: DecodeOptions, banned: set[int]) -> Entry:
+        return Entry(rid, lambda engine: engine.submit_canvas(canvas, options, rid, banned=banned))
+
+    def _offer(self, sinks: list, every_step: bool, entries: list[Entry],
+               admitted: concurrent.futures.Future | None, limited: bool) -> None:
+        def on_admitted(error: BaseException | None) -> None:
+            if admitted is not None and not admitted.done():
+                admitted.set_result(None) if error is None else admitted.set_exception(error)
+
+        for sink, e in zip(sinks, entries):
+            self._sinks[e.request_id] = (sink, every_step)
+        try:
+            self.scheduler.offer(Group(entries, limited=limited, on_admitted=on_admitted))
+        except Exception as e:  # the line is full: refused whole
+            for entry in entries:
+                self._sinks.pop(entry.request_id, None)
+                self._owner.pop(entry.request_id, None)
+            if admitted is not None:
+                admitted.set_exception(e)
+            else:
+                sinks[0].put(Failed(e))
+
+    def _feed(self) -> None:
+        for group, error in self.scheduler.feed():
+            for e in group.entries:
+                entry = self._sinks.pop(e.request_id, None)
+                self._owner.pop(e.request_id, None)
+                if entry is not None:
+                    entry[0].put(Failed(error))
+
+    def _drop(self, rid: str) -> None:
+        self._owner.pop(rid, None)
+        if self._sinks.pop(rid, None) is not None:
+            self.scheduler.cancel(rid)
 
     def _step(self) -> None:
         try:
@@ -204,50 +265,29 @@ class Worker:
             return
         self.steps += 1
         for ev in events:
-            entry = self._tickets.get(ev.request_id)
+            self.scheduler.started(ev.request_id)
+            entry = self._sinks.get(ev.request_id)
             if entry is None:  # cancelled meanwhile
                 continue
-            ticket, every_step = entry
+            sink, every_step = entry
             if ev.done:
-                del self._tickets[ev.request_id]
+                del self._sinks[ev.request_id]
+                self._owner.pop(ev.request_id, None)
             if ev.done or every_step:
-                ticket.put(ev)
+                sink.put(ev)
 
     def _fail_all(self, error: BaseException) -> None:
-        for rid, (ticket, _) in list(self._tickets.items()):
+        for group in self.scheduler.clear():
+            group.on_admitted(error)
+        for rid, (sink, _) in list(self._sinks.items()):
             try:
-                self.engine.cancel(rid)
+                self.scheduler.cancel(rid)
             except Exception:  # the engine may be broken; the client still gets its error
                 log.exception("cancel after failure")
-            ticket.put(Failed(error))
-        self._tickets.clear()
-        while self._jobs:
-            ticket = self._jobs.popleft()[0]
-            self._job_finished(ticket.request_id)
-            ticket.put(Failed(error))
-
-    def _run_job(self, ticket: Ticket, every_step: bool, job: Callable) -> None:
-        rid = ticket.request_id
-
-        def on_step(ev: StepEvent) -> None:
-            if rid in self._cancelled:
-                raise Cancelled(rid)
-            if every_step:
-                ticket.put(ev)
-
-        t0 = time.perf_counter()
-        try:
-            value = job(on_step)
-        except Cancelled:
-            log.info("edit %s cancelled after %.2fs", rid, time.perf_counter() - t0)
-        except Exception as e:  # user errors (bad spans) and bugs alike go back to the client
-            ticket.put(Failed(e))
-        else:
-            ticket.put(JobDone(value))
-        finally:
-            self._job_finished(rid)
-
-    def _job_finished(self, rid: str) -> None:
-        self._cancelled.discard(rid)
-        with self._lock:
-            self._jobs_waiting -= 1
+            sink.put(Failed(error))
+        self._sinks.clear()
+        self._owner.clear()
+        while self._calls:
+            _, done = self._calls.popleft()
+            if done.set_running_or_notify_cancel():
+                done.set_exception(error)
