@@ -113,3 +113,54 @@ def test_threshold_policy_in_the_engine_uses_the_confidence_measure(tokenizer, k
     # prob/margin: the 4 sure positions at once, then the unsure ones one by one; exp(-entropy) of a
     # 0.97 peak over 512 tokens is only ~0.72, so under entropy nothing clears 0.9: one per step
     assert r.steps_per_block == [steps]
+
+
+def test_verify_commits_while_the_fed_inputs_match():
+    from unmask.decoding.policies import VerifyPolicy
+
+    p = VerifyPolicy(DecodeOptions(policy="verify"))
+    M = 99
+    cur = torch.tensor([7, M, M, M, M, M])  # position 0 committed, 1.. open
+    proposed = torch.tensor([0, 10, 11, 12, 13, 14])
+    follows = torch.ones(6, dtype=torch.bool)
+    open_ = cur == M
+    # drafts at 1 and 2 right, 3 wrong: 1 (read from committed 0), 2 (fed 10 == 10), 3 (fed 11 == 11) commit;
+    # 4 is read from position 3, fed 55 != 12, so it stays open
+    fed = torch.tensor([7, 10, 11, 55, M, M])
+    assert chosen(p.verify(proposed, cur, fed, open_, follows)) == [1, 2, 3]
+    # all masks fed: only the leftmost (read from committed text)
+    fed = torch.tensor([7, M, M, M, M, M])
+    assert chosen(p.verify(proposed, cur, fed, open_, follows)) == [1]
+    # a gap in the canvas breaks the chain even when the draft matched
+    gap = follows.clone()
+    gap[2] = False
+    fed = torch.tensor([7, 10, 11, 12, M, M])
+    assert chosen(p.verify(proposed, cur, fed, open_, gap)) == [1]
+    assert chosen(p.verify(proposed, cur, fed, open_, follows)) == [1, 2, 3, 4]
+
+
+def test_verify_keeps_look_ahead_drafts_only_after_a_clean_prefix():
+    from unmask.decoding.policies import VerifyPolicy
+
+    p = VerifyPolicy(DecodeOptions(policy="verify"))
+    M = 99
+    proposed = torch.tensor([0, 10, 11, 12, 13, 14])
+    follows = torch.ones(6, dtype=torch.bool)
+    still_open = torch.tensor([False, False, False, True, True, True])
+    # the run stopped because position 2 read a mask: the proposals after it are look-ahead from right text
+    clean = p.next_inputs(proposed, torch.tensor([7, 10, M, M, M, M]), still_open, follows, M)
+    assert clean.tolist() == [M, M, M, 12, 13, 14]
+    # it stopped at a wrong draft at position 2: everything after is stale and goes back to masks
+    stale = p.next_inputs(proposed, torch.tensor([7, 10, 55, M, M, M]), still_open, follows, M)
+    assert stale.tolist() == [M] * 6
+
+
+def test_copy_draft_takes_what_followed_the_longest_latest_match():
+    from unmask.decoding.drafts import copy_draft
+
+    ctx = [1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]
+    assert copy_draft(ctx, 2) == [5, 6]  # "2 3" last seen before "5 6"; longest (3) finds nothing
+    assert copy_draft([1, 2, 3, 8, 1, 2, 3, 7, 2, 3], 3) == [7, 2, 3]  # n=2 latest occurrence
+    assert copy_draft([4, 1, 2, 3, 9, 9, 1, 2, 3], 2) == [9, 9]  # n=3 match preferred
+    assert copy_draft([1, 2, 3], 4) == []
+    assert copy_draft([5], 4) == []

@@ -27,7 +27,7 @@ MaxNewTokens = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", h
 BlockLength = Annotated[Optional[int], typer.Option("--block-length", help="Masked positions decoded together.")]
 Steps = Annotated[Optional[int], typer.Option("--steps", help="Total denoising steps (the fixed policy: "
                                                                "implies --policy fixed unless --policy is given).")]
-Policy = Annotated[Optional[str], typer.Option("--policy", help="fixed | threshold | factor | eb | leftmost")]
+Policy = Annotated[Optional[str], typer.Option("--policy", help="fixed | threshold | factor | eb | leftmost | verify")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Confidence threshold of the threshold policy.")]
 EntropyBound = Annotated[Optional[float], typer.Option("--entropy-bound", help="γ of the eb policy: the error "
                                                        "(-log confidence) a step may add beyond its surest token.")]

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from unmask.decoding.cache import CacheView, attention_mask, grow_cache
+from unmask.decoding.drafts import copy_draft
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
@@ -128,10 +129,17 @@ class Request:
     entry_width: int = 0  # ... and every entry window to this one
     prefix_fill: list | None = None  # stored K/V of its leading prompt blocks, copied in before its first pass
     prefix_new: range = range(0)  # its prompt's model blocks to store after its first pass
+    feed: torch.Tensor | None = None  # drafting policies (verify): the canvas as fed, drafts at open positions
+    follows: torch.Tensor | None = None  # ... bool [L]: block position i is the canvas position after i - 1
 
     @property
     def n(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """What the forward pass reads: the canvas, or with a drafting policy the canvas with its drafts."""
+        return self.x if self.feed is None else self.feed
 
     def needs_refresh(self) -> bool:
         o = self.options
@@ -249,13 +257,18 @@ class Engine:
                 tail_start -= 1
         total_steps = options.steps or len(masks)
         x = torch.tensor(canvas, device=self.device)
+        policy = make_policy(options)
+        if policy.drafts and not (c.attention == "block_causal" and c.block_attention == "causal" and c.logits_shift):
+            raise OptionsError(f"the {policy.name} policy needs a model with causal attention inside its blocks and "
+                               "shifted logits (an adapted AR model), where a token read from committed text is "
+                               "the AR base's own")
         req = Request(
             id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
             first_allowed=None if first_allowed is None else first_allowed.to(self.device),
             banned=self._token_set(banned),
             bias=bias_vector(options.logit_bias, c.vocab_size, self.device),
-            prompt_tokens=(region or (0, 0))[0], policy=make_policy(options),
+            prompt_tokens=(region or (0, 0))[0], policy=policy, feed=x.clone() if policy.drafts else None,
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
             steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
         )
@@ -377,6 +390,7 @@ class Engine:
             self._active[r.id] = r
             if r.blocks:
                 self._enter_block(r)
+                self._draft(r)
                 if self.prefix is not None and r.options.cache != "none" and not r.options.cache_refresh:
                     self._reuse_prefix(r)
 
@@ -436,6 +450,26 @@ class Engine:
             r.entry_width = max((e - s for s, e in entries), default=0)
         r.block_step, r.correcting = 0, -1
         r.policy.start_block(len(blk), r.steps_budget)
+        if r.policy.drafts:
+            r.follows = torch.ones_like(r.pos, dtype=torch.bool)
+            r.follows[1:] = r.pos[1:] == r.pos[:-1] + 1
+
+    def _draft(self, r: Request) -> None:
+        """Drafting policies: where the block's first open position has no draft from the model's look-ahead,
+        copy one from the committed text before it (decoding/drafts.py) over the open run there."""
+        if not r.policy.drafts:
+            return
+        blk, mask = r.blocks[r.block], self.config.mask_id
+        fed = r.feed[r.pos].tolist()
+        first = next((i for i, p in enumerate(blk) if r.host[p] == mask), None)
+        if first is None or fed[first] != mask:
+            return
+        run = first + 1
+        while run < len(blk) and blk[run] == blk[run - 1] + 1 and r.host[blk[run]] == mask:
+            run += 1
+        draft = copy_draft(r.host[: blk[first]], run - first)
+        if draft:
+            r.feed[r.pos[first : first + len(draft)]] = torch.tensor(draft, device=self.device)
 
     def _rows(self, reqs: list[Request]) -> slice | torch.Tensor:
         rows = [r.row for r in reqs]
@@ -454,9 +488,9 @@ class Engine:
             self._memo["refresh"] = (key, positions, attention_mask(self.config, positions, q_real, lengths, C))
         _, positions, mask = self._memo["refresh"]
         if len(reqs) == 1 and reqs[0].visible == C:
-            tokens = reqs[0].x[None, :C]
+            tokens = reqs[0].inputs[None, :C]
         else:
-            tokens = torch.stack([F.pad(r.x[: r.visible], (0, C - r.visible), value=self.config.pad_id)
+            tokens = torch.stack([F.pad(r.inputs[: r.visible], (0, C - r.visible), value=self.config.pad_id)
                                   for r in reqs])
         view = CacheView(self.cache, self._rows(reqs), None, C)
         h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
@@ -478,9 +512,9 @@ class Engine:
         _, W, positions, slots, mask = self._memo["window"]
         if len(reqs) == 1 and W == windows[0][1] - windows[0][0]:
             s, e = windows[0]
-            tokens = reqs[0].x[s:e][None]  # strides as the padded (stacked) path's: one compiled graph
+            tokens = reqs[0].inputs[s:e][None]  # strides as the padded (stacked) path's: one compiled graph
         else:
-            tokens = torch.stack([F.pad(r.x[s:e], (0, W - (e - s)), value=self.config.pad_id)
+            tokens = torch.stack([F.pad(r.inputs[s:e], (0, W - (e - s)), value=self.config.pad_id)
                                   for r, (s, e) in zip(reqs, windows)])
         view = CacheView(self.cache, self._rows(reqs), slots, C)
         h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
@@ -506,6 +540,12 @@ class Engine:
             new = self._correct(r, cur, probs, allow_remask=not last_correction)
         if last_correction:
             commit = masked  # the bound: whatever is still masked is committed now
+        elif r.policy.drafts:
+            fed = r.feed[r.pos]
+            commit = r.policy.verify(tokens, cur, fed, masked, r.follows)
+            still_open = masked & ~commit
+            r.feed[r.pos] = torch.where(still_open, r.policy.next_inputs(tokens, fed, still_open, r.follows, c.mask_id),
+                                        torch.where(commit, tokens, cur))
         else:
             commit = r.policy.select(conf, masked, r.block_step)
         new = torch.where(commit, tokens, new)
@@ -546,6 +586,7 @@ class Engine:
             if r.block == len(r.blocks):
                 return self._finish(r, changed)
             self._enter_block(r)
+        self._draft(r)
         lo, hi = r.region
         return StepEvent(r.id, r.steps, row[lo:hi], sum(t != c.mask_id for t in row[lo:hi]),
                          changed=[p - lo for p in changed if lo <= p < hi], logprobs=self._region_logprobs(r))

@@ -15,7 +15,7 @@ class OptionsError(UnmaskError, ValueError):
     pass
 
 
-POLICY_NAMES = ("fixed", "threshold", "factor", "eb", "leftmost")  # decoding/policies.py registers one class each
+POLICY_NAMES = ("fixed", "threshold", "factor", "eb", "leftmost", "verify")  # decoding/policies.py registers one class each
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API
 
 
@@ -24,7 +24,7 @@ class DecodeOptions:
     max_new_tokens: int = 128
     block_length: int = 32
     steps: int | None = None  # total denoising steps for fixed-step policies (None = max_new_tokens)
-    policy: str = "threshold"  # fixed | threshold | factor | eb | leftmost (engine policies, chosen by name)
+    policy: str = "threshold"  # fixed | threshold | factor | eb | leftmost | verify (engine policies, chosen by name)
     threshold: float = 0.9  # confidence threshold τ for the threshold policy
     factor: float = 1.0  # f of the factor policy
     entropy_bound: float = 0.5  # γ of the eb policy: error (-log confidence) a step may add beyond its surest token
@@ -68,6 +68,8 @@ class DecodeOptions:
         need(self.confidence in ("prob", "margin", "entropy", "random"), f"unknown confidence {self.confidence!r}")
         need(self.max_correction_steps >= 0, "max_correction_steps must be >= 0")
         need(self.policy in POLICY_NAMES, f"policy must be one of {', '.join(POLICY_NAMES)}, got {self.policy!r}")
+        need(not (self.policy == "verify" and self.self_correct),
+             "self_correct does not apply to the verify policy: every token it commits is already the AR base's")
         need(self.factor > 0, f"factor must be > 0, got {self.factor}")
         need(self.entropy_bound >= 0, f"entropy_bound must be >= 0, got {self.entropy_bound}")
         need(self.cache_refresh >= 0, f"cache_refresh must be >= 0, got {self.cache_refresh}")

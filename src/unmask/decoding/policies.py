@@ -11,6 +11,9 @@ number of tokens to commit is computed as a tensor and applied by ranking.
                models: that one is the AR model's own prediction, so greedy quality is AR's at least)
     eb         EB-Sampler (Ben-Hamu et al. 2025): surest first, as many as keep the summed error of all but the
                last within γ; error = -log(confidence), the entropy with confidence="entropy"
+    verify     causal-inside-block models: drafts are fed in place of masks and a token is committed only where
+               every input before it was the committed token, so the result is the AR base's own decoding,
+               exactly (greedy or sampled); drafts only decide how many tokens a step confirms
 
 Confidences (options.confidence) are all in [0, 1] so one threshold means the same for each:
     prob     probability of the proposed token (LLaDA low-confidence remasking, Dream `maskgit_plus`)
@@ -58,6 +61,7 @@ class Policy:
     """Base: `select(conf, candidates, step)` -> commit mask over the block's positions."""
 
     name = "base"
+    drafts = False  # True: the engine feeds drafts at open positions and commits through verify()
 
     def __init__(self, options: DecodeOptions):
         self.options = options
@@ -143,8 +147,55 @@ class EntropyBoundPolicy(Policy):
         return top_k_mask(conf, candidates, k)
 
 
+class VerifyPolicy(Policy):
+    """Self-speculative decoding for models with causal attention inside their blocks and shifted logits.
+
+    Such a model reads position p's token from its output at p - 1, which sees only the inputs up to p - 1.
+    So if the inputs from the leftmost masked position F up to p - 1 are the tokens this step commits there,
+    position p's token is drawn from exactly the distribution the AR base gives it. The engine feeds
+    *drafts* in place of masks (decoding/drafts.py); this policy commits F, then each next position while
+    the input before it matched, and stops at the first mismatch (whose own token is still exact: it is
+    read from a matching prefix). Every committed token is therefore the AR base's, greedy or sampled, and
+    each right draft saves a step. Confidences play no part.
+
+    Drafts come from two places (`next_inputs`): where this step's inputs after the committed run were
+    masks, the model's look-ahead through them is a draft conditioned on the right tokens; after a wrong
+    draft everything downstream is stale, so those positions go back to masks (the engine may then draft
+    them by copying from the context)."""
+
+    name = "verify"
+    drafts = True
+
+    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
+        return candidates & (candidates.cumsum(0) == 1)  # with no drafts fed: the leftmost, as greedy AR
+
+    def verify(self, proposed: torch.Tensor, cur: torch.Tensor, fed: torch.Tensor, candidates: torch.Tensor,
+               follows: torch.Tensor) -> torch.Tensor:
+        """Commit mask over the block. proposed [L]: this step's tokens; cur [L]: the block now (mask where
+        open); fed [L]: what this step's forward pass read at each position; follows [L]: position i is
+        the canvas position right after position i - 1 (follows[0] is ignored)."""
+        final = torch.where(candidates, proposed, cur)
+        matched = torch.ones_like(candidates)
+        matched[1:] = (fed[:-1] == final[:-1]) & follows[1:]
+        started = candidates.cumsum(0) >= 1
+        chain = (matched | ~started).long().cumprod(0).bool()
+        leftmost = candidates & (candidates.cumsum(0) == 1)
+        return leftmost | (candidates & started & chain)
+
+    def next_inputs(self, proposed: torch.Tensor, fed: torch.Tensor, open_after: torch.Tensor,
+                    follows: torch.Tensor, mask_id: int) -> torch.Tensor:
+        """What to feed at the block's open positions next step [L] (mask_id: no draft). The proposals are
+        kept only if the first open position's predecessor read a mask: then nothing wrong was fed before
+        them and they are the model's look-ahead from the committed text."""
+        first_open = open_after & (open_after.cumsum(0) == 1)
+        before = torch.full_like(fed, mask_id)
+        before[1:] = fed[:-1]
+        clean = (first_open & follows & (before == mask_id)).any()
+        return torch.where(open_after & clean, proposed, torch.full_like(proposed, mask_id))
+
+
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedStepsPolicy, ThresholdPolicy, FactorPolicy,
-                                                         EntropyBoundPolicy, LeftmostThresholdPolicy)}
+                                                         EntropyBoundPolicy, LeftmostThresholdPolicy, VerifyPolicy)}
 assert tuple(POLICIES) == POLICY_NAMES, "options.POLICY_NAMES lists the registered policies"
 
 

@@ -116,7 +116,7 @@ class DecodingFields(BaseModel):
     # diffusion decoding
     steps: Int | None = Field(None, ge=1, description="total denoising steps; implies policy 'fixed' unless set")
     block_length: Int | None = Field(None, ge=1)
-    policy: Literal["fixed", "threshold", "factor", "eb", "leftmost"] | None = None
+    policy: Literal["fixed", "threshold", "factor", "eb", "leftmost", "verify"] | None = None
     threshold: Float | None = Field(None, gt=0.0, le=1.0)
     factor: Float | None = Field(None, gt=0.0)
     entropy_bound: Float | None = Field(None, ge=0.0, description="γ of the eb policy")
