@@ -21,9 +21,28 @@ import torch.nn.functional as F
 
 class AdapterGate:
     """The per-token gate [B, T, 1] of the current forward pass, shared by every adapted layer (None = on
-    everywhere). The Transformer sets it from the input ids before running its layers."""
+    everywhere). The Transformer sets it from the input ids before running its layers.
+
+    `rows`, when set, lists the flattened positions where the gate is on: eager CPU passes (one cheap host
+    sync) then run the adapter on those rows only — none at all for a pass of committed tokens and drafts,
+    which is most of the verify policy's steps."""
 
     value: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+
+def adapter_delta(out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                  gate: AdapterGate) -> torch.Tensor:
+    """`out` (the base layer's output for `x`) plus the low-rank update where the gate is on."""
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if gate.rows is not None:
+        if gate.rows.numel() == 0:
+            return out
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+        delta = F.linear(F.linear(flat_x.index_select(0, gate.rows), a), b) * scale
+        return flat_out.index_add(0, gate.rows, delta.to(out.dtype)).view(out.shape)
+    delta = F.linear(F.linear(x, a), b) * scale
+    return out + (delta if gate.value is None else delta * gate.value.to(delta.dtype))
 
 
 class AdaptedLinear(nn.Linear):
@@ -36,10 +55,7 @@ class AdaptedLinear(nn.Linear):
         self.gate = gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        delta = F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scale
-        gate = self.gate.value
-        return out + (delta if gate is None else delta * gate.to(delta.dtype))
+        return adapter_delta(super().forward(x), x, self.lora_a, self.lora_b, self.scale, self.gate)
 
 
 ADAPTED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention projections and dense SwiGLU layers

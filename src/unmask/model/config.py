@@ -13,6 +13,7 @@ from typing import Any
 ATTENTION_MODES = ("bidirectional", "causal", "block_causal")
 BLOCK_ATTENTION = ("bidirectional", "causal")
 ADAPTER_TOKENS = ("masks", "all")
+QUANTIZATIONS = ("int8", "fp8")  # model/quantize.py
 
 
 class ConfigError(UnmaskError, ValueError):
@@ -46,6 +47,8 @@ class ModelConfig:
     adapter_rank: int = 0
     adapter_alpha: float = 32.0
     adapter_tokens: str = "masks"
+    # weights stored quantized per output row (model/quantize.py): None, "int8" or "fp8"
+    quantization: str | None = None
     # Dream / AR-adapted models: output i predicts token i+1, so a masked token is read from i-1.
     logits_shift: bool = False
     # mixture of experts (n_experts 0 = every layer has one dense SwiGLU of ffn_hidden): the first
@@ -118,6 +121,8 @@ class ModelConfig:
         if self.adapter_rank < 0 or self.adapter_tokens not in ADAPTER_TOKENS:
             raise ConfigError(f"adapter_rank must be >= 0 and adapter_tokens one of {ADAPTER_TOKENS}, got "
                               f"{self.adapter_rank}, {self.adapter_tokens!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS} or null, got {self.quantization!r}")
         if self.attention == "block_causal" and self.block_size < 1:
             raise ConfigError("block_size must be >= 1 for block_causal attention")
         if self.n_experts:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from unmask.model.adapter import AdapterGate, adapt_linears, is_adapter_param
 from unmask.model.config import ModelConfig
+from unmask.model.quantize import quantize_model
 
 
 class RMSNorm(nn.Module):
@@ -284,6 +285,8 @@ class Transformer(nn.Module):
         if config.adapter_rank:
             adapt_linears(self.layers, config.adapter_rank, config.adapter_alpha, self.adapter_gate)
             self.mask_embedding = nn.Parameter(torch.zeros(config.dim))
+        if config.quantization:  # a quantized checkpoint: build the stored layout, then load into it
+            quantize_model(self, config.quantization)
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """GPT-2 style init; residual projections scaled down by depth."""
@@ -353,6 +356,9 @@ class Transformer(nn.Module):
             is_mask = (input_ids == c.mask_id)[..., None]
             h = torch.where(is_mask, self.mask_embedding.to(h.dtype), h)
             self.adapter_gate.value = is_mask if c.adapter_tokens == "masks" else None
+            eager_cpu = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            sparse = eager_cpu and c.adapter_tokens == "masks" and not torch.is_grad_enabled()
+            self.adapter_gate.rows = is_mask.view(-1).nonzero().squeeze(1) if sparse else None
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i, cache_start, kv_len)
         h = self.norm(h)
@@ -364,5 +370,5 @@ class Transformer(nn.Module):
         return logits
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
-        p = self.output.weight
+        p = self.tok_embeddings.weight  # the compute dtype (a quantized head stores its own)
         return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)
