@@ -7,11 +7,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from unmask.decoding.generate import generate_many, generate_text
 from unmask.decoding.options import DecodeOptions, generation_defaults, save_generation_defaults
 from unmask.decoding.result import GenerationResult
+from unmask.edit import edit_text, infill_text
+from unmask.errors import UnmaskError
 from unmask.model.base import named_base
-from unmask.model.checkpoints import load_model, read_config
-from unmask.model.gguf import is_gguf, load_gguf
+from unmask.model.checkpoints import CheckpointError, load_model, read_config, save_model
+from unmask.model.gguf import cached_folder, is_gguf, load_gguf
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 
@@ -26,8 +29,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        from unmask.errors import UnmaskError
-
         raise UnmaskError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
@@ -35,8 +36,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def parse_device(device: str | torch.device | None) -> torch.device | None:
     """A torch.device, checked here so a typo or a missing GPU is one clear error, not a traceback from
     deep inside loading."""
-    from unmask.errors import UnmaskError
-
     if not device:  # None (or ""): the caller's default
         return None
     try:
@@ -73,8 +72,6 @@ class Pipeline:
         return self.model.output.weight.device
 
     def save(self, path: str | Path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
-        from unmask.model.checkpoints import save_model
-
         save_model(self.model, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
         self.tokenizer.save(path)
         save_generation_defaults(self.defaults, path)
@@ -89,15 +86,11 @@ class Pipeline:
     def generate(self, prompt: str | list[int], options: DecodeOptions | None = None,
                  on_step: Callable | None = None, **overrides: Any) -> GenerationResult:
         """Continue `prompt`. Diffusion models decode with the engine; causal twins with AR + KV cache."""
-        from unmask.decoding.generate import generate_text
-
         return generate_text(self, prompt, self.options(options, **overrides), on_step=on_step)
 
     def generate_many(self, prompts: Sequence[str | list[int]], options: DecodeOptions | None = None,
                       max_batch: int = 32, **overrides: Any) -> list[GenerationResult]:
         """`generate` for many prompts at once, `max_batch` decoded together; results in prompt order."""
-        from unmask.decoding.generate import generate_many
-
         opts = self.options(options, **overrides)
         results: list[GenerationResult | None] = [None] * len(prompts)
         for i, result in generate_many(self, prompts, [opts] * len(prompts), max_batch=max_batch):
@@ -105,20 +98,16 @@ class Pipeline:
         return results
 
     def edit(self, text: str, **kwargs: Any):
-        from unmask.edit import edit_text
-
         return edit_text(self, text, **kwargs)
 
     def infill(self, prefix: str, suffix: str, **kwargs: Any):
-        from unmask.edit import infill_text
-
         return infill_text(self, prefix, suffix, **kwargs)
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None) -> Pipeline:
     """Load a model folder (ours or a published layout) with its tokenizer, or a `.gguf` file (model and
-    tokenizer from the file's metadata; `unmask.model.gguf.load_gguf_cached` keeps a converted copy instead)."""
+    tokenizer from the file's metadata; `load_gguf_cached` keeps a converted copy instead)."""
     path = (named_base(path) or Path(path)) if path is not None else DEFAULT_MODEL
     if is_gguf(path) and not path.is_dir():
         model, tokenizer, _ = load_gguf(path, device=parse_device(device), dtype=parse_dtype(dtype))
@@ -128,7 +117,11 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     tokenizer = Tokenizer.from_dir(path, mask_id=config.mask_id, eos_id=config.eos_id, pad_id=config.pad_id,
                                    bos_id=config.bos_id)
     if tokenizer.vocab_size > config.vocab_size:
-        from unmask.model.checkpoints import CheckpointError
-
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
     return Pipeline(model, tokenizer, path, defaults=generation_defaults(path))
+
+
+def load_gguf_cached(path: str | Path, cache_dir: str | Path | None = None,
+                     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Pipeline:
+    """A Pipeline for a GGUF file, loaded from its converted folder (written on first use)."""
+    return load(cached_folder(path, cache_dir), device=device, dtype=dtype)

@@ -3,8 +3,6 @@ a diffusion model needs (mask, EOS, pad, fill-in-the-middle) and an optional jin
 
 from __future__ import annotations
 
-from unmask.errors import UnmaskError
-
 import functools
 import json
 from collections.abc import Iterable, Sequence
@@ -13,6 +11,9 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from unmask.errors import UnmaskError
+from unmask.io import atomic_write_text
 
 MASK = "<|mask|>"
 EOS = "<|endoftext|>"
@@ -135,8 +136,6 @@ class Tokenizer:
                    extra_special={**_added_special(hf), **{t: i for t, i in ids.items() if i is not None}})
 
     def save(self, path: str | Path) -> None:
-        from unmask.io import atomic_write_text
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / "tokenizer.json", self.hf.to_str(pretty=False))

@@ -93,7 +93,7 @@ def test_a_failed_resave_keeps_the_previous_weights(tmp_path, tokenizer, monkeyp
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("unmask.model.checkpoints.save_file", disk_full)
+    monkeypatch.setattr("unmask.model.weights.save_file", disk_full)
     with pytest.raises(OSError):
         save_model(new, tmp_path)  # one file this time
     monkeypatch.undo()

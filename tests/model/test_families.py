@@ -19,7 +19,7 @@ import unmask
 from engine_helpers import sharpen
 from published_checkpoints import llada_checkpoint, qwen2_checkpoint, read_raw_config, sdar_checkpoint
 from unmask.decoding.options import DecodeOptions
-from unmask.model import checkpoints
+from unmask.model import weights
 from unmask.model.checkpoints import CheckpointError, load_model, read_config
 from unmask.model.config import shape_config
 from unmask.model.families import published
@@ -456,7 +456,7 @@ def test_unknown_tensor_in_a_published_layout(tmp_path):
 
 def test_not_enough_memory_for_a_published_layout(tmp_path, monkeypatch):
     llada_checkpoint(tmp_path / "m")
-    monkeypatch.setattr(checkpoints.os, "sysconf", lambda name: 16)  # 16 pages of 16 bytes free
+    monkeypatch.setattr(weights.os, "sysconf", lambda name: 16)  # 16 pages of 16 bytes free
     with pytest.raises(CheckpointError, match="not enough memory"):
         unmask.load(tmp_path / "m", device="cpu")
 
@@ -599,3 +599,22 @@ def test_llada_block_groups_are_refused_and_absent_weight_tying_ties(tmp_path):
     del cfg["weight_tying"]  # configuration_llada's default is a tied head
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     assert unmask.load(tmp_path / "m", device="cpu").config.tie_embeddings
+
+
+def test_a_family_module_that_fails_to_import_fails_loudly(monkeypatch):
+    """A broken family file is its own ImportError, not every published layout turning "unsupported"."""
+    import importlib
+    import importlib.abc
+    import sys
+
+    class BrokenFamily(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "unmask.model.families.published":
+                raise ModuleNotFoundError("No module named 'a_missing_dependency'")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [BrokenFamily(), *sys.meta_path])
+    for name in [n for n in sys.modules if n.startswith("unmask.model.families")]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    with pytest.raises(ModuleNotFoundError, match="a_missing_dependency"):
+        importlib.import_module("unmask.model.families")

@@ -22,7 +22,8 @@ from conftest import tiny_model
 from unmask.cli.main import main
 from unmask.model import gguf as ugguf
 from unmask.model.checkpoints import CheckpointError, load_model, read_config
-from unmask.model.gguf import GGUFError, load_gguf_cached, load_gguf_model, read_gguf
+from unmask.model.gguf import GGUFError, load_gguf_model, read_gguf
+from unmask.pipeline import load_gguf_cached
 from unmask.tokenizer import Tokenizer
 from gguf_helpers import CHATML, TEXTS, gguf_tensors, llama_cpp_permute, vocab_metadata, write_gguf  # noqa: F401
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -13,9 +13,20 @@ from unmask.decoding.healing import Healing, heal
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.result import GenerationResult
+from unmask.model.config import ModelConfig
+from unmask.model.transformer import Transformer
+from unmask.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from unmask.pipeline import Pipeline
+
+class TextModel(Protocol):
+    """What decoding text needs: a model and its tokenizer (a Pipeline is one)."""
+    model: Transformer
+    tokenizer: Tokenizer
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 PREFIX_BLOCKS = 256  # generate_many's store of finished prompt blocks (decoding/prefix.py)
@@ -62,7 +73,7 @@ def _skip(p: Prepared) -> str:
     return p.healing.removed if p.healing is not None else ""
 
 
-def prepare(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions) -> Prepared:
+def prepare(pipe: TextModel, prompt: str | list[int], options: DecodeOptions) -> Prepared:
     """Tokenise, check the context, heal a text prompt (options.heal). The healed token is one of the
     max_new_tokens: same canvas, same block plan."""
     ids = pipe.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -72,7 +83,7 @@ def prepare(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions) -
     return Prepared(healing.prompt_ids if healing is not None else ids, healing)
 
 
-def finish(pipe: "Pipeline", result: GenerationResult, prepared: Prepared, options: DecodeOptions) -> GenerationResult:
+def finish(pipe: TextModel, result: GenerationResult, prepared: Prepared, options: DecodeOptions) -> GenerationResult:
     """The answer's text: the healed prompt's token text taken off again, cut at the first stop string."""
     result.text = pipe.tokenizer.decode(result.tokens)
     healing = prepared.healing
@@ -87,7 +98,7 @@ def finish(pipe: "Pipeline", result: GenerationResult, prepared: Prepared, optio
     return result
 
 
-def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOptions,
+def generate_text(pipe: TextModel, prompt: str | list[int], options: DecodeOptions,
                   on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
     """Diffusion models decode with the engine (streaming StepEvents to `on_step`); causal twins with AR.
     A text prompt is token-healed (options.heal): its last token is re-decoded as the start of the answer,
@@ -102,7 +113,7 @@ def generate_text(pipe: "Pipeline", prompt: str | list[int], options: DecodeOpti
     return finish(pipe, result, p, options)
 
 
-def generate_many(pipe: "Pipeline", prompts: Sequence[str | list[int]], options: Sequence[DecodeOptions],
+def generate_many(pipe: TextModel, prompts: Sequence[str | list[int]], options: Sequence[DecodeOptions],
                   max_batch: int = 32) -> Iterator[tuple[int, GenerationResult]]:
     """generate_text for many prompts, `max_batch` decoded together, each with its own options; yields
     (index, result) as each finishes. Diffusion models share one engine queue; causal twins decode

@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 
 from unmask.io import atomic_path, atomic_write_text
 from unmask.model.adapter import is_adapter_param
-from unmask.model.checkpoints import (BASE_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, assign_weights, empty_model,
-                                      load_model, read_config)
 from unmask.model.gguf import cache_root, cached_folder, file_sha256
 from unmask.model.transformer import Transformer
+from unmask.model.weights import (BASE_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, assign_weights, empty_model,
+                                  load_folder, read_folder_config)
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,8 @@ def save_adaptation(model: Transformer, folder: str | Path, base: BaseRef, dtype
 def load_adaptation(folder: str | Path, device: torch.device, dtype: torch.dtype | None) -> Transformer:
     """The model of an adaptation folder: the base's weights (from its converted GGUF) plus the folder's."""
     folder = Path(folder)
-    config, _, _ = read_config(folder)
-    base = load_model(cached_folder(read_base(folder).locate()), device=device, dtype=dtype)
+    config, _, _ = read_folder_config(folder)
+    base = load_folder(cached_folder(read_base(folder).locate()), device=device, dtype=dtype)
     state = base.state_dict()
     dtype = base.output.weight.dtype
     try:

@@ -4,8 +4,9 @@
     load_gguf_model(path)   -> Transformer (built on meta, tensors assigned; tied head when no output.weight)
     load_gguf(path)         -> (Transformer, Tokenizer, metadata) from one read of the file
     convert_gguf(path, out) -> our model folder (config.json, model.safetensors, tokenizer files), atomically
-    load_gguf_cached(path)  -> Pipeline from a converted folder kept under $UNMASK_CACHE/gguf/<sha256[:16]>
+    cached_folder(path)     -> a converted folder kept under $UNMASK_CACHE/gguf/<sha256[:16]>
                                (default ~/.cache/unmask/gguf/...), converted on first use
+                               (unmask.pipeline.load_gguf_cached loads a Pipeline from it)
     file_sha256(path)       -> hex digest, streamed in 1 MiB chunks
 
 Architectures (`general.architecture`): llama (the causal twin: attention "causal", no mask token, so the mask
@@ -62,10 +63,10 @@ from gguf import GGMLQuantizationType as QT
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from unmask.model.checkpoints import CheckpointError, _check_memory, assign_weights, empty_model, save_model
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family
 from unmask.model.transformer import Transformer
+from unmask.model.weights import CheckpointError, _check_memory, assign_weights, empty_model, save_model
 from unmask.tokenizer import QWEN2_SPLIT, Tokenizer, _added_special
 
 log = logging.getLogger(__name__)
@@ -573,11 +574,3 @@ def cached_folder(path: str | Path, cache_dir: str | Path | None = None) -> Path
             raise
     log.info("converted %s into %s", path, folder)
     return folder
-
-
-def load_gguf_cached(path: str | Path, cache_dir: str | Path | None = None,
-                     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
-    """A Pipeline for a GGUF file, loaded from its converted folder (written on first use)."""
-    from unmask.pipeline import load  # pipeline imports this module
-
-    return load(cached_folder(path, cache_dir), device=device, dtype=dtype)

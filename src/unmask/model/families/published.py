@@ -132,7 +132,7 @@ from typing import Any
 import torch
 
 from unmask.model.config import ConfigError, ModelConfig
-from unmask.model.families import Family
+from unmask.model.families.family import Family
 
 LLADA_MASK_ID, LLADA_EOS_ID = 126336, 126081
 QWEN_EOS_ID = 151643  # <|endoftext|> of the Qwen2.5 and Qwen3 tokenizers
