@@ -2,7 +2,15 @@
 
 import pytest
 
+import unmask.bench.decode as bench
+from conftest import tiny_model
+from unmask.bench.decode import fit_sizes
 from unmask.cli.main import main
+from unmask.pipeline import Pipeline
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.split("│") if c.strip()]
 
 
 def test_bench_decode_prints_all_decoders(capsys):
@@ -13,11 +21,15 @@ def test_bench_decode_prints_all_decoders(capsys):
     names = ["reference sampler", "engine, no cache", "prefix cache", "dual cache", "threshold 0.9", "AR twin"]
     lines = {n: next(line for line in text.splitlines() if n in line) for n in names}
     for name, line in lines.items():
-        cells = [c.strip() for c in line.split("│") if c.strip()]
-        assert float(cells[1]) > 0  # ms / step
-        assert int(cells[2]) >= 2  # NFE: at least one forward per block (AR: one per token)
-    ref = [c.strip() for c in lines["reference sampler"].split("│") if c.strip()]
-    assert ref[2] == "16" and ref[3] == "1.00"  # one token per step, one forward per step
+        assert float(cells(line)[1]) > 0  # ms / step
+        assert int(cells(line)[2]) >= 2  # NFE: at least one forward per block (AR: one per token)
+    ref = cells(lines["reference sampler"])
+    assert ref[2] == "16" and ref[4] == "1.00"  # one token per step, one forward per step
+    # positions computed per step: the whole canvas (8 + 16) without a cache; less with one; AR ~1 a token
+    computed = {name: float(cells(line)[3]) for name, line in lines.items()}
+    assert computed["reference sampler"] == computed["engine, no cache"] == 24.0
+    assert computed["dual cache"] <= computed["prefix cache"] < 24.0
+    assert computed["AR twin"] == pytest.approx((8 + 15) / 16, abs=0.05)  # the prompt once, then a token a step
 
 
 def test_bench_decode_rejects_bad_arguments(capsys):
@@ -52,6 +64,32 @@ def test_bench_decode_runs_with_no_options(capsys):
     assert main(["bench", "decode"]) == 0
     out = capsys.readouterr().out
     assert "256 new tokens" in out and "threshold 0.9 + dual cache" in out
+
+
+def test_bench_decode_with_no_options_at_smaller_defaults(capsys, monkeypatch):
+    """The no-option run on the fast path: the same command, its default sizes made small."""
+    monkeypatch.setattr(bench, "DEFAULT_PROMPT_LEN", 8)
+    monkeypatch.setattr(bench, "DEFAULT_NEW_TOKENS", 32)
+    assert main(["bench", "decode"]) == 0
+    out = capsys.readouterr().out
+    assert "32 new tokens" in out and "threshold 0.9 + dual cache" in out
+
+
+def test_default_sizes_fit_the_models_context():
+    assert fit_sizes(4096, 32) == (64, 256)
+    assert fit_sizes(256, 32) == (64, 192)  # was 64 + 256 > 256: an error with no options
+    assert fit_sizes(64, 32) == (16, 32)  # whole blocks after the prompt
+    assert fit_sizes(64, 32, prompt_len=40) == (40, 32)  # too long: the command names the overflow
+    assert fit_sizes(256, 32, new_tokens=300) == (64, 300)  # sizes given are kept
+
+
+def test_bench_decode_of_a_short_context_model_needs_no_options(capsys, tmp_path, tokenizer):
+    Pipeline(tiny_model(tokenizer, max_seq_len=64), tokenizer).save(tmp_path / "m")
+    assert main(["bench", "decode", "--model", str(tmp_path / "m"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt 16," in out and "32 new tokens" in out
+    assert main(["bench", "decode", "--model", str(tmp_path / "m"), "--device", "cpu", "--new-tokens", "64"]) == 2
+    assert "exceeds the context of 64" in capsys.readouterr().err
 
 
 def test_bench_decode_leftmost_policy_row(capsys):

@@ -2,15 +2,18 @@
 
 Every decoder produces exactly `new_tokens` tokens from the same prompt (EOS early stop off, so random
 weights and trained models are measured alike). Figures per decoder: ms per denoising step (wall time /
-steps), NFE (forward passes), tokens per step and tokens per second. Tests never assert these numbers.
+steps), NFE (forward passes), the positions each step computes (the forward passes' input widths: a whole-
+canvas refresh computes the canvas, a cached window step its window, so a cache that does more work than it
+should shows), tokens per step and tokens per second. Tests never assert the timings.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -23,6 +26,9 @@ from unmask.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PROMPT_LEN = 64
+DEFAULT_NEW_TOKENS = 256
+
 
 @dataclass
 class BenchRow:
@@ -30,11 +36,16 @@ class BenchRow:
     seconds: float
     steps: int
     nfe: int
+    positions: int  # input positions of all forward passes together
     tokens: int
 
     @property
     def ms_per_step(self) -> float:
         return 1000 * self.seconds / max(self.steps, 1)
+
+    @property
+    def positions_per_step(self) -> float:
+        return self.positions / max(self.steps, 1)
 
     @property
     def tokens_per_step(self) -> float:
@@ -43,6 +54,51 @@ class BenchRow:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def round_to_blocks(new_tokens: int, block_length: int) -> int:
+    return -(-new_tokens // block_length) * block_length
+
+
+def fit_sizes(context: int, block_length: int, prompt_len: int | None = None,
+              new_tokens: int | None = None) -> tuple[int, int]:
+    """(prompt length, new tokens) for a model of `context` positions. A size not given shrinks from its default
+    to fit: the prompt to at most a quarter of the context, the new tokens to the whole blocks left after it.
+    Sizes given are kept (the caller refuses a run that does not fit)."""
+    if prompt_len is None:
+        prompt_len = min(DEFAULT_PROMPT_LEN, context // 4)
+    if new_tokens is None:
+        room = (context - prompt_len) // block_length * block_length
+        new_tokens = min(DEFAULT_NEW_TOKENS, max(room, block_length))
+    return prompt_len, new_tokens
+
+
+class PositionCounter:
+    """Counts the input positions of the forward passes it sees (`input_ids.shape[1]` per call): the work a
+    decoder does, without a host sync."""
+
+    def __init__(self):
+        self.positions = 0
+
+    def wrap(self, forward: Callable) -> Callable:
+        def counted(input_ids, *args, **kwargs):
+            self.positions += input_ids.shape[1]
+            return forward(input_ids, *args, **kwargs)
+
+        return counted
+
+    @contextlib.contextmanager
+    def hooked(self, model: torch.nn.Module) -> Iterator[None]:
+        """Count `model`'s calls (decoders that call the module itself: the reference sampler, AR)."""
+        def hook(module, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            self.positions += x.shape[1]
+
+        handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def random_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -68,18 +124,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], tuple[int, int]], device: torch.device, repeats: int) -> tuple[float, int, int]:
-    """Best of `repeats` runs after one warm-up: (seconds, steps, nfe)."""
+def _timed(fn: Callable[[], tuple[int, int]], device: torch.device, repeats: int,
+           counter: PositionCounter) -> tuple[float, int, int, int]:
+    """Best of `repeats` runs after one warm-up: (seconds, steps, nfe, positions computed)."""
     fn()
     best = None
     for _ in range(repeats):
         _sync(device)
+        counter.positions = 0
         t0 = time.perf_counter()
         steps, nfe = fn()
         _sync(device)
         dt = time.perf_counter() - t0
         if best is None or dt < best[0]:
-            best = (dt, steps, nfe)
+            best = (dt, steps, nfe, counter.positions)
     return best
 
 
@@ -89,17 +147,21 @@ def bench_decode(model: Transformer, prompt_ids: list[int], new_tokens: int = 25
                  compile: bool | str = False, policy: str = "threshold") -> list[BenchRow]:
     """Time each decoder on `prompt_ids` -> `new_tokens` tokens (rounded up to whole blocks)."""
     device = model.output.weight.device
-    new_tokens = -(-new_tokens // block_length) * block_length
+    new_tokens = round_to_blocks(new_tokens, block_length)
     rows: list[BenchRow] = []
     prompt = torch.tensor([prompt_ids], device=device)
+    counter = PositionCounter()
 
     def reference():
         _, nfe = reference_generate(model, prompt, gen_length=new_tokens, block_length=block_length, steps=new_tokens)
         return nfe, nfe
 
-    rows.append(BenchRow("reference sampler (no cache)", *_timed(reference, device, repeats), new_tokens))
+    with counter.hooked(model):
+        rows.append(BenchRow("reference sampler (no cache)", *_timed(reference, device, repeats, counter), new_tokens))
 
     engine = Engine(model, max_batch=1, compile=compile)
+    # counted outside a compiled forward, so compilation and CUDA graphs see the model alone
+    engine._forward = counter.wrap(engine._forward)
     base = DecodeOptions(max_new_tokens=new_tokens, block_length=block_length, early_stop=False)
     variants = [
         ("engine, no cache", base.replace(policy="fixed", cache="none")),
@@ -112,12 +174,13 @@ def bench_decode(model: Transformer, prompt_ids: list[int], new_tokens: int = 25
             r = engine.generate(prompt_ids, opts)
             return r.steps, r.nfe
 
-        rows.append(BenchRow(name, *_timed(run, device, repeats), new_tokens))
+        rows.append(BenchRow(name, *_timed(run, device, repeats, counter), new_tokens))
 
     if ar_model is not None:
         def ar():
             r = ar_generate(ar_model, prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False)
             return r.steps, r.nfe
 
-        rows.append(BenchRow("AR twin + KV cache", *_timed(ar, device, repeats), new_tokens))
+        with counter.hooked(ar_model):
+            rows.append(BenchRow("AR twin + KV cache", *_timed(ar, device, repeats, counter), new_tokens))
     return rows

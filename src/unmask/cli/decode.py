@@ -21,9 +21,11 @@ def bench_decode_cmd(
     compare: Optional[str] = typer.Option(None, "--compare", help="'ar': add the causal twin with a KV cache."),
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Trained AR twin for --compare ar (default: "
                                             "random weights of the same shape); implies --compare ar."),
-    prompt_len: int = typer.Option(64, "--prompt-len", min=0, help="Prompt tokens (random ids; with --model: a "
-                                   "code prompt, repeated to this length)."),
-    new_tokens: int = typer.Option(256, "--new-tokens", "-n", min=1),
+    prompt_len: Optional[int] = typer.Option(None, "--prompt-len", min=0, help="Prompt tokens (random ids; with "
+                                             "--model: a code prompt, repeated to this length). Default: 64, less "
+                                             "for a model whose context is shorter than 256."),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", "-n", min=1, help="Default: 256, or the whole "
+                                             "blocks that fit in the model's context after the prompt."),
     block_length: int = typer.Option(32, "--block-length", min=1),
     threshold: float = typer.Option(0.9, "--threshold"),
     policy: str = typer.Option("threshold", "--policy", help="The policy of the threshold row: threshold | leftmost."),
@@ -35,13 +37,14 @@ def bench_decode_cmd(
                                                "reduce-overhead = CUDA graphs on a GPU, default on a CPU)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Print ms per denoising step, NFE, tokens/step and tokens/s for each decoder."""
+    """Print ms per denoising step, NFE, positions computed per step, tokens/step and tokens/s for each decoder."""
     import dataclasses
 
     import torch
     from rich.table import Table
 
-    from unmask.bench.decode import bench_decode, random_model
+    from unmask.bench.decode import (DEFAULT_NEW_TOKENS, DEFAULT_PROMPT_LEN, bench_decode, fit_sizes, random_model,
+                                     round_to_blocks)
     from unmask.errors import UnmaskError
     from unmask.model.config import shape_config
     from unmask.pipeline import parse_device, parse_dtype
@@ -57,13 +60,16 @@ def bench_decode_cmd(
     if model is not None:
         pipe = load_pipeline(model, str(dev), dtype)
         net = pipe.model.to(dt)
+        prompt_len, new_tokens = fit_sizes(net.config.max_seq_len, block_length, prompt_len, new_tokens)
         ids = pipe.encode(PROMPT)
         prompt = (ids * (prompt_len // max(len(ids), 1) + 1))[:prompt_len]
         label = str(model)
     else:
         config = shape_config(shape or "tiny")
         # random weights have no context of their own: widen it to what the run asks for
-        need = prompt_len + -(-new_tokens // block_length) * block_length
+        prompt_len = DEFAULT_PROMPT_LEN if prompt_len is None else prompt_len
+        new_tokens = DEFAULT_NEW_TOKENS if new_tokens is None else new_tokens
+        need = prompt_len + round_to_blocks(new_tokens, block_length)
         config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, need))
         with console.status(f"building a random {shape or 'tiny'} model on {dev} …"):
             net = random_model(config, dev, dt, seed)
@@ -72,9 +78,9 @@ def bench_decode_cmd(
         prompt = [t for t in torch.randint(0, config.vocab_size, (prompt_len + 8,), generator=gen).tolist()
                   if t not in special][:prompt_len]
         label = f"random {shape or 'tiny'}"
-    if len(prompt) + new_tokens > net.config.max_seq_len:
-        raise UnmaskError(f"prompt {len(prompt)} + {new_tokens} new tokens exceeds the context of "
-                          f"{net.config.max_seq_len}")
+    if len(prompt) + round_to_blocks(new_tokens, block_length) > net.config.max_seq_len:
+        raise UnmaskError(f"prompt {len(prompt)} + {round_to_blocks(new_tokens, block_length)} new tokens (whole "
+                          f"blocks of {block_length}) exceeds the context of {net.config.max_seq_len}")
     twin = None
     if compare == "ar":
         if ar_model is not None:
@@ -90,9 +96,12 @@ def bench_decode_cmd(
     table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {str(dt)[6:]}, "
                         f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}"
                         + (f", compiled ({compile_mode or ('reduce-overhead' if dev.type == 'cuda' else 'default')})"
-                           if compile else ""))
-    for col in ("decoder", "ms / step", "NFE", "tokens / step", "tokens / s"):
-        table.add_column(col, justify="left" if col == "decoder" else "right")
+                           if compile else ""),
+                  caption="computed / step: input positions of the forward passes per denoising step (a refresh "
+                          "computes the canvas, a cached step its window)")
+    for col in ("decoder", "ms / step", "NFE", "computed / step", "tokens / step", "tokens / s"):
+        table.add_column(col, justify="left" if col == "decoder" else "right", no_wrap=col == "decoder")
     for r in rows:
-        table.add_row(r.name, f"{r.ms_per_step:.2f}", str(r.nfe), f"{r.tokens_per_step:.2f}", f"{r.tokens_per_second:.1f}")
+        table.add_row(r.name, f"{r.ms_per_step:.2f}", str(r.nfe), f"{r.positions_per_step:.1f}",
+                      f"{r.tokens_per_step:.2f}", f"{r.tokens_per_second:.1f}")
     out.print(table)

@@ -96,10 +96,11 @@ def elbo(
 
 @bench_app.command("train")
 def bench_train(
-    shape: str = typer.Option("small-34m", "--shape", help="Named model shape (model.config.SHAPES)."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="Named model shape (model.config.SHAPES). Default: "
+                                        "small-34m on a GPU, tiny on a CPU."),
     steps: int = typer.Option(20, "--steps", min=1),
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps first (compilation)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: 64 on a GPU, 8 on a CPU."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Default: the shape's context."),
     mode: str = typer.Option("diffusion", "--mode", help="diffusion | ar"),
     attention: Optional[str] = typer.Option(None, "--attention", help="Override the shape's attention mode."),
@@ -108,13 +109,19 @@ def bench_train(
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Peak FLOP/s for MFU (known GPUs: auto)."),
 ) -> None:
     """Training tokens/s and MFU on random tokens."""
+    import torch
+
     from unmask.model.config import shape_config
     from unmask.pipeline import parse_device
     from unmask.train.bench import bench_train as run
+    from unmask.train.bench import default_run
     from unmask.train.config import TrainConfigError
 
     if mode not in ("diffusion", "ar"):
         raise TrainConfigError(f"--mode must be diffusion or ar, got {mode!r}")
+    dev = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default_shape, default_batch = default_run(dev)
+    shape, batch_size = shape or default_shape, batch_size or default_batch
     overrides = {"attention": "causal"} if mode == "ar" else {}
     if attention:
         overrides["attention"] = attention
@@ -125,8 +132,7 @@ def bench_train(
     need = 2 * L if config.attention == "block_causal" and mode != "ar" else L
     if need > config.max_seq_len:  # random weights: a longer context only lengthens the RoPE tables
         config = shape_config(shape, **overrides, max_seq_len=need)
-    dev = parse_device(device)
-    r = run(config, batch_size, L, steps=steps, warmup=warmup, mode=mode, device=str(dev) if dev else None,
+    r = run(config, batch_size, L, steps=steps, warmup=warmup, mode=mode, device=str(dev),
             compile=compile, peak=peak_tflops)
     mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f} TFLOP/s" if r.mfu is not None else "n/a (give --peak-tflops)"
     out.print(f"{shape} ({r.params / 1e6:.1f}M params) {mode} {config.attention} · batch {batch_size} × {L} · "

@@ -13,6 +13,7 @@ import torch
 
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
+from unmask.train.trainer import compute_loss
 
 # dense bf16 tensor-core peaks (no sparsity), by a substring of torch.cuda.get_device_name()
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0,
@@ -38,6 +39,12 @@ def flops_per_token(config: ModelConfig, seq_len: int, block_diffusion: bool = F
     return 6 * n + attn
 
 
+def default_run(device: torch.device) -> tuple[str, int]:
+    """(shape, batch size) of `unmask bench train` without options: the 34M calibration shape on a GPU; the tiny
+    shape on a CPU, where a 34M step of 64 x 512 tokens takes minutes."""
+    return ("small-34m", 64) if device.type == "cuda" else ("tiny", 8)
+
+
 @dataclass
 class BenchResult:
     tokens_per_s: float
@@ -51,8 +58,6 @@ class BenchResult:
 def bench_train(config: ModelConfig, batch_size: int, seq_len: int, steps: int = 20, warmup: int = 3,
                 mode: str = "diffusion", device: str | None = None, compile: bool = False,
                 dtype: str = "bfloat16", peak: float | None = None, seed: int = 0) -> BenchResult:
-    from unmask.train.trainer import compute_loss
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = Transformer(config).init_weights(seed).to(dev).train()
