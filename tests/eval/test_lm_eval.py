@@ -114,18 +114,18 @@ def test_encode_pair_moves_trailing_space_into_the_continuation(tiny_pipeline):
 
 
 def test_generate_until_cuts_at_until_and_respects_max_gen_toks(tiny_pipeline, monkeypatch):
-    import unmask.decoding.generate as generate
+    import unmask.eval.lm_eval as caller  # the module that calls generate_many
 
     lm = UnmaskLM(pipeline=tiny_pipeline, seed=0, block_length=8)
     seen = []
-    many = generate.generate_many
+    many = caller.generate_many
 
     def spy(pipe, prompts, options, **kw):
         for i, result in many(pipe, prompts, options, **kw):
             seen.append((options[i], result))
             yield i, result
 
-    monkeypatch.setattr(generate, "generate_many", spy)
+    monkeypatch.setattr(caller, "generate_many", spy)
     free = lm.generate_until([Req(("def f(x):\n", {"until": [], "max_gen_toks": 16}))])[0]
     assert seen[0][0].max_new_tokens == 16 and 0 < len(seen[0][1].tokens) <= 16
     stop = free[3:6]
@@ -226,6 +226,7 @@ def rig_to_prefer_a_word(pipe) -> str:
 GEN_ARGS = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
 
 
+@pytest.mark.slow
 def test_harness_runs_local_tasks_end_to_end(tiny_pipeline, tmp_path, monkeypatch):
     """lm_eval.simple_evaluate on two local tasks: multiple choice scored by the ELBO, generation by the engine.
     The model is rigged to prefer one token, so the answers are known."""
@@ -246,6 +247,7 @@ def test_harness_runs_local_tasks_end_to_end(tiny_pipeline, tmp_path, monkeypatc
     assert out["samples"]["unmask_gen"][0]["resps"] == [[expected]]
 
 
+@pytest.mark.slow
 def test_harness_command_line_sees_the_unmask_model(saved_model_dir, tmp_path, monkeypatch):
     """`unmask eval lm-eval ARGS` is lm-eval's CLI with "unmask" registered (a bare `lm_eval --model unmask`
     cannot find it): it loads the folder from --model_args and scores as the Python API does."""

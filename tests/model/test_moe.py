@@ -220,6 +220,7 @@ def test_static_dense_dispatch_equals_the_reference_mixture(dtype, atol):
         assert _max_diff(dense.float(), layer.dispatch_sparse(x, weights, experts).float()) < atol
 
 
+@pytest.mark.slow
 def test_compiled_moe_decoding_matches_eager_without_recompiling(caplog):
     """Traced, the per-expert counts would be guarded on and recompile the layer every step (until dynamo's
     recompile limit gives up); the compiled path is static instead."""

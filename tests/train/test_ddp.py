@@ -29,6 +29,7 @@ def step_losses(out_dir):
     return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "val_bpb" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_gloo_processes_match_one_process(tmp_path, corpus_texts, tokenizer, fsdp):
     corpus = make_corpus(tmp_path / "corpus", corpus_texts, tokenizer, n_train=6, n_val=1)

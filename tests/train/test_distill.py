@@ -110,16 +110,16 @@ def test_trajectory_round_learns_the_teachers_answers(tmp_path, teacher_and_data
 def test_function_prompts_get_answers_that_fill_their_rows(tmp_path, teacher_and_data, corpus_texts, tokenizer,
                                                            monkeypatch):
     teacher, _ = teacher_and_data
-    import unmask.decoding.generate as generate
+    import unmask.train.distill as caller  # the module that calls generate_many
 
     asked = []
-    many = generate.generate_many
+    many = caller.generate_many
 
     def spy(pipe, prompts, options, **kw):
         asked.extend((len(pipe.encode(p)), o.max_new_tokens, o.frequency_penalty) for p, o in zip(prompts, options))
         return many(pipe, prompts, options, **kw)
 
-    monkeypatch.setattr(generate, "generate_many", spy)
+    monkeypatch.setattr(caller, "generate_many", spy)
     dcfg = DistillConfig(method="trajectory", prompts=5, prompt_source="functions", prompt_tokens=48,
                          answer_tokens=16, teacher_frequency_penalty=0.5)
     traj = tmp_path / "functions.jsonl"

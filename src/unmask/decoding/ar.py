@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from unmask.decoding.cache import CacheView
+from unmask.decoding.engine import QueueFull
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.result import GenerationResult
@@ -340,8 +341,6 @@ class ARQueue:
     def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
                suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None,
                first_allowed: torch.Tensor | None = None) -> str:
-        from unmask.decoding.engine import QueueFull
-
         if suffix_ids:
             raise OptionsError("infilling (a suffix) needs a diffusion model; this one is autoregressive")
         if len(self._waiting) >= self.max_queue:

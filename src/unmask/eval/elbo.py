@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from unmask.data.shards import token_byte_lengths
 from unmask.diffusion.objective import sequence_nll
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
@@ -104,8 +105,6 @@ def score_windows(model: Transformer, tokens: np.ndarray, starts: list[int], seq
 def evaluate_bits_per_byte(model: Transformer, tokenizer: Tokenizer, tokens: np.ndarray, seq_len: int = 512,
                            n_samples: int = 8, max_windows: int | None = None, batch_size: int = 16,
                            seed: int = 0, autocast=None) -> ElboResult:
-    from unmask.data.shards import token_byte_lengths
-
     L = eval_window_len(model, seq_len)
     gen = torch.Generator().manual_seed(seed)
     byte_len = token_byte_lengths(tokenizer, model.config.vocab_size)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unmask.decoding.options import DecodeOptions
+from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.errors import UnmaskError
 from unmask.eval.sandbox import ExecutionResult, run_program
 
@@ -144,8 +144,6 @@ def run_humaneval(
     together (the same completions as one at a time; each problem's own seconds then overlap, and the summary's
     tokens/s is over the wall time of generation)."""
     import time
-
-    from unmask.decoding.options import OptionsError
 
     if batch_size < 1:
         raise HumanEvalError(f"batch_size must be >= 1, got {batch_size}")

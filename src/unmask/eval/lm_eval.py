@@ -24,8 +24,11 @@ from typing import Any
 
 import torch
 
+import unmask
+from unmask.decoding.generate import generate_many
 from unmask.decoding.options import DecodeOptions
 from unmask.diffusion.objective import continuation_nll, denoiser_logits, token_nll
+from unmask.errors import UnmaskError
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +97,7 @@ class UnmaskLM(_Base):
             super().__init__()
         if pipeline is None:
             if pretrained is None:
-                from unmask.errors import UnmaskError
-
                 raise UnmaskError("UnmaskLM needs pretrained=PATH (a model folder) or pipeline=")
-            import unmask
-
             pipeline = unmask.load(pretrained, device=device, dtype=dtype)
         self.pipe = pipeline
         self.mc_samples = int(mc_samples)
@@ -182,8 +181,6 @@ class UnmaskLM(_Base):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """The model's answers, `batch_size` requests decoded together, each with its own settings, cut at
         each request's `until` strings."""
-        from unmask.decoding.generate import generate_many
-
         prompts, request_options = [], []
         for req in requests:
             context, gen_kwargs = req.args[0], dict(req.args[1] if len(req.args) > 1 else {})
@@ -227,8 +224,6 @@ def run_harness_cli(args: list[str]) -> None:
     """lm-eval's own command line with the "unmask" model registered: the harness looks models up only in its
     own package, so a bare `lm_eval --model unmask` cannot see this one."""
     if _Base is object:
-        from unmask.errors import UnmaskError
-
         raise UnmaskError("lm-eval is not installed: pip install 'unmask[eval]' (or lm-eval)")
     import sys
 

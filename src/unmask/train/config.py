@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from unmask.errors import UnmaskError
+from unmask.io import atomic_write_text
 from unmask.model.config import ModelConfig
 
 MODES = ("diffusion", "ar", "sft", "adapt")
@@ -228,6 +229,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    from unmask.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -30,9 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rich.console import Console
+
+import unmask
+from unmask.decoding.generate import generate_many
+from unmask.decoding.options import DecodeOptions
 from unmask.diffusion.objective import antithetic_t, denoiser_logits, mask_tokens
+from unmask.eval.quality import function_prompts
+from unmask.io import atomic_path
 from unmask.model.checkpoints import load_model, save_model
 from unmask.model.transformer import Transformer
+from unmask.tokenizer import Tokenizer
 from unmask.train.config import TrainConfig, TrainConfigError
 from unmask.train.trainer import Trainer
 
@@ -147,8 +155,6 @@ def certainty_forcing_loss(model: torch.nn.Module, x0: torch.Tensor, prompt_len:
 def trajectory_prompts(pipe, texts, dcfg: DistillConfig, rng: np.random.Generator) -> list[list[int]]:
     """Token ids of the prompts the teacher answers: `dcfg.prompts` of them, at most prompt_tokens long."""
     if dcfg.prompt_source == "functions":
-        from unmask.eval.quality import function_prompts
-
         found = (pipe.encode(p.prompt) for p in function_prompts(texts, limit=10**9, seed=int(rng.integers(2**31))))
         return [ids for ids in found if len(ids) <= dcfg.prompt_tokens][: dcfg.prompts]
     prompts = []
@@ -167,13 +173,7 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
     """Let the teacher (or `dcfg.answer_model`) answer `dcfg.prompts` prompts from `texts`; write
     {prompt, answer} jsonl. Each answer fills its row up to prompt_tokens + answer_tokens tokens (an AR
     answerer may stop earlier, at its EOS)."""
-    import unmask
     from rich.progress import Progress
-
-    from unmask.cli.common import console
-    from unmask.decoding.generate import generate_many
-    from unmask.decoding.options import DecodeOptions
-    from unmask.io import atomic_path
 
     pipe = unmask.load(dcfg.answer_model or teacher_dir)
     if dcfg.answer_model:
@@ -191,7 +191,7 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
     options = [opts.replace(max_new_tokens=row - len(ids), seed=int(rng.integers(2**31))) for ids in prompts]
     prompt_texts = [pipe.tokenizer.decode(ids) for ids in prompts]  # text prompts: token-healed as in generate()
     answers: list[str | None] = [None] * len(prompts)
-    with Progress(console=console, disable=not progress) as bar:
+    with Progress(console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("teacher trajectories", total=len(prompts))
         for i, result in generate_many(pipe, prompt_texts, options, max_batch=dcfg.answer_batch):
             answers[i] = result.text
@@ -204,8 +204,6 @@ def collect_trajectories(teacher_dir: str | Path, texts, dcfg: DistillConfig, ou
 
 def check_same_tokenizer(teacher_dir: str | Path, answer_dir: str | Path, answer_tokenizer) -> None:
     """The student re-reads the answers as token ids: a different vocabulary would teach it other tokens."""
-    from unmask.tokenizer import Tokenizer
-
     teacher_vocab = Tokenizer.from_dir(teacher_dir).hf.get_vocab()
     if answer_tokenizer.hf.get_vocab() != teacher_vocab:
         raise TrainConfigError(f"the answer model {answer_dir} has another tokenizer than the teacher {teacher_dir}; "

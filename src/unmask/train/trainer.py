@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from rich.console import Console
 
 from unmask.data.batches import IndexSampler, SFTData, WindowData
 from unmask.data.corpus import iter_corpus_texts
@@ -43,6 +44,7 @@ from unmask.model.checkpoints import load_model, read_config, save_model
 from unmask.model.gguf import cached_folder, is_gguf
 from unmask.model.config import SHAPES, ConfigError, ModelConfig
 from unmask.model.transformer import Transformer
+from unmask.pipeline import parse_dtype
 from unmask.tokenizer import Tokenizer
 from unmask.train import distributed as dist_utils
 from unmask.train.config import TrainConfig, TrainConfigError, save_config
@@ -548,12 +550,10 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.seq_len
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from unmask.cli.common import console
-
         bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                        TextColumn("{task.fields[val]}"), TimeRemainingColumn(),
-                       console=console, disable=not (self.progress and self.dist.is_main), transient=False)
+                       console=Console(stderr=True), disable=not (self.progress and self.dist.is_main), transient=False)
         metrics: dict = {}
         window_loss, window_steps, t0 = 0.0, 0, time.perf_counter()
         tps = 0.0
@@ -609,8 +609,6 @@ class Trainer:
             save_config(self.cfg, self.out / "train_config.yaml")
 
     def save_final(self) -> Path:
-        from unmask.pipeline import parse_dtype
-
         model_state = None
         if self.cfg.fsdp and self.dist.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
