@@ -147,4 +147,8 @@ class Job:
         """fn() on the worker thread, between engine steps; its value (or error) comes back here."""
         done: concurrent.futures.Future = concurrent.futures.Future()
         self.worker.post(("call", fn, done))
-        return self._wait(lambda timeout: done.result(timeout=timeout))
+        try:
+            return self._wait(lambda timeout: done.result(timeout=timeout))
+        except Cancelled:
+            done.cancel()  # not run yet: the worker skips it
+            raise
