@@ -14,7 +14,9 @@ from unmask.edit import edit_text, infill_text
 from unmask.errors import UnmaskError
 from unmask.model.base import named_base
 from unmask.model.checkpoints import CheckpointError, load_model, read_config, save_model
+from unmask.model.dtypes import auto_dtype
 from unmask.model.gguf import cached_folder, is_gguf, load_gguf
+from unmask.model.quantize import quantize_model
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 
@@ -105,23 +107,41 @@ class Pipeline:
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> Pipeline:
+         dtype: str | torch.dtype | None = None, quantize: str | None = None) -> Pipeline:
     """Load a model folder (ours or a published layout) with its tokenizer, or a `.gguf` file (model and
-    tokenizer from the file's metadata; `load_gguf_cached` keeps a converted copy instead)."""
+    tokenizer from the file's metadata; `load_gguf_cached` keeps a converted copy instead).
+
+    dtype     the compute dtype; None or "auto": the stored one, except where bf16 is known to be faster
+              (auto_dtype: diffusion models on CPUs with native bf16)
+    quantize  "int8" or "fp8": quantize the weights after loading (model/quantize.py); a folder saved
+              quantized loads quantized without it"""
     path = (named_base(path) or Path(path)) if path is not None else DEFAULT_MODEL
+    explicit = None if dtype == "auto" else parse_dtype(dtype)
     if is_gguf(path) and not path.is_dir():
-        model, tokenizer, _ = load_gguf(path, device=parse_device(device), dtype=parse_dtype(dtype))
-        return Pipeline(model, tokenizer, path)
+        model, tokenizer, _ = load_gguf(path, device=parse_device(device), dtype=explicit)
+        return Pipeline(_prepare(model, explicit, quantize), tokenizer, path)
     config, _, _ = read_config(path)
-    model = load_model(path, device=parse_device(device), dtype=parse_dtype(dtype))
+    model = load_model(path, device=parse_device(device), dtype=explicit)
     tokenizer = Tokenizer.from_dir(path, mask_id=config.mask_id, eos_id=config.eos_id, pad_id=config.pad_id,
                                    bos_id=config.bos_id)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    return Pipeline(model, tokenizer, path, defaults=generation_defaults(path))
+    return Pipeline(_prepare(model, explicit, quantize), tokenizer, path, defaults=generation_defaults(path))
+
+
+def _prepare(model: Transformer, explicit: torch.dtype | None, quantize: str | None) -> Transformer:
+    """The automatic compute dtype (unless one was asked for), then quantization."""
+    if explicit is None:
+        dtype = auto_dtype(model)
+        if dtype is not None and dtype != model.tok_embeddings.weight.dtype:
+            model = model.to(dtype)
+    if quantize is not None:
+        model = quantize_model(model, quantize)
+    return model
 
 
 def load_gguf_cached(path: str | Path, cache_dir: str | Path | None = None,
-                     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Pipeline:
+                     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                     quantize: str | None = None) -> Pipeline:
     """A Pipeline for a GGUF file, loaded from its converted folder (written on first use)."""
-    return load(cached_folder(path, cache_dir), device=device, dtype=dtype)
+    return load(cached_folder(path, cache_dir), device=device, dtype=dtype, quantize=quantize)

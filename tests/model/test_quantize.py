@@ -118,3 +118,24 @@ def test_a_quantized_config_builds_the_quantized_layout(tokenizer):
     built = Transformer(config)
     assert built.layers[0].attention.wq.weight.dtype == torch.float8_e4m3fn
     assert set(built.state_dict()) == set(quantize_model(copy.deepcopy(model), "fp8").state_dict())
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_a_quantized_model_saves_and_loads_quantized(tokenizer, tmp_path, name):
+    from safetensors import safe_open
+
+    from unmask.model.checkpoints import load_model, save_model
+
+    model = quantize_model(tiny_model(tokenizer).eval(), name)
+    save_model(model, tmp_path, dtype=torch.bfloat16)  # the compute dtype changes; stored weights and scales not
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert stored["layers.0.attention.wq.weight"] == scheme_named(name).storage
+    assert stored["layers.0.attention.wq.weight_scale"] == torch.float32
+    assert stored["output.weight"] == scheme_named(name).storage  # the tied head's own quantized copy
+    assert stored["tok_embeddings.weight"] == torch.bfloat16
+    loaded = load_model(tmp_path, device="cpu", dtype=torch.bfloat16)
+    assert loaded.config.quantization == name
+    ids = torch.randint(10, tokenizer.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model.to(torch.bfloat16)(ids))

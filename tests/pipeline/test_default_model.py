@@ -22,7 +22,7 @@ PROMPT = "def fibonacci(n):\n"
 
 @pytest.fixture(scope="module")
 def pipe():
-    return unmask.load()
+    return unmask.load(dtype="float32")  # as the base below, on any CPU (the automatic dtype may be bf16)
 
 
 def test_the_default_is_the_adapted_smollm2(pipe):
@@ -45,6 +45,15 @@ def test_threshold_one_is_exactly_greedy_ar_of_the_base(pipe):
     want = ar_generate(base.model, prompt, max_new_tokens=32, stop_at_eos=False).tokens
     got = pipe.generate(prompt, max_new_tokens=32, policy="leftmost", threshold=1.0, early_stop=False).tokens
     assert got == want
+
+
+def test_verify_is_greedy_ar_of_the_base_in_fewer_steps(pipe):
+    base = unmask.load("smollm2")
+    prompt = pipe.encode(PROMPT)
+    want = ar_generate(base.model, prompt, max_new_tokens=48, stop_at_eos=False).tokens
+    result = pipe.generate(prompt, max_new_tokens=48, policy="verify", early_stop=False)
+    assert result.tokens == want
+    assert result.steps < 40  # look-ahead and copied drafts confirmed by the base itself
 
 
 def test_chat_uses_the_checkpoint_template(pipe):

@@ -119,6 +119,15 @@ class QuantizedLinear(nn.Module):
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(dtype) casts every floating tensor, fp8 included: the stored weight and its float32 scale
+        # keep their dtypes and follow only device moves
+        stored = {"weight": self.weight, "weight_scale": self.weight_scale}
+        super()._apply(fn, recurse)
+        for name, t in stored.items():
+            setattr(self, name, t.to(getattr(self, name).device))
+        return self
+
     def base(self, x: torch.Tensor) -> torch.Tensor:
         out = self.scheme.linear(x, self.weight, self.weight_scale)
         return out if self.bias is None else out + self.bias.to(out.dtype)

@@ -43,7 +43,7 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 <<
             continue  # tied head: stored once, as the embedding
         seen.add(t.data_ptr())
         t = t.detach().to("cpu")
-        tensors[name] = (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+        tensors[name] = (t.to(dtype) if dtype is not None and in_compute_dtype(name, t) else t).contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -148,13 +148,23 @@ def _check_memory(config: ModelConfig, device: torch.device, dtype: torch.dtype)
         )
 
 
+def in_compute_dtype(name: str, t: torch.Tensor) -> bool:
+    """Tensors that follow the model's compute dtype; quantized weights and their scales keep their own."""
+    return t.dtype in (torch.float32, torch.bfloat16, torch.float16) and not name.endswith("weight_scale")
+
+
+def tied_head(config: ModelConfig) -> bool:
+    """The output head is the embedding itself (a quantized head is a quantized copy of its own)."""
+    return config.tie_embeddings and config.quantization is None
+
+
 def empty_model(config: ModelConfig) -> tuple[Transformer, dict[str, torch.Size]]:
     """The model on the meta device, and the shape of every tensor a checkpoint must supply (a tied head is
     the embedding, so it is not among them)."""
     with torch.device("meta"):
         model = Transformer(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    if config.tie_embeddings:
+    if tied_head(config):
         expected.pop("output.weight")
     return model, expected
 
@@ -162,7 +172,7 @@ def empty_model(config: ModelConfig) -> tuple[Transformer, dict[str, torch.Size]
 def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
     """`model` (from empty_model) holding the tensors of `state` themselves, its head tied when configured."""
     model.load_state_dict(state, strict=False, assign=True)
-    if model.config.tie_embeddings:
+    if tied_head(model.config):
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -193,7 +203,7 @@ def load_folder(path: str | Path, device: str | torch.device | None = None, dtyp
             name = family.our_name(ckpt_name)
         except KeyError:
             raise CheckpointError(f"{file.name}: unexpected tensor {ckpt_name!r} for a {family.name} model") from None
-        if name is None or (name == "output.weight" and config.tie_embeddings):
+        if name is None or (name == "output.weight" and tied_head(config)):
             continue  # dropped key, or a tied head some exporters also store
         if name not in expected and family.split is None:
             raise CheckpointError(f"{file.name}: tensor {ckpt_name!r} maps to {name!r}, which the model does not have")
@@ -213,7 +223,10 @@ def load_folder(path: str | Path, device: str | torch.device | None = None, dtyp
                     f"config.json does not match the weights: {ckpt_name!r} gives {name!r} the shape {tuple(t.shape)}, "
                     f"the config implies {tuple(expected[name])}"
                 )
-            state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            if in_compute_dtype(name, t):
+                state[name] = t.to(device=device, dtype=dtype)
+            else:  # a copy of its own: tensors read from the file may be unaligned, which int8 kernels crash on
+                state[name] = t.to(device=device, copy=True)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"weights missing from {path}: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
