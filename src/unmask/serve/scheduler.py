@@ -28,7 +28,7 @@ from unmask.decoding.engine import QueueFull
 
 
 class LineFull(QueueFull):
-    """`max_waiting` requests are waiting already; `retry_after` seconds is when one place should be free."""
+    """`max_waiting` requests are waiting already; `retry_after` seconds is when the line should have drained."""
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
@@ -140,14 +140,15 @@ class Scheduler:
         return groups
 
     def retry_after(self) -> float:
-        """Seconds until the oldest waiting request has started all its choices, at the rate choices started
-        lately (1 s when there is no rate yet). That frees a place in the line."""
-        head = next((g for g in self._groups_waiting()), None)
-        if head is None or len(self._starts) < 2:
+        """Seconds until every request waiting now has started all its choices, at the rate choices started
+        lately (1 s when there is no rate yet). Not just until the first place frees: the refused clients
+        come back spread over the time the line takes to drain, instead of all at once for one place."""
+        ahead = sum(g.unstarted for g in self._groups_waiting())
+        if not ahead or len(self._starts) < 2:
             return 1.0
         span = time.monotonic() - self._starts[0]
         rate = (len(self._starts) - 1) / max(span, 1e-3)
-        return min(max(head.unstarted / rate, 0.1), 60.0)
+        return min(max(ahead / rate, 0.1), 60.0)
 
     # --- inside ---------------------------------------------------------------------------------------
     def _free_rows(self) -> int:
