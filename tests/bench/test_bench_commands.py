@@ -29,7 +29,7 @@ def test_bench_serve_with_no_options(capsys, monkeypatch, tokenizer):
     shortened to a fraction of a second."""
     loaded = []
 
-    def load(model, device=None, dtype=None):
+    def load(model, device=None, dtype=None, quantize=None):
         loaded.append((model, device, dtype))
         return Pipeline(tiny_model(tokenizer), tokenizer)
 

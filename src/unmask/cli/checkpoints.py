@@ -8,8 +8,8 @@ from typing import Any, Optional
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Seed, Steps, Temperature,
-                               Threshold, TopP, console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Quantize, Seed, Steps,
+                               Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
 def _stats(result) -> str:
@@ -56,6 +56,7 @@ def chat(
                                                 "e.g. enable_thinking=false for Qwen3-based models. Repeatable."),
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
 ) -> None:
     """Chat with a model, prompts formatted with the checkpoint's chat template. /reset clears, /exit quits."""
     from rich.prompt import Prompt
@@ -63,7 +64,7 @@ def chat(
     from unmask.chat import ChatSession
     from unmask.errors import UnmaskError
 
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
                              policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,
                              cache=cache)
@@ -130,6 +131,7 @@ def humaneval(
                                    help="Problems generated together (same answers; tokens/s over the wall time)."),
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
 ) -> None:
     """HumanEval pass@1 with tokens/s and NFE per problem (generated code runs in a sandboxed subprocess)."""
     from rich.table import Table
@@ -137,7 +139,7 @@ def humaneval(
     from unmask.eval.humaneval import load_problems, run_humaneval
 
     problems = load_problems(limit)
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     # greedy unless --temperature (pass@1 of one deterministic answer); the rest from the model's defaults
     options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
                              policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,

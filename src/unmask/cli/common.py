@@ -10,11 +10,12 @@ console = Console(stderr=True)
 out = Console()
 
 
-def load_pipeline(model: Path | None, device: str | None = None, dtype: str | None = None):
+def load_pipeline(model: Path | None, device: str | None = None, dtype: str | None = None,
+                  quantize: str | None = None):
     import unmask
 
     with console.status(f"loading {model or 'default model'} …"):
-        return unmask.load(model, device=device, dtype=dtype)
+        return unmask.load(model, device=device, dtype=dtype, quantize=quantize)
 
 
 # Decoding options shared by every command that decodes (generate, chat, humaneval, edit, infill).
@@ -39,7 +40,10 @@ FrequencyPenalty = Annotated[float, typer.Option("--frequency-penalty",
                                                  help="As OpenAI: -2..2; > 0 counters repetition loops.")]
 Heal = Annotated[bool, typer.Option("--heal/--no-heal", help="Token healing: re-decode the prompt's last token.")]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | cuda:1 … (default: cuda if present)")]
-Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 for "
+                                              "diffusion models on CPUs with native bf16, else as stored)")]
+Quantize = Annotated[Optional[str], typer.Option("--quantize", help="int8 | fp8: quantize the weights per output row "
+                                                 "(fp8 needs a Hopper GPU to be fast)")]
 
 
 def decode_options(pipe=None, **values):

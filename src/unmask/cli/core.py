@@ -11,8 +11,8 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, EntropyBound, Heal, MaxNewTokens, Policy, Seed,
-                               Steps, Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, EntropyBound, Heal, MaxNewTokens, Policy, Quantize,
+                               Seed, Steps, Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
 
 
 @app.command()
@@ -42,6 +42,7 @@ def generate(
                                           "and this many alternatives.")] = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
 ) -> None:
     """Continue a prompt with a diffusion model (or AR-decode a causal twin). Options not given come from
     the model's generation_config.json (its recommended decoding), then from the built-in defaults."""
@@ -58,7 +59,7 @@ def generate(
         raise typer.BadParameter("--logprobs goes with --input (they are written into its JSONL records)",
                                  param_hint="--logprobs")
     prompts = read_prompts(input_file) if input_file is not None else None
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     if prompts is not None:
         return generate_batch(pipe, prompts, decode_options(pipe, **given), output_file, batch_size)
     result = pipe.generate(prompt, decode_options(pipe, **given))

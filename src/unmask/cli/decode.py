@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
-from unmask.cli.common import console, load_pipeline, out
+from unmask.cli.common import Quantize, console, load_pipeline, out
 
 PROMPT = 'def parse_config(path):\n    """Read a JSON config file and return it as a dict."""\n'
 
@@ -32,6 +32,7 @@ def bench_decode_cmd(
     repeats: int = typer.Option(1, "--repeats", min=1, help="Best of N timed runs (after one warm-up)."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 (default: bf16 on CUDA)."),
+    quantize: Quantize = None,
     compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's forward passes."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (default: "
                                                "reduce-overhead = CUDA graphs on a GPU, default on a CPU)."),
@@ -47,6 +48,8 @@ def bench_decode_cmd(
                                      round_to_blocks)
     from unmask.errors import UnmaskError
     from unmask.model.config import shape_config
+    from unmask.model.dtypes import auto_dtype
+    from unmask.model.quantize import quantize_model
     from unmask.pipeline import parse_device, parse_dtype
 
     if compare not in (None, "ar"):
@@ -56,10 +59,11 @@ def bench_decode_cmd(
     if model is not None and shape is not None:
         raise UnmaskError("give --model or --shape, not both")
     dev = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    # None: bf16 on CUDA; on a CPU the automatic dtype of each model (model/dtypes.py)
+    dt = parse_dtype(None if dtype == "auto" else dtype) or (torch.bfloat16 if dev.type == "cuda" else None)
     if model is not None:
         pipe = load_pipeline(model, str(dev), dtype)
-        net = pipe.model.to(dt)
+        net = pipe.model if dt is None else pipe.model.to(dt)
         prompt_len, new_tokens = fit_sizes(net.config.max_seq_len, block_length, prompt_len, new_tokens)
         ids = pipe.encode(PROMPT)
         prompt = (ids * (prompt_len // max(len(ids), 1) + 1))[:prompt_len]
@@ -72,7 +76,8 @@ def bench_decode_cmd(
         need = prompt_len + round_to_blocks(new_tokens, block_length)
         config = dataclasses.replace(config, max_seq_len=max(config.max_seq_len, need))
         with console.status(f"building a random {shape or 'tiny'} model on {dev} …"):
-            net = random_model(config, dev, dt, seed)
+            net = random_model(config, dev, dt or torch.float32, seed)
+            net = net if dt is not None else net.to(auto_dtype(net) or torch.float32)
         gen = torch.Generator().manual_seed(seed)
         special = {config.mask_id, config.eos_id, config.pad_id}
         prompt = [t for t in torch.randint(0, config.vocab_size, (prompt_len + 8,), generator=gen).tolist()
@@ -84,16 +89,27 @@ def bench_decode_cmd(
     twin = None
     if compare == "ar":
         if ar_model is not None:
-            twin = load_pipeline(ar_model, str(dev), dtype).model.to(dt)
+            twin = load_pipeline(ar_model, str(dev), dtype).model
+            twin = twin if dt is None else twin.to(dt)
             if twin.config.attention != "causal":
                 raise UnmaskError(f"--ar-model {ar_model} is not a causal model")
         else:
-            twin = random_model(dataclasses.replace(net.config, attention="causal"), dev, dt, seed + 1)
+            twin = random_model(dataclasses.replace(net.config, attention="causal"), dev, dt or torch.float32, seed + 1)
+    if quantize is not None:  # both decoders read the same quantized weights
+        net = quantize_model(net, quantize)
+        twin = None if twin is None else quantize_model(twin, quantize)
     with console.status("timing decoders …"):
         rows = bench_decode(net, prompt, new_tokens, block_length, threshold, twin, repeats,
                             (compile_mode or True) if compile else False, policy=policy)
     c = net.config
-    table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {str(dt)[6:]}, "
+    def dtype_of(m) -> str:
+        return str(m.tok_embeddings.weight.dtype).removeprefix("torch.")
+
+    precision = dtype_of(net)
+    if twin is not None and dtype_of(twin) != precision:
+        precision += f" (AR twin {dtype_of(twin)})"
+    precision += f", {quantize} weights" if quantize else ""
+    table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {precision}, "
                         f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}"
                         + (f", compiled ({compile_mode or ('reduce-overhead' if dev.type == 'cuda' else 'default')})"
                            if compile else ""),

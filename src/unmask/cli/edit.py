@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Policy, Seed, Steps, Temperature, Threshold,
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Policy, Quantize, Seed, Steps, Temperature, Threshold,
                                console, decode_options, load_pipeline, out)
 
 MODEL = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model).")
@@ -99,6 +99,7 @@ def edit(
     cache: Cache = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
 ) -> None:
     """Rewrite parts of a file in place: marked spans / lines, improbable tokens (auto), or by instruction.
 
@@ -110,7 +111,7 @@ def edit(
         raise EditError("--in-place needs a file, not stdin")
     _check_write_flags(in_place, no_backup)
     text = _read(file)
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
                           temperature=temperature, seed=seed, cache=cache)
     with _stream_printer(stream) as on_step:
@@ -150,6 +151,7 @@ def infill(
     cache: Cache = None,
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
 ) -> None:
     """Fill the gap between a prefix and a suffix; the model picks the length (up to --max-new-tokens)."""
     from unmask.edit import EditError
@@ -168,7 +170,7 @@ def infill(
     _check_write_flags(in_place, no_backup)
     if in_place and middle_only:
         raise EditError("--middle-only prints the middle; with --in-place the whole file is written")
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
                           temperature=temperature, seed=seed, cache=cache)
     with _stream_printer(stream) as on_step:
@@ -204,14 +206,15 @@ def eval_infill(
     cache: Cache = "prefix",
     device: Device = None,
     dtype: Dtype = None,
+    quantize: Quantize = None,
 ) -> None:
     """Mask one random line of held-out code, infill it; exact match and token accuracy vs the AR twin."""
     from unmask.eval.infill import infill_table, make_samples, run_infill_eval
 
     opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold, seed=seed,
                           cache=cache)
-    pipe = load_pipeline(model, device, dtype)
-    ar_pipe = load_pipeline(ar_model, device, dtype) if ar_model is not None else None
+    pipe = load_pipeline(model, device, dtype, quantize)
+    ar_pipe = load_pipeline(ar_model, device, dtype, quantize) if ar_model is not None else None
     samples = make_samples(data, limit, seed=seed, context_lines=context_lines, pattern=pattern)
     with console.status(f"infilling {len(samples)} lines …"):
         rows = run_infill_eval(pipe, samples, ar_pipe=ar_pipe, lengths=length or ["oracle", "absorb"],

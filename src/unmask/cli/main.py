@@ -11,7 +11,7 @@ from unmask.cli.apps import app
 from unmask.errors import UnmaskError
 
 # each module attaches its commands to the apps on import
-from unmask.cli import core, data, train, decode, edit, serve, checkpoints, distill, gguf  # noqa: E402,F401
+from unmask.cli import core, data, train, decode, edit, serve, checkpoints, distill, gguf, quantize  # noqa: E402,F401
 
 
 def _typer_usage_errors() -> tuple[type[Exception], ...]:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.apps import app, bench_app
-from unmask.cli.common import console, load_pipeline, out
+from unmask.cli.common import Quantize, console, load_pipeline, out
 
 
 @app.command()
@@ -22,6 +22,7 @@ def serve(
     port: int = typer.Option(8000, "--port"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
+    quantize: Quantize = None,
     max_batch: int = typer.Option(8, "--max-batch", help="Requests denoised together in one forward pass."),
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before answering 429."),
     max_tokens: int = typer.Option(128, "--max-tokens", help="Default max_tokens of a request."),
@@ -40,7 +41,7 @@ def serve(
     from unmask.serve.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     engine = request_queue(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile,
                            prefix_blocks=prefix_blocks)
     # the model's recommended decoding (generation_config.json) is what a request gets unless it says otherwise
@@ -109,6 +110,7 @@ def bench_serve(
     prompt: str = typer.Option("def parse_args(argv):\n", "--prompt"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
+    quantize: Quantize = None,
 ) -> None:
     """N concurrent clients against the server on loopback: requests/s, p50/p99 latency, failures;
     batched (max_batch = clients) against one-at-a-time (max_batch = 1)."""
@@ -122,7 +124,7 @@ def bench_serve(
 
     if clients < 1 or seconds <= 0:
         raise UnmaskError("--clients must be >= 1 and --seconds > 0")
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     body = {"prompt": prompt, "max_tokens": max_tokens, "block_length": block_length, "temperature": 0.0}
     if steps:
         body["steps"] = steps

@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from unmask.cli.apps import app, bench_app, eval_app
-from unmask.cli.common import console, out
+from unmask.cli.common import Quantize, console, out
 
 
 @app.command()
@@ -56,6 +56,7 @@ def elbo(
     seed: int = typer.Option(0, "--seed"),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype"),
+    quantize: Quantize = None,
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Bits per byte of held-out text: diffusion ELBO (upper bound) or the AR twin's exact NLL."""
@@ -68,7 +69,7 @@ def elbo(
         raise typer.BadParameter(f"{split!r} is not val or train", param_hint="--split")
     if not data.exists():
         raise ShardError(f"no such data: {data}")
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, quantize)
     if data.suffix == ".bin":
         shard = TokenShard.open(data)
         if shard.meta.get("tokenizer_sha256") not in (None, tokenizer_digest(pipe.tokenizer)):
