@@ -95,3 +95,27 @@ def test_bench_decode_of_a_short_context_model_needs_no_options(capsys, tmp_path
 def test_bench_decode_leftmost_policy_row(capsys):
     assert main(["bench", "decode", "-n", "16", "--block-length", "8", "--policy", "leftmost"]) == 0
     assert "leftmost 0.9 + dual cache" in capsys.readouterr().out
+
+
+def test_bench_decode_over_several_prompts_times_the_chosen_rows(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    prompts = [tokenizer.encode("def f(x):"), tokenizer.encode("import os\nimport sys\n"), tokenizer.encode("x = 1")]
+    rows = bench.bench_decode(model, prompts, new_tokens=16, block_length=8, decoders=("prefix", "policy"))
+    assert [r.name for r in rows] == ["prefix cache", "threshold 0.9 + dual cache"]
+    prefix = rows[0]
+    assert prefix.tokens == 3 * 16 and prefix.steps == 3 * 16  # the fixed policy: a token a step, every prompt
+    one = bench.bench_decode(model, prompts[1], new_tokens=16, block_length=8, decoders=("prefix",))[0]
+    assert one.tokens == 16 and one.steps == 16
+    with pytest.raises(ValueError, match="unknown decoder 'fast'"):
+        bench.bench_decode(model, prompts, new_tokens=8, block_length=8, decoders=("fast",))
+
+
+def test_bench_decode_cli_checks_prompts_and_decoders(capsys):
+    assert main(["bench", "decode", "--shape", "tiny", "--prompts", "2"]) != 0
+    assert "--prompts needs --model" in capsys.readouterr().err
+    assert main(["bench", "decode", "--shape", "tiny", "--decoders", "dual,warp"]) != 0
+    assert "--decoders takes" in capsys.readouterr().err
+    assert main(["bench", "decode", "--shape", "tiny", "--prompt-len", "4", "-n", "8", "--block-length", "8",
+                 "--decoders", "dual"]) == 0
+    out = capsys.readouterr().out
+    assert "dual cache" in out and "prefix cache" not in out and "reference" not in out

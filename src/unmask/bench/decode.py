@@ -124,16 +124,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], tuple[int, int]], device: torch.device, repeats: int,
+def _timed(fn: Callable[[list[int]], tuple[int, int]], prompts: list[list[int]], device: torch.device, repeats: int,
            counter: PositionCounter) -> tuple[float, int, int, int]:
-    """Best of `repeats` runs after one warm-up: (seconds, steps, nfe, positions computed)."""
-    fn()
+    """Best of `repeats` runs over all prompts after a warm-up on the first: (seconds, steps, nfe, positions)."""
+    fn(prompts[0])
     best = None
     for _ in range(repeats):
         _sync(device)
         counter.positions = 0
         t0 = time.perf_counter()
-        steps, nfe = fn()
+        steps = nfe = 0
+        for prompt in prompts:
+            s, n = fn(prompt)
+            steps, nfe = steps + s, nfe + n
         _sync(device)
         dt = time.perf_counter() - t0
         if best is None or dt < best[0]:
@@ -141,46 +144,62 @@ def _timed(fn: Callable[[], tuple[int, int]], device: torch.device, repeats: int
     return best
 
 
+DECODERS = ("reference", "none", "prefix", "dual", "policy", "ar")  # the rows bench_decode can time
+
+
 @torch.inference_mode()
-def bench_decode(model: Transformer, prompt_ids: list[int], new_tokens: int = 256, block_length: int = 32,
-                 threshold: float = 0.9, ar_model: Transformer | None = None, repeats: int = 1,
-                 compile: bool | str = False, policy: str = "threshold") -> list[BenchRow]:
-    """Time each decoder on `prompt_ids` -> `new_tokens` tokens (rounded up to whole blocks)."""
+def bench_decode(model: Transformer, prompt_ids: list[int] | list[list[int]], new_tokens: int = 256,
+                 block_length: int = 32, threshold: float = 0.9, ar_model: Transformer | None = None,
+                 repeats: int = 1, compile: bool | str = False, policy: str = "threshold",
+                 decoders: tuple[str, ...] = DECODERS) -> list[BenchRow]:
+    """Time each decoder on the prompt (or each of several prompts) -> `new_tokens` tokens each (rounded up to
+    whole blocks); `decoders` picks the rows (DECODERS; "ar" needs `ar_model`)."""
+    unknown = set(decoders) - set(DECODERS)
+    if unknown:
+        raise ValueError(f"unknown decoder {sorted(unknown)[0]!r}; use {', '.join(DECODERS)}")
     device = model.output.weight.device
     new_tokens = round_to_blocks(new_tokens, block_length)
+    prompts = [prompt_ids] if prompt_ids and isinstance(prompt_ids[0], int) else list(prompt_ids)
+    total = new_tokens * len(prompts)
     rows: list[BenchRow] = []
-    prompt = torch.tensor([prompt_ids], device=device)
     counter = PositionCounter()
 
-    def reference():
-        _, nfe = reference_generate(model, prompt, gen_length=new_tokens, block_length=block_length, steps=new_tokens)
+    def reference(prompt: list[int]) -> tuple[int, int]:
+        x = torch.tensor([prompt], device=device)
+        _, nfe = reference_generate(model, x, gen_length=new_tokens, block_length=block_length, steps=new_tokens)
         return nfe, nfe
 
-    with counter.hooked(model):
-        rows.append(BenchRow("reference sampler (no cache)", *_timed(reference, device, repeats, counter), new_tokens))
+    if "reference" in decoders:
+        with counter.hooked(model):
+            rows.append(BenchRow("reference sampler (no cache)", *_timed(reference, prompts, device, repeats, counter),
+                                 total))
 
     engine = Engine(model, max_batch=1, compile=compile)
     # counted outside a compiled forward, so compilation and CUDA graphs see the model alone
     engine._forward = counter.wrap(engine._forward)
     base = DecodeOptions(max_new_tokens=new_tokens, block_length=block_length, early_stop=False)
     variants = [
-        ("engine, no cache", base.replace(policy="fixed", cache="none")),
-        ("prefix cache", base.replace(policy="fixed", cache="prefix")),
-        ("dual cache", base.replace(policy="fixed", cache="dual")),
-        (f"{policy} {threshold} + dual cache", base.replace(policy=policy, threshold=threshold, cache="dual")),
+        ("none", "engine, no cache", base.replace(policy="fixed", cache="none")),
+        ("prefix", "prefix cache", base.replace(policy="fixed", cache="prefix")),
+        ("dual", "dual cache", base.replace(policy="fixed", cache="dual")),
+        ("policy", f"{policy} {threshold} + dual cache" if policy != "verify" else "verify + dual cache",
+         base.replace(policy=policy, threshold=threshold, cache="dual")),
     ]
-    for name, opts in variants:
-        def run(opts=opts):
-            r = engine.generate(prompt_ids, opts)
+    for key, name, opts in variants:
+        if key not in decoders:
+            continue
+
+        def run(prompt: list[int], opts=opts) -> tuple[int, int]:
+            r = engine.generate(prompt, opts)
             return r.steps, r.nfe
 
-        rows.append(BenchRow(name, *_timed(run, device, repeats, counter), new_tokens))
+        rows.append(BenchRow(name, *_timed(run, prompts, device, repeats, counter), total))
 
-    if ar_model is not None:
-        def ar():
-            r = ar_generate(ar_model, prompt_ids, max_new_tokens=new_tokens, stop_at_eos=False)
+    if ar_model is not None and "ar" in decoders:
+        def ar(prompt: list[int]) -> tuple[int, int]:
+            r = ar_generate(ar_model, prompt, max_new_tokens=new_tokens, stop_at_eos=False)
             return r.steps, r.nfe
 
         with counter.hooked(ar_model):
-            rows.append(BenchRow("AR twin + KV cache", *_timed(ar, device, repeats, counter), new_tokens))
+            rows.append(BenchRow("AR twin + KV cache", *_timed(ar, prompts, device, repeats, counter), total))
     return rows

