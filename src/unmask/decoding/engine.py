@@ -17,8 +17,9 @@ Per step and request, in order:
                against the cached rest (cache.py explains the layout). block_causal models refresh only
                for their first block: a finished block's K/V are final once recomputed with its last
                tokens, so a later block's first step widens its window back over the block before it
-  2. sample    tokens + confidence for the block's positions (logit bias, penalties, temperature / top-k /
-               top-p, seeded)
+  2. sample    tokens + confidence for the block's positions, through the request's logits processors
+               (decoding/processors.py: banned tokens, healing, logit bias, penalties, temperature / top-k /
+               top-p), seeded
   3. correct   (self_correct, after the block's masks are filled) rewrite confident changes, re-mask
                improbable tokens; at most `max_correction_steps` such steps per block
   4. commit    the policy picks which masked positions take their proposed token
@@ -48,7 +49,8 @@ from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
 from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import TokenLogprob, bias_vector, decision_logits, penalize, sample_tokens, token_logprobs
+from unmask.decoding.processors import Processors, processors_for
+from unmask.decoding.sampling import TokenLogprob, choose_tokens, token_logprobs
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
@@ -100,9 +102,7 @@ class Request:
     tail_start: int | None  # first position of a masked run reaching the canvas end (early stop applies there)
     cut_at_eos: bool  # generation: the result ends at the first EOS
     stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
-    first_allowed: torch.Tensor | None  # generation: bool [V], tokens the first new token may be (healing)
-    banned: torch.Tensor | None  # bool [V]: tokens this request may never write (an edit's special tokens)
-    bias: torch.Tensor | None  # [V] options.logit_bias, dense
+    processors: Processors  # its logits processors: banned tokens, healing, bias, penalties, sampling
     prompt_tokens: int
     policy: Policy
     generator: torch.Generator | None
@@ -257,17 +257,21 @@ class Engine:
                 tail_start -= 1
         total_steps = options.steps or len(masks)
         x = torch.tensor(canvas, device=self.device)
+        generated = x == c.mask_id
         policy = make_policy(options)
         if policy.drafts and not (c.attention == "block_causal" and c.block_attention == "causal" and c.logits_shift):
             raise OptionsError(f"the {policy.name} policy needs a model with causal attention inside its blocks and "
                                "shifted logits (an adapted AR model), where a token read from committed text is "
                                "the AR base's own")
         req = Request(
-            id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=x == c.mask_id,
+            id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=generated,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
-            first_allowed=None if first_allowed is None else first_allowed.to(self.device),
-            banned=self._token_set(banned),
-            bias=bias_vector(options.logit_bias, c.vocab_size, self.device),
+            processors=processors_for(
+                options, c.vocab_size, self.device, banned=self._token_set(banned), canvas=x,
+                generated=generated, mask_id=c.mask_id,
+                # healing restricts the answer's first token: the first block's first position, if it is that
+                first_allowed=None if first_allowed is None or not blocks or blocks[0][0] != (region or (0,))[0]
+                else first_allowed.to(self.device)),
             prompt_tokens=(region or (0, 0))[0], policy=policy, feed=x.clone() if policy.drafts else None,
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
             steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
@@ -362,24 +366,13 @@ class Engine:
             h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
         logits = self.model.output(h)
         logits[..., self.config.mask_id] = float("-inf")  # a committed [MASK] would never finish its block
-        model_logprobs: dict[int, torch.Tensor] = {}
         for i, r in enumerate(reqs):
-            o = r.options
-            if r.banned is not None:  # before everything, as if the model could not say them
-                logits[i].masked_fill_(r.banned, float("-inf"))
-            if o.logprobs is not None:  # the model's own distribution: before healing, biases and penalties
-                model_logprobs[i] = logits[i, : r.pos.numel()].float().log_softmax(-1)
-            if r.first_allowed is not None and r.block == 0 and r.blocks[0][0] == r.region[0]:
-                logits[i, 0].masked_fill_(~r.first_allowed, float("-inf"))
-            if r.bias is not None:
-                logits[i] += r.bias
-            if o.presence_penalty or o.frequency_penalty:
-                done = r.x[r.generated & (r.x != self.config.mask_id)]
-                counts = torch.bincount(done, minlength=logits.shape[-1])[: logits.shape[-1]]
-                logits[i] = penalize(logits[i], counts, o.presence_penalty, o.frequency_penalty)
-        for i, r in enumerate(reqs):
+            # banned tokens first, as if the model could not say them; the reported log-probabilities are
+            # the model's own distribution: before healing, biases and penalties
+            own = r.processors.restrict(logits[i, : r.pos.numel()], r.block)
+            model_logprobs = own.float().log_softmax(-1) if r.options.logprobs is not None else None
             r.nfe += 1
-            events.append(self._advance(r, logits[i, : r.pos.numel()], model_logprobs.get(i)))
+            events.append(self._advance(r, r.processors.adjust(own, r.block), model_logprobs))
         return events
 
     def _admit(self) -> None:
@@ -527,10 +520,12 @@ class Engine:
         o, c = r.options, self.config
         cur = r.x[r.pos]
         masked = cur == c.mask_id
-        tokens, conf = sample_tokens(logits, o.temperature, o.top_k, o.top_p, r.generator)
+        choice = r.processors.decide(logits.float())  # temperature, top-k, top-p
+        tokens = choose_tokens(choice, o.temperature > 0, r.generator)
+        conf = choice.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
         probs = None
         if o.confidence != "prob" or r.correcting >= 0:
-            probs = decision_logits(logits.double(), o.temperature, o.top_k, o.top_p).softmax(-1)
+            probs = r.processors.decide(logits.double()).softmax(-1)
         if o.confidence != "prob":
             conf = confidence(o.confidence, probs, tokens, r.generator)
         new = cur

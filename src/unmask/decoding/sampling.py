@@ -75,24 +75,24 @@ def sample_tokens(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (tokens, probability of each chosen token) for logits [..., V], both under decision_logits
-    (the probability is the confidence that unmasking policies compare with their threshold).
-
-    temperature 0 is argmax. Otherwise Gumbel-max with float64 noise: argmax(l / T - log(-log u)), the
-    log form of LLaDA's argmax(exp(l) / (-log u)^T); the float64 noise matters for low-temperature
-    sampling of large vocabularies.
-    """
+    (the probability is the confidence that unmasking policies compare with their threshold)."""
     logits = decision_logits(logits.float(), temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    if temperature <= 0:
-        tokens = logits.argmax(-1)
-    else:
-        # draw where the generator lives (a seeded CPU generator keeps results device-independent);
-        # unseeded sampling on a GPU draws on the GPU and avoids a host->device copy every step
-        device = generator.device if generator is not None else logits.device
-        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=device).to(logits.device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
-        tokens = (logits.double() + gumbel).argmax(-1)
-    return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+    tokens = choose_tokens(logits, temperature > 0, generator)
+    return tokens, logits.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def choose_tokens(logits: torch.Tensor, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tokens [...] from decision logits [..., V]: argmax, or with `sample` Gumbel-max with float64 noise:
+    argmax(l - log(-log u)) over already tempered logits, the log form of LLaDA's argmax(exp(l) / (-log u)^T);
+    the float64 noise matters for low-temperature sampling of large vocabularies."""
+    if not sample:
+        return logits.argmax(-1)
+    # draw where the generator lives (a seeded CPU generator keeps results device-independent);
+    # unseeded sampling on a GPU draws on the GPU and avoids a host->device copy every step
+    device = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=device).to(logits.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits.double() + gumbel).argmax(-1)
 
 
 def bias_vector(logit_bias: dict[int, float], vocab_size: int, device: torch.device | str) -> torch.Tensor | None:
