@@ -32,7 +32,7 @@ def test_greedy_is_argmax_and_reports_its_probability():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, -1.0]])
     tokens, p = sample_tokens(logits)
     assert tokens.tolist() == [1, 0]
-    assert torch.allclose(p, logits.softmax(-1).max(-1).values)
+    assert p.dtype == torch.float64 and torch.allclose(p, logits.double().softmax(-1).max(-1).values)
 
 
 def test_temperature_sampling_follows_the_tempered_distribution():
@@ -68,7 +68,7 @@ def test_temperature_comes_before_top_p_and_the_confidence():
     tokens, conf = sample_tokens(logits[None], temperature=0.5, top_p=0.99, generator=gen)
     kept = (logits / 0.5).softmax(-1)
     kept = kept * nucleus(logits / 0.5, 0.99)
-    assert torch.allclose(conf, (kept / kept.sum())[tokens])  # confidence: the tempered, filtered probability
+    assert torch.allclose(conf.float(), (kept / kept.sum())[tokens])  # confidence: the tempered, filtered probability
 
 
 def test_seeded_sampling_is_reproducible():

@@ -49,7 +49,7 @@ from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
 from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.processors import Processors, processors_for
+from unmask.decoding.processors import Processors, processors_for, without_token
 from unmask.decoding.sampling import TokenLogprob, choose_tokens, token_logprobs
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
@@ -364,13 +364,14 @@ class Engine:
             h = hidden[reqs[0].id][None]
         else:
             h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
-        logits = self.model.output(h)
-        logits[..., self.config.mask_id] = float("-inf")  # a committed [MASK] would never finish its block
+        logits = self.model.output(h)  # the mask token keeps its logit: _advance never proposes it
         for i, r in enumerate(reqs):
             # banned tokens first, as if the model could not say them; the reported log-probabilities are
-            # the model's own distribution: before healing, biases and penalties
+            # the model's own distribution over what may be written: before healing, biases and penalties
             own = r.processors.restrict(logits[i, : r.pos.numel()], r.block)
-            model_logprobs = own.float().log_softmax(-1) if r.options.logprobs is not None else None
+            model_logprobs = None
+            if r.options.logprobs is not None:
+                model_logprobs = without_token(own.float(), self.config.mask_id).log_softmax(-1)
             r.nfe += 1
             events.append(self._advance(r, r.processors.adjust(own, r.block), model_logprobs))
         return events
@@ -520,19 +521,19 @@ class Engine:
         o, c = r.options, self.config
         cur = r.x[r.pos]
         masked = cur == c.mask_id
-        choice = r.processors.decide(logits.float())  # temperature, top-k, top-p
+        # tokens: float32 decision logits (temperature, top-k, top-p), never [MASK] (a committed mask would
+        # never finish its block)
+        choice = r.processors.decide(without_token(logits.float(), c.mask_id))
         tokens = choose_tokens(choice, o.temperature > 0, r.generator)
-        conf = choice.softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-        probs = None
-        if o.confidence != "prob" or r.correcting >= 0:
-            probs = r.processors.decide(logits.double()).softmax(-1)
-        if o.confidence != "prob":
-            conf = confidence(o.confidence, probs, tokens, r.generator)
+        # confidences as LLaDA's and Fast-dLLM's samplers compute them: a float64 softmax of all the logits,
+        # the mask's share of the mass included (float32 rounds near-ties together and commits elsewhere)
+        probs = r.processors.decide(logits.double()).softmax(-1)
+        conf = confidence(o.confidence, probs, tokens, r.generator)
         new = cur
         last_correction = False
         if r.correcting >= 0:
             last_correction = r.correcting + 1 >= o.max_correction_steps
-            new = self._correct(r, cur, probs, allow_remask=not last_correction)
+            new = self._correct(r, cur, without_token(probs, c.mask_id, 0.0), allow_remask=not last_correction)
         if last_correction:
             commit = masked  # the bound: whatever is still masked is committed now
         elif r.policy.drafts:

@@ -116,6 +116,13 @@ class TopP(Processor):
         return logits.masked_fill(~nucleus(logits, self.top_p), float("-inf"))
 
 
+def without_token(logits: torch.Tensor, token: int, value: float = float("-inf")) -> torch.Tensor:
+    """A copy of logits [..., V] (or probabilities, with value 0) in which `token` cannot be chosen."""
+    logits = logits.clone()
+    logits[..., token] = value
+    return logits
+
+
 def _run(chain: list[Processor], logits: torch.Tensor, block: int) -> torch.Tensor:
     for p in chain:
         logits = p(logits, block)

@@ -75,10 +75,13 @@ def sample_tokens(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (tokens, probability of each chosen token) for logits [..., V], both under decision_logits
-    (the probability is the confidence that unmasking policies compare with their threshold)."""
+    (the probability is the confidence that unmasking policies compare with their threshold). Tokens are
+    chosen from float32 logits; the probability is a float64 softmax, as LLaDA's and Fast-dLLM's samplers
+    compute it: float32 rounds two positions' near-equal confidences together (or reverses them), and then
+    the positions a step commits are not theirs."""
     logits = decision_logits(logits.float(), temperature, top_k, top_p)
     tokens = choose_tokens(logits, temperature > 0, generator)
-    return tokens, logits.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return tokens, logits.double().softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
 def choose_tokens(logits: torch.Tensor, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
