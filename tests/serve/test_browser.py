@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 
+from unmask.decoding.policies import POLICIES
 from unmask.serve.app import create_app
 from unmask.serve.runner import BackgroundServer
 
@@ -42,6 +43,11 @@ def test_page_animates_denoising_and_edits(tiny_pipeline, tmp_path):
             page.goto(srv.url + "/")
             page.wait_for_selector("#server-status.ok", timeout=15_000)
             assert "tiny" in page.inner_text("#model")
+            # the policy menu and each policy's inputs come from GET /v1/policies
+            assert page.eval_on_selector_all("#policy option", "os => os.map(o => o.value)") == list(POLICIES)
+            assert page.input_value("#policy") == "threshold" and page.is_visible("#threshold")
+            page.select_option("#policy", "eb")
+            assert page.is_visible("#entropy_bound") and not page.is_visible("#threshold")
 
             # --- generate: fixed policy, 24 tokens in 12 steps -> 12 animated states
             page.fill("#prompt", "def parse_header(line):\n")

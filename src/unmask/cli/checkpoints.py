@@ -8,8 +8,8 @@ from typing import Any, Optional
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Policy, Quantize, Seed, Steps,
-                               Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Quantize, Seed, Steps, Temperature,
+                               TopP, console, decode_options, load_pipeline, out, policy_options)
 
 
 def _stats(result) -> str:
@@ -37,6 +37,7 @@ def template_variables(pairs: list[str]) -> dict[str, Any]:
 
 
 @app.command()
+@policy_options
 def chat(
     model: Path = typer.Argument(..., help="Model folder (ours, LLaDA, Dream or a block-diffusion Qwen)."),
     message: Optional[str] = typer.Option(None, "--message", help="Send one message, print the reply and exit."),
@@ -44,8 +45,6 @@ def chat(
     max_new_tokens: MaxNewTokens = 256,
     block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = None,
-    threshold: Threshold = None,
     temperature: Temperature = None,
     top_p: TopP = None,
     seed: Seed = None,
@@ -57,6 +56,7 @@ def chat(
     device: Device = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
+    **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
     """Chat with a model, prompts formatted with the checkpoint's chat template. /reset clears, /exit quits."""
     from rich.prompt import Prompt
@@ -66,8 +66,7 @@ def chat(
 
     pipe = load_pipeline(model, device, dtype, quantize)
     options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
-                             policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,
-                             cache=cache)
+                             temperature=temperature, top_p=top_p, seed=seed, cache=cache, **policy)
     session = ChatSession(pipe, options, system=system, template_variables=template_variables(template_var or []))
 
     def turn(text: str) -> None:
@@ -112,14 +111,13 @@ def eval_lm_eval(ctx: typer.Context) -> None:
 
 
 @eval_app.command("humaneval")
+@policy_options
 def humaneval(
     model: Path = typer.Argument(..., help="Model folder."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
     max_new_tokens: MaxNewTokens = 256,
     block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = None,
-    threshold: Threshold = None,
     temperature: Temperature = 0.0,
     top_p: TopP = None,
     seed: Seed = 0,
@@ -132,6 +130,7 @@ def humaneval(
     device: Device = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
+    **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
     """HumanEval pass@1 with tokens/s and NFE per problem (generated code runs in a sandboxed subprocess)."""
     from rich.table import Table
@@ -142,8 +141,7 @@ def humaneval(
     pipe = load_pipeline(model, device, dtype, quantize)
     # greedy unless --temperature (pass@1 of one deterministic answer); the rest from the model's defaults
     options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
-                             policy=policy, threshold=threshold, temperature=temperature, top_p=top_p, seed=seed,
-                             cache=cache)
+                             temperature=temperature, top_p=top_p, seed=seed, cache=cache, **policy)
     table = Table(title=f"HumanEval · {model}")
     for col in ("task", "result", "tokens", "NFE", "tokens/s", "detail"):
         table.add_column(col, justify="right" if col in ("tokens", "NFE", "tokens/s") else "left")

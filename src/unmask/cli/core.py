@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -11,11 +11,13 @@ from rich.text import Text
 
 from unmask.cli.apps import app
 
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, EntropyBound, Heal, MaxNewTokens, Policy, Quantize,
-                               Seed, Steps, Temperature, Threshold, TopP, console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Quantize, Seed, Steps,
+                               Temperature, Threshold, TopP, console, decode_options, load_pipeline, out,
+                               policy_options)
 
 
 @app.command()
+@policy_options
 def generate(
     prompt: Optional[str] = typer.Argument(None, help="Text to continue (or --input for many)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model)."),
@@ -27,9 +29,6 @@ def generate(
     max_new_tokens: MaxNewTokens = None,
     block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = None,
-    threshold: Threshold = None,
-    entropy_bound: EntropyBound = None,
     temperature: Temperature = None,
     top_p: TopP = None,
     seed: Seed = None,
@@ -43,13 +42,13 @@ def generate(
     device: Device = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
+    **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
     """Continue a prompt with a diffusion model (or AR-decode a causal twin). Options not given come from
     the model's generation_config.json (its recommended decoding), then from the built-in defaults."""
-    given = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, policy=policy,
-                 threshold=threshold, entropy_bound=entropy_bound, temperature=temperature, top_p=top_p, seed=seed,
-                 cache=cache, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, heal=heal,
-                 logprobs=logprobs)
+    given = dict(max_new_tokens=max_new_tokens, block_length=block_length, steps=steps, temperature=temperature,
+                 top_p=top_p, seed=seed, cache=cache, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty, heal=heal, logprobs=logprobs, **policy)
     if (prompt is None) == (input_file is None):
         raise typer.BadParameter("give a prompt or --input FILE.jsonl, not both" if prompt is not None
                                  else "give a prompt, or --input FILE.jsonl for many", param_hint="PROMPT")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from unmask.cli.apps import app, eval_app
-from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Policy, Quantize, Seed, Steps, Temperature, Threshold,
-                               console, decode_options, load_pipeline, out)
+from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Quantize, Seed, Steps, Temperature, Threshold,
+                               console, decode_options, load_pipeline, out, policy_options)
 
 MODEL = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model).")
 
@@ -73,6 +73,7 @@ def _stream_printer(stream: bool):
 
 
 @app.command()
+@policy_options
 def edit(
     file: Path = typer.Argument(..., help="Text file to edit ('-' reads stdin)."),
     model: Optional[Path] = MODEL,
@@ -92,14 +93,13 @@ def edit(
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
     block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = None,
-    threshold: Threshold = None,
     temperature: Temperature = None,
     seed: Seed = None,
     cache: Cache = None,
     device: Device = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
+    **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
     """Rewrite parts of a file in place: marked spans / lines, improbable tokens (auto), or by instruction.
 
@@ -112,8 +112,8 @@ def edit(
     _check_write_flags(in_place, no_backup)
     text = _read(file)
     pipe = load_pipeline(model, device, dtype, quantize)
-    opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
-                          temperature=temperature, seed=seed, cache=cache)
+    opts = decode_options(pipe, block_length=block_length, steps=steps, temperature=temperature, seed=seed,
+                          cache=cache, **policy)
     with _stream_printer(stream) as on_step:
         result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
                            remask_below=remask_below, neighbors=neighbors, max_rounds=rounds,
@@ -130,6 +130,7 @@ def edit(
 
 
 @app.command()
+@policy_options
 def infill(
     file: Optional[Path] = typer.Argument(None, help="File holding the marker where text goes ('-' = stdin)."),
     prefix: Optional[str] = typer.Option(None, "--prefix", help="Text before the gap (instead of FILE)."),
@@ -144,14 +145,13 @@ def infill(
     stream: bool = typer.Option(False, "--stream", help="Show denoising progress on stderr."),
     block_length: BlockLength = None,
     steps: Steps = None,
-    policy: Policy = None,
-    threshold: Threshold = None,
     temperature: Temperature = None,
     seed: Seed = None,
     cache: Cache = None,
     device: Device = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
+    **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
     """Fill the gap between a prefix and a suffix; the model picks the length (up to --max-new-tokens)."""
     from unmask.edit import EditError
@@ -171,8 +171,8 @@ def infill(
     if in_place and middle_only:
         raise EditError("--middle-only prints the middle; with --in-place the whole file is written")
     pipe = load_pipeline(model, device, dtype, quantize)
-    opts = decode_options(pipe, block_length=block_length, steps=steps, policy=policy, threshold=threshold,
-                          temperature=temperature, seed=seed, cache=cache)
+    opts = decode_options(pipe, block_length=block_length, steps=steps, temperature=temperature, seed=seed,
+                          cache=cache, **policy)
     with _stream_printer(stream) as on_step:
         result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length,
                              options=opts, on_step=on_step)
@@ -187,6 +187,7 @@ def infill(
 
 
 @eval_app.command("infill")
+@policy_options
 def eval_infill(
     model: Path = typer.Argument(..., help="Diffusion model folder."),
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Causal twin folder (given the prefix only)."),
@@ -201,18 +202,18 @@ def eval_infill(
     seed: int = typer.Option(0, "--seed", help="Picks the lines (and seeds sampling)."),
     block_length: BlockLength = 32,
     steps: Steps = None,
-    policy: Policy = None,  # threshold (DecodeOptions), or fixed when --steps is given
-    threshold: Threshold = 0.9,
+    threshold: Threshold = 0.9,  # policy: threshold (DecodeOptions), or fixed when --steps is given
     cache: Cache = "prefix",
     device: Device = None,
     dtype: Dtype = None,
     quantize: Quantize = None,
+    **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
     """Mask one random line of held-out code, infill it; exact match and token accuracy vs the AR twin."""
     from unmask.eval.infill import infill_table, make_samples, run_infill_eval
 
-    opts = decode_options(block_length=block_length, steps=steps, policy=policy, threshold=threshold, seed=seed,
-                          cache=cache)
+    opts = decode_options(block_length=block_length, steps=steps, threshold=threshold, seed=seed, cache=cache,
+                          **policy)
     pipe = load_pipeline(model, device, dtype, quantize)
     ar_pipe = load_pipeline(ar_model, device, dtype, quantize) if ar_model is not None else None
     samples = make_samples(data, limit, seed=seed, context_lines=context_lines, pattern=pattern)

@@ -21,14 +21,21 @@ Confidences (options.confidence) are all in [0, 1] so one threshold means the sa
     entropy  exp(-entropy) of the distribution (Dream `entropy`; 1 = certain)
     random   uniform noise (LLaDA `random` remasking)
 
-A new policy is one small class registered in POLICIES; the engine loop does not change.
+A new policy is one small class registered in POLICIES; the engine loop does not change. Its knobs are
+`Param`s in its `params`: DecodeOptions validates them, the CLI makes each an option and the server a
+request field, and `GET /v1/policies` lists them (see docs/engine.md, "Adding a policy").
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
-from unmask.decoding.options import POLICY_NAMES, DecodeOptions, OptionsError
+from unmask.decoding.params import OptionsError, Param
+
+if TYPE_CHECKING:  # options.py validates through this registry, so it imports us, not we it
+    from unmask.decoding.options import DecodeOptions
 
 
 def confidence(kind: str, probs: torch.Tensor, chosen: torch.Tensor,
@@ -57,14 +64,28 @@ def top_k_mask(conf: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) ->
     return candidates & (rank < k)
 
 
+# knobs that more than one policy reads are declared once
+THRESHOLD = Param("threshold", 0.9, "confidence τ: every masked position at least this sure is committed", gt=0.0,
+                  le=1.0)
+
+
 class Policy:
     """Base: `select(conf, candidates, step)` -> commit mask over the block's positions."""
 
     name = "base"
+    help = ""  # one line, shown by the CLI and GET /v1/policies
+    params: tuple[Param, ...] = ()  # the knobs it reads (options.param(name)); steps, cache, ... are everyone's
     drafts = False  # True: the engine feeds drafts at open positions and commits through verify()
 
     def __init__(self, options: DecodeOptions):
         self.options = options
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {"name": cls.name, "help": cls.help, "params": [
+            {"name": p.name, "type": p.kind.__name__, "default": p.default, "range": p.bounds(), "help": p.help,
+             **{k: getattr(p, k) for k in ("ge", "gt", "le", "lt") if getattr(p, k) is not None}}
+            for p in cls.params]}
 
     def start_block(self, n_masks: int, steps_budget: int) -> None:
         """Called when a block begins; fixed-step policies plan their schedule here."""
@@ -77,6 +98,7 @@ class FixedStepsPolicy(Policy):
     """LLaDA `generate`: commit schedule[step] tokens, the mask count split evenly (remainder first)."""
 
     name = "fixed"
+    help = "the mask count split evenly over the step budget (--steps), as LLaDA"
 
     def start_block(self, n_masks: int, steps_budget: int) -> None:
         base, rem = divmod(n_masks, steps_budget)
@@ -93,6 +115,8 @@ class ThresholdPolicy(Policy):
     τ = 1.0 therefore commits exactly one token per step (confidence never exceeds 1 by much)."""
 
     name = "threshold"
+    help = "every position with confidence >= τ, at least the surest one (Fast-dLLM)"
+    params = (THRESHOLD,)
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
         # 1.0 must mean one per step even when a probability rounds to exactly 1.0
@@ -108,6 +132,8 @@ class LeftmostThresholdPolicy(Policy):
     every look-ahead token surer than τ is a step saved. τ = 1.0 decodes exactly as greedy AR."""
 
     name = "leftmost"
+    help = "every position with confidence >= τ, and always the leftmost one (greedy AR at least)"
+    params = (THRESHOLD,)
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
         tau = self.options.threshold
@@ -120,6 +146,8 @@ class FactorPolicy(Policy):
     for every i <= n (i counted from 1), at least one."""
 
     name = "factor"
+    help = "the largest n whose sorted confidences satisfy c_(i) >= 1 - f / (i + 1) (Fast-dLLM)"
+    params = (Param("factor", 1.0, "f of the factor rule: larger commits more per step", gt=0.0),)
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
         masked = torch.where(candidates, conf, torch.full_like(conf, float("-inf")))
@@ -138,6 +166,9 @@ class EntropyBoundPolicy(Policy):
     many near-certain tokens go together, two merely likely ones do not."""
 
     name = "eb"
+    help = "surest first while the summed error -log(confidence) before the last stays <= γ (EB-Sampler)"
+    params = (Param("entropy_bound", 0.5, "γ: the error (-log confidence) a step may add beyond its surest token",
+                    ge=0.0),)
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
         error = -torch.log(conf.double().clamp_min(1e-300))
@@ -164,6 +195,7 @@ class VerifyPolicy(Policy):
     them by copying from the context)."""
 
     name = "verify"
+    help = "drafts verified against the model itself: exactly the AR base's decoding (causal-inside-block models)"
     drafts = True
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
@@ -194,9 +226,29 @@ class VerifyPolicy(Policy):
         return torch.where(open_after & clean, proposed, torch.full_like(proposed, mask_id))
 
 
+# the registry: one line per policy; options, CLI, server and page take the names and knobs from here
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (FixedStepsPolicy, ThresholdPolicy, FactorPolicy,
                                                          EntropyBoundPolicy, LeftmostThresholdPolicy, VerifyPolicy)}
-assert tuple(POLICIES) == POLICY_NAMES, "options.POLICY_NAMES lists the registered policies"
+
+
+def declared_params() -> dict[str, Param]:
+    """Every knob a registered policy declares, by name. Policies that share a knob share its declaration."""
+    found: dict[str, Param] = {}
+    for cls in POLICIES.values():
+        for p in cls.params:
+            assert found.setdefault(p.name, p) == p, f"policy {cls.name} redeclares {p.name} differently"
+    return found
+
+
+def param_problem(name: str, value: object, policy: str | None = None) -> str | None:
+    """One message naming the policy and the knob if `value` is not valid for knob `name`, else None. The
+    policy named is `policy` where it reads the knob, else every policy that does."""
+    problem = declared_params()[name].problem(value)
+    if problem is None:
+        return None
+    users = [n for n, cls in POLICIES.items() if any(p.name == name for p in cls.params)]
+    who = policy if policy in users else " and ".join(users)
+    return f"{name} of the {who} {'policy' if who in users else 'policies'} {problem}"
 
 
 def make_policy(options: DecodeOptions) -> Policy:

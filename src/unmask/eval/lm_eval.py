@@ -105,7 +105,7 @@ class UnmaskLM(_Base):
         self.greedy_check = bool(greedy_check)
         self.seed = seed
         decode = {k: _parse(v) for k, v in decode.items() if k in DecodeOptions.fields() and k != "stop"}
-        self.options = DecodeOptions(max_new_tokens=int(max_new_tokens), seed=seed, **decode)
+        self.options = DecodeOptions(max_new_tokens=int(max_new_tokens), seed=seed).replace(**decode)
         self._generator = torch.Generator().manual_seed(seed)
 
     @classmethod

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP server: a thin translation of requests into engine calls (vLLM's split).
 
 `create_app(pipeline)` returns a FastAPI app with
-  GET  /v1/models, GET /v1/models/{id}, POST /v1/completions (with `suffix` = infilling),
+  GET  /v1/models, GET /v1/models/{id}, GET /v1/policies, POST /v1/completions (with `suffix` = infilling),
   POST /v1/chat/completions, POST /v1/edits (Instant Edit), GET /health, GET /metrics (Prometheus), and the
   demo page at `/`.
 
@@ -39,6 +39,7 @@ from unmask.decoding.events import StepEvent
 from unmask.decoding.generate import stop_checker
 from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
+from unmask.decoding.policies import POLICIES, declared_params
 from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
 from unmask.serve.logprobs import LogprobFormat
@@ -148,7 +149,16 @@ class Server:
                 "max_model_len": c.max_seq_len, "attention": c.attention, "mask_placeholder": MASK_PLACEHOLDER,
                 "max_tokens_limit": min(self.limits.max_tokens, c.max_seq_len),
                 "defaults": {"max_tokens": d.max_new_tokens, "block_length": d.block_length, "policy": d.policy,
-                             "threshold": d.threshold}}
+                             **{name: d.param(name) for name in declared_params()}}}
+
+    def policies(self) -> dict:
+        """The registered policies with their knobs (name, type, range, help); each knob's `default` is this
+        server's (the model's generation_config.json over the declared default)."""
+        data = [cls.describe() for cls in POLICIES.values()]
+        for policy in data:
+            for knob in policy["params"]:
+                knob["default"] = self.defaults.param(knob["name"])
+        return {"object": "list", "data": data, "default": self.defaults.policy}
 
     def encode(self, text: str, param: str) -> list[int]:
         if len(text) > self.limits.max_prompt_chars:
@@ -739,6 +749,10 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
     async def model(model_id: str):
         srv.check_model(model_id)
         return srv.model_card()
+
+    @app.get("/v1/policies")
+    async def policies():
+        return srv.policies()
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):

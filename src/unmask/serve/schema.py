@@ -2,7 +2,9 @@
 
 Field names follow OpenAI (`max_tokens`, `stop`, `top_p`, `seed`, `stream`, `stream_options`); the
 diffusion-specific knobs (`steps`, `block_length`, `threshold`, `policy`, `diffusing`, ...) are extra
-top-level fields, the way OpenAI clients pass them (`extra_body=` in the Python client).
+top-level fields, the way OpenAI clients pass them (`extra_body=` in the Python client). The policy names
+and their own knobs (`threshold`, `factor`, `entropy_bound`, ...) come from the policy registry
+(decoding/policies.py): each knob is a field, validated by the policy's declaration (GET /v1/policies).
 
 Unknown fields are rejected (422 naming the field) so a typo such as `temprature` is not silently ignored;
 OpenAI features we do not have (`tools`, `response_format`, ...: UNSUPPORTED) and OpenAI fields we cannot
@@ -20,13 +22,17 @@ Limits that depend on the model or the server (context length, max tokens/steps)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
+from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_core import PydanticCustomError
 
 from unmask.decoding.options import MAX_TOP_LOGPROBS, DecodeOptions
+from unmask.decoding.params import Param
+from unmask.decoding.policies import POLICIES, declared_params, param_problem
 from unmask.edit.spans import has_markers
 from unmask.errors import UnmaskError
 
@@ -91,6 +97,26 @@ def valid_unicode(value: Any) -> Any:
     return value
 
 
+@functools.cache
+def knob_type(param: Param) -> TypeAdapter:
+    """The strict JSON type of a policy's knob (its range is the declaration's: `param_problem`)."""
+    return TypeAdapter(Int if param.kind is int else Float)
+
+
+def document_policies(schema: dict[str, Any]) -> None:
+    """JSON schema of the request bodies: the registered policies' names and knobs, as the registry has them."""
+    props = schema.setdefault("properties", {})
+    props.pop("knobs", None)  # filled from the top-level knobs below
+    if "policy" in props:
+        props["policy"]["enum"] = [*POLICIES, None]
+    bounds = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    for p in declared_params().values():
+        users = [name for name, cls in POLICIES.items() if p in cls.params]
+        props[p.name] = {"type": "integer" if p.kind is int else "number", "default": None,
+                         "description": f"{p.help} ({', '.join(users)})",
+                         **{key: getattr(p, b) for b, key in bounds.items() if getattr(p, b) is not None}}
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: Bool = False
@@ -99,7 +125,7 @@ class StreamOptions(BaseModel):
 class DecodingFields(BaseModel):
     """Decoding options shared by every endpoint (OpenAI names where OpenAI has one)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=document_policies)
 
     model: str | None = None
     max_tokens: Int | None = Field(None, ge=1, description="tokens of new text to generate (default 128)")
@@ -116,10 +142,9 @@ class DecodingFields(BaseModel):
     # diffusion decoding
     steps: Int | None = Field(None, ge=1, description="total denoising steps; implies policy 'fixed' unless set")
     block_length: Int | None = Field(None, ge=1)
-    policy: Literal["fixed", "threshold", "factor", "eb", "leftmost", "verify"] | None = None
-    threshold: Float | None = Field(None, gt=0.0, le=1.0)
-    factor: Float | None = Field(None, gt=0.0)
-    entropy_bound: Float | None = Field(None, ge=0.0, description="γ of the eb policy")
+    policy: str | None = Field(None, description="the unmasking policy (GET /v1/policies lists them)")
+    # the policies' knobs (threshold, factor, entropy_bound, ...): top-level fields, kept here by `policy_knobs`
+    knobs: dict[str, Any] = Field(default_factory=dict, exclude=True)
     confidence: Literal["prob", "margin", "entropy", "random"] | None = None
     cache: Literal["none", "prefix", "dual"] | None = None
     self_correct: Bool | None = None
@@ -134,6 +159,29 @@ class DecodingFields(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
+    def policy_knobs(cls, body: Any) -> Any:
+        """Each registered policy's knob is a top-level field (null: not set), checked by its declaration: a
+        422 naming it, and the policy that reads it when the value is out of its range."""
+        if not isinstance(body, dict):
+            return body
+        if "knobs" in body:
+            raise ApiError("knobs: not a request field (give each policy parameter at the top level)", 422, "knobs")
+        knobs = {}
+        for name, param in declared_params().items():
+            if body.get(name) is None:
+                continue
+            try:
+                value = knob_type(param).validate_python(body[name])
+            except ValidationError as e:
+                raise ApiError(f"{name}: {e.errors()[0]['msg']}", 422, name) from None
+            problem = param_problem(name, value, body.get("policy"))
+            if problem:
+                raise ApiError(f"{name}: {problem}", 422, name)
+            knobs[name] = value
+        return {**{k: v for k, v in body.items() if k not in knobs and k not in declared_params()}, "knobs": knobs}
+
+    @model_validator(mode="before")
+    @classmethod
     def refuse_unsupported(cls, body: Any) -> Any:
         """An OpenAI feature we do not have (UNSUPPORTED) is a 400 naming it, before any other check."""
         if not isinstance(body, dict):
@@ -142,6 +190,14 @@ class DecodingFields(BaseModel):
         if asked is not None:
             raise ApiError(UNSUPPORTED[asked], 400, asked)
         return {k: v for k, v in body.items() if k not in UNSUPPORTED}
+
+    @field_validator("policy")
+    @classmethod
+    def registered_policy(cls, policy: str | None) -> str | None:
+        if policy is not None and policy not in POLICIES:
+            raise PydanticCustomError("policy", "must be one of {names}, got {policy}",
+                                      {"names": ", ".join(POLICIES), "policy": repr(policy)})
+        return policy
 
     @field_validator("n", "stream", "echo", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
@@ -176,9 +232,8 @@ class DecodingFields(BaseModel):
         changes: dict[str, Any] = {}
         for ours, theirs in (("max_new_tokens", "max_tokens"), ("temperature", "temperature"),
                              ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"), ("steps", "steps"),
-                             ("block_length", "block_length"), ("policy", "policy"), ("threshold", "threshold"),
-                             ("factor", "factor"), ("entropy_bound", "entropy_bound"),
-                             ("confidence", "confidence"), ("cache", "cache"),
+                             ("block_length", "block_length"), ("policy", "policy"), ("confidence", "confidence"),
+                             ("cache", "cache"),
                              ("self_correct", "self_correct"), ("heal", "heal"),
                              ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
             value = getattr(self, theirs)
@@ -187,6 +242,7 @@ class DecodingFields(BaseModel):
         # a step count only means something to the fixed-step schedule
         if self.steps is not None and self.policy is None:
             changes["policy"] = "fixed"
+        changes.update(self.knobs)
         changes["stop"] = self.stop_list()
         changes["logit_bias"] = self.logit_bias_ids()
         changes["logprobs"] = self.wanted_logprobs()

@@ -107,20 +107,57 @@ function numberOr(id, parse = Number) {
   return v === "" ? undefined : parse(v);
 }
 
+// --- policies: the select and one input per knob, from the server's registry (GET /v1/policies) ----------
+let policies = [];
+
+function knobInput(knob) {
+  const input = document.createElement("input");
+  Object.assign(input, { id: knob.name, type: "number", value: knob.default, title: `${knob.help} (${knob.range})` });
+  input.step = knob.type === "int" ? "1" : "any";
+  if ("ge" in knob || "gt" in knob) input.min = "ge" in knob ? knob.ge : knob.gt;
+  if ("le" in knob || "lt" in knob) input.max = "le" in knob ? knob.le : knob.lt;
+  const label = document.createElement("label");
+  label.dataset.knob = knob.name;
+  label.append(`${knob.name.replace(/_/g, " ")} `, input);
+  return label;
+}
+
+async function loadPolicies() {
+  const list = await (await fetch("/v1/policies")).json();
+  policies = list.data;
+  $("policy").replaceChildren(...policies.map((p) => Object.assign(document.createElement("option"),
+    { value: p.name, textContent: p.name, title: p.help })));
+  $("policy").value = list.default;
+  const knobs = new Map();  // policies that read the same knob share its input
+  policies.forEach((p) => p.params.forEach((k) => knobs.set(k.name, k)));
+  $("policy-params").replaceChildren(...[...knobs.values()].map(knobInput));
+  showKnobs();
+}
+
+function policyKnobs() {
+  const p = policies.find((q) => q.name === $("policy").value);
+  return p ? p.params.map((k) => k.name) : [];
+}
+
+function showKnobs() {  // only the chosen policy's knobs are shown and sent
+  const used = new Set(policyKnobs());
+  document.querySelectorAll("#policy-params label").forEach((l) => { l.hidden = !used.has(l.dataset.knob); });
+  $("policy").title = (policies.find((q) => q.name === $("policy").value) || {}).help || "";
+}
+
 function generateBody() {
   const body = {
     max_tokens: numberOr("max_tokens", parseInt),
     block_length: numberOr("block_length", parseInt),
     policy: $("policy").value,
     steps: numberOr("steps", parseInt),
-    threshold: numberOr("threshold"),
-    entropy_bound: numberOr("entropy_bound"),
     temperature: numberOr("temperature"),
     top_p: numberOr("top_p"),
     seed: numberOr("seed", parseInt),
     stream: true, diffusing: true, stream_options: { include_usage: true },
   };
   if (body.policy !== "fixed") delete body.steps;  // steps only shape the fixed schedule
+  policyKnobs().forEach((name) => { body[name] = numberOr(name); });
   Object.keys(body).forEach((k) => body[k] === undefined && delete body[k]);
   return body;
 }
@@ -269,8 +306,7 @@ async function checkServer() {
     if (!defaultsShown) {  // the model's recommended decoding (generation_config.json), once: then the user's
       const d = m.defaults || {};
       if (d.block_length) $("block_length").value = d.block_length;
-      if (d.policy) $("policy").value = d.policy;
-      if (d.threshold) $("threshold").value = d.threshold;
+      await loadPolicies();  // the policy and its knobs, at the model's defaults
       defaultsShown = true;
     }
     const health = await (await fetch("/health")).json();
@@ -283,6 +319,7 @@ async function checkServer() {
 }
 
 $("go").addEventListener("click", generate);
+$("policy").addEventListener("change", showKnobs);
 $("stop").addEventListener("click", () => genAbort && genAbort.abort());
 $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate();
