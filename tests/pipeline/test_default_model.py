@@ -29,7 +29,7 @@ def test_the_default_is_the_adapted_smollm2(pipe):
     c = pipe.config
     assert DEFAULT_MODEL.name == "smollm2-block" and (DEFAULT_MODEL / "base.json").is_file()
     assert (c.attention, c.block_attention, c.adapter_tokens, c.logits_shift) == ("block_causal", "causal", "masks", True)
-    assert pipe.defaults.policy == "leftmost"
+    assert (pipe.defaults.policy, pipe.defaults.block_length) == ("verify", 12)
 
 
 def test_it_writes_fibonacci_with_look_ahead(pipe):

@@ -450,12 +450,16 @@ class Engine:
 
     def _draft(self, r: Request) -> None:
         """Drafting policies: where the block's first open position has no draft from the model's look-ahead,
-        copy one from the committed text before it (decoding/drafts.py) over the open run there."""
+        copy one from the committed text before it (decoding/drafts.py) over the open run there. The next
+        window starts at the last committed position: every one before it was fed its own token, with only
+        committed tokens before it, so its K/V are final (uncompiled engines; compiled ones keep one shape)."""
         if not r.policy.drafts:
             return
         blk, mask = r.blocks[r.block], self.config.mask_id
         fed = r.feed[r.pos].tolist()
         first = next((i for i, p in enumerate(blk) if r.host[p] == mask), None)
+        if first is not None and not self._compiled:
+            r.window = (max(r.window[0], blk[first] - 1), r.window[1])
         if first is None or fed[first] != mask:
             return
         run = first + 1
@@ -513,7 +517,8 @@ class Engine:
         view = CacheView(self.cache, self._rows(reqs), slots, C)
         h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
                           return_hidden=True)
-        return {r.id: h[i, r.src - s] for i, (r, (s, _)) in enumerate(zip(reqs, windows))}
+        # a drafting request's window may start inside its block: the rows before it are committed, unread
+        return {r.id: h[i, (r.src - s).clamp_min(0)] for i, (r, (s, _)) in enumerate(zip(reqs, windows))}
 
     def _advance(self, r: Request, logits: torch.Tensor, model_logprobs: torch.Tensor | None) -> StepEvent:
         """Sample, correct, commit for one request's block; then bookkeeping on the host copy.
