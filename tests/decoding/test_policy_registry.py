@@ -40,10 +40,10 @@ def test_every_builtin_knob_is_declared_once_with_the_options_default():
 
 
 @pytest.mark.parametrize("options, words", [
-    (dict(threshold=1.5), ["threshold of the threshold policy", "(0, 1]", "1.5"]),
-    (dict(policy="fixed", threshold=0.0), ["threshold of the threshold and leftmost policies"]),
-    (dict(policy="factor", factor=0), ["factor of the factor policy", "> 0"]),
-    (dict(policy="eb", entropy_bound=-0.5), ["entropy_bound of the eb policy", ">= 0"]),
+    (dict(threshold=1.5), ["threshold must be in (0, 1], got 1.5 (threshold policy)"]),
+    (dict(policy="fixed", threshold=0.0), ["threshold must be", "(threshold and leftmost policies)"]),
+    (dict(policy="factor", factor=0), ["factor must be > 0, got 0 (factor policy)"]),
+    (dict(policy="eb", entropy_bound=-0.5), ["entropy_bound must be >= 0, got -0.5 (eb policy)"]),
     (dict(threshold=float("nan")), ["threshold", "finite"]),
     (dict(policy_params={"nope": 1}), ["'nope'", "no registered policy's own parameter"]),
 ])
@@ -60,7 +60,7 @@ def test_a_new_policy_brings_its_own_knob(topk, tmp_path):
     conf = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.7], dtype=torch.float64)
     commit = make_policy(opts).select(conf, torch.ones(5, dtype=torch.bool), 0)
     assert commit.tolist() == [False, True, False, True, True]
-    with pytest.raises(OptionsError, match="top_k_commit of the topk policy must be in \\[1, 8\\], got 9"):
+    with pytest.raises(OptionsError, match="top_k_commit must be in \\[1, 8\\], got 9 \\(topk policy\\)"):
         opts.replace(top_k_commit=9)
     with pytest.raises(OptionsError, match="must be an integer"):
         opts.replace(top_k_commit=2.5)
@@ -91,6 +91,6 @@ def test_cli_options_come_from_the_declarations(topk):
     assert seen[-1].policy == "topk" and seen[-1].param("top_k_commit") == 4
     assert runner.invoke(app, ["--threshold", "0.5"]).exit_code == 0 and seen[-1].threshold == 0.5
     bad = runner.invoke(app, ["--policy", "topk", "--top-k-commit", "0"])
-    assert bad.exit_code == 2 and "top_k_commit of the topk policy must be in [1, 8]" in " ".join(bad.output.split())
+    assert bad.exit_code == 2 and "top_k_commit must be in [1, 8], got 0 (topk policy)" in " ".join(bad.output.split())
     bad = runner.invoke(app, ["--policy", "best"])
     assert bad.exit_code == 2 and "policy must be one of" in " ".join(bad.output.split())

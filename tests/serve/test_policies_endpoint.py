@@ -55,9 +55,9 @@ def test_a_new_policy_decodes_with_its_knob(client):
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({"policy": "topk", "top_k_commit": 0}, "top_k_commit", "top_k_commit of the topk policy must be in [1, 8]"),
+    ({"policy": "topk", "top_k_commit": 0}, "top_k_commit", "top_k_commit must be in [1, 8], got 0 (topk policy)"),
     ({"policy": "topk", "top_k_commit": 1.5}, "top_k_commit", "top_k_commit: Input should be a valid integer"),
-    ({"policy": "eb", "entropy_bound": -1}, "entropy_bound", "entropy_bound of the eb policy must be >= 0"),
+    ({"policy": "eb", "entropy_bound": -1}, "entropy_bound", "entropy_bound must be >= 0, got -1 (eb policy)"),
     ({"policy": "best"}, "policy", "policy: must be one of fixed, threshold, factor, eb, leftmost, verify, topk"),
     ({"knobs": {"threshold": 0.5}}, "knobs", "knobs: not a request field"),
 ])

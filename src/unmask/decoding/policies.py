@@ -248,7 +248,7 @@ def param_problem(name: str, value: object, policy: str | None = None) -> str | 
         return None
     users = [n for n, cls in POLICIES.items() if any(p.name == name for p in cls.params)]
     who = policy if policy in users else " and ".join(users)
-    return f"{name} of the {who} {'policy' if who in users else 'policies'} {problem}"
+    return f"{name} {problem} ({who} {'policy' if who in users else 'policies'})"
 
 
 def make_policy(options: DecodeOptions) -> Policy:

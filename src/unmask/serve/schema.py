@@ -174,7 +174,7 @@ class DecodingFields(BaseModel):
                 value = knob_type(param).validate_python(body[name])
             except ValidationError as e:
                 raise ApiError(f"{name}: {e.errors()[0]['msg']}", 422, name) from None
-            problem = param_problem(name, value, body.get("policy"))
+            problem = param_problem(name, body[name], body.get("policy"))  # as the client wrote it
             if problem:
                 raise ApiError(f"{name}: {problem}", 422, name)
             knobs[name] = value
