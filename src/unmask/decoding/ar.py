@@ -22,6 +22,7 @@ import torch
 
 from unmask.decoding.cache import CacheView
 from unmask.decoding.engine import QueueFull
+from unmask.decoding.layout import layout_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.result import GenerationResult
@@ -59,7 +60,7 @@ class ARBatch:
     def __init__(self, model: Transformer, rows: Sequence[ARRow], generator: torch.Generator | None = None,
                  capacity: int = 0):
         c = model.config
-        if c.attention != "causal":
+        if layout_for(c).diffusion:
             raise OptionsError(f"AR decoding needs a causal model, this one is {c.attention}")
         if not rows or any(not r.prompt for r in rows):
             raise OptionsError("AR decoding needs at least one prompt token")
@@ -316,7 +317,7 @@ class ARQueue:
     slot and their answer within the context. Otherwise they wait, at the latest for the batch to end."""
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64):
-        if model.config.attention != "causal":
+        if layout_for(model.config).diffusion:
             raise OptionsError("ARQueue decodes causal models; diffusion models use the Engine")
         if max_batch < 1 or max_queue < 0:
             raise OptionsError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")

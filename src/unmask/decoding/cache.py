@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from unmask.decoding.layout import layout_for
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import KVCache, layout_mask
 
@@ -87,7 +88,7 @@ def attention_mask(config: ModelConfig, q_pos: torch.Tensor, q_real: torch.Tenso
     Row r's keys are valid on slots [0, lengths[r]). Padding queries (`q_real` False) sit at position 0 and
     may see slot 0, so no softmax row is empty. Returns None when nothing needs masking (SDPA's fast path).
     """
-    if config.attention == "bidirectional" and min(lengths) >= kv_len:  # padding queries may see all
+    if not layout_for(config).masks_keys and min(lengths) >= kv_len:  # padding queries may see all
         return None
     k_pos = torch.arange(kv_len, device=q_pos.device)
     n = torch.tensor(lengths, device=q_pos.device)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from unmask.decoding.cache import CacheView, attention_mask, grow_cache
 from unmask.decoding.drafts import copy_draft
 from unmask.decoding.events import StepEvent
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.policies import Policy, confidence, make_policy
 from unmask.decoding.prefix import PrefixStore
@@ -66,12 +67,10 @@ def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfi
     """Split masked positions into blocks of at most `block_length` consecutive masked positions.
     For block_causal models a block never crosses a model block boundary."""
     blocks: list[list[int]] = []
+    layout = layout_for(config)
     for p in mask_positions:
         cur = blocks[-1] if blocks else None
-        # causal inside blocks, nothing depends on where model blocks begin
-        aligned = config.attention == "block_causal" and config.block_attention == "bidirectional"
-        same_model_block = not aligned or (cur and cur[0] // config.block_size == p // config.block_size)
-        if cur is not None and len(cur) < block_length and same_model_block:
+        if cur is not None and len(cur) < block_length and layout.aligned(cur[0], p):
             cur.append(p)
         else:
             blocks.append([p])
@@ -174,7 +173,8 @@ class Engine:
 
     def __init__(self, model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False,
                  prefix_blocks: int = 0, prefix_store: PrefixStore | None = None):
-        if model.config.attention == "causal":
+        self.layout = layout_for(model.config)
+        if not self.layout.diffusion:
             raise OptionsError("the diffusion engine needs a bidirectional or block_causal model; "
                                "causal models decode with ar_generate")
         if max_batch < 1 or max_queue < 0:
@@ -191,7 +191,7 @@ class Engine:
         self._memo: dict[str, tuple] = {}
         self._forward: Callable = model
         self._compiled = bool(compile)
-        if (prefix_blocks or prefix_store is not None) and (model.config.attention != "block_causal" or compile):
+        if (prefix_blocks or prefix_store is not None) and (not self.layout.prefix_reuse or compile):
             raise OptionsError("prefix reuse needs a block_causal model (only there are finished blocks' K/V "
                                "exact) and an uncompiled engine")
         if prefix_store is None and prefix_blocks > 0:
@@ -259,7 +259,7 @@ class Engine:
         x = torch.tensor(canvas, device=self.device)
         generated = x == c.mask_id
         policy = make_policy(options)
-        if policy.drafts and not (c.attention == "block_causal" and c.block_attention == "causal" and c.logits_shift):
+        if policy.drafts and not self.layout.drafting:
             raise OptionsError(f"the {policy.name} policy needs a model with causal attention inside its blocks and "
                                "shifted logits (an adapted AR model), where a token read from committed text is "
                                "the AR base's own")
@@ -402,30 +402,13 @@ class Engine:
 
     def _block_window(self, r: Request, blk: list[int]) -> tuple[int, int]:
         """The slots a window step over block `blk` recomputes."""
-        c = self.config
-        lo, hi = blk[0], blk[-1] + 1
-        start = max(lo - (1 if c.logits_shift else 0), 0)  # shift: the first logit is the slot before's output
-        if c.attention == "block_causal" and c.block_attention == "causal":
-            return start, hi  # nothing in the block sees what follows it; the entry window renews the one before
-        if c.attention == "block_causal":  # the block's model block is bidirectional inside: recompute all of it
-            bs = c.block_size
-            start = min(start, lo // bs * bs)
-            # later model blocks are invisible to this one, so a prefix window would only recompute K/V
-            # nothing reads before the next refresh: prefix and dual cache are the same (exact) window
-            return start, min(r.n, max(hi, (blk[-1] // bs + 1) * bs))
-        return start, r.n if r.options.cache == "prefix" else hi
+        return self.layout.block_window(blk, r.n, r.options.cache)
 
     def _entry_window(self, r: Request, block: int) -> tuple[int, int] | None:
-        """block_causal, block > 0: the first step's window also recomputes everything since the previous
-        block's model block began (that block's K/V were last written with some of it still masked; model
-        blocks of context in between were never computed), so no refresh of the whole canvas is needed."""
-        if self.config.attention != "block_causal" or block == 0:
+        """block > 0: the first step's window (the layout's entry window), or None: that step refreshes."""
+        if block == 0:
             return None
-        s, e = self._block_window(r, r.blocks[block])
-        previous = r.blocks[block - 1][0]
-        if self.config.block_attention == "bidirectional":
-            previous = previous // self.config.block_size * self.config.block_size
-        return min(s, previous), e
+        return self.layout.entry_window(self._block_window(r, r.blocks[block]), r.blocks[block - 1])
 
     def _enter_block(self, r: Request) -> None:
         blk = r.blocks[r.block]
@@ -433,9 +416,7 @@ class Engine:
         r.src = (r.pos - (1 if self.config.logits_shift else 0)).clamp_min(0)
         r.window = self._block_window(r, blk)
         r.entry_window = self._entry_window(r, r.block)
-        # block_causal: nothing after the block's model block reaches it (not even a suffix); compiled
-        # engines keep whole-canvas refreshes, one graph shape per request
-        r.visible = r.window[1] if self.config.attention == "block_causal" and not self._compiled else r.n
+        r.visible = self.layout.visible(r.window, r.n, self._compiled)
         if self._compiled and r.block == 0:
             # one window width for all of the request's blocks (prefix windows shrink block by block):
             # compiled graphs keep their shapes instead of recompiling per block

@@ -11,6 +11,7 @@ from unmask.decoding.ar import ARBatch, ARRow, ar_decode
 from unmask.decoding.engine import Engine
 from unmask.decoding.healing import Healing, heal
 from unmask.decoding.events import StepEvent
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
 from unmask.decoding.result import GenerationResult
 from unmask.model.config import ModelConfig
@@ -105,7 +106,7 @@ def generate_text(pipe: TextModel, prompt: str | list[int], options: DecodeOptio
     and that text is taken off the answer again, so `prompt + result.text` is what the model wrote."""
     p = prepare(pipe, prompt, options)
     stop_when = stop_checker(pipe.tokenizer, options.stop, skip=_skip(p))
-    if pipe.config.attention == "causal":
+    if not layout_for(pipe.config).diffusion:
         result = ar_decode(pipe.model, ARRow(p.ids, options, p.first_allowed, stop_when=stop_when), on_step)
     else:
         result = Engine(pipe.model, max_batch=1).generate(p.ids, options, on_step=on_step, stop_when=stop_when,
@@ -125,7 +126,8 @@ def generate_many(pipe: TextModel, prompts: Sequence[str | list[int]], options: 
     prepared = [prepare(pipe, prompt, o) for prompt, o in zip(prompts, options)]
     if not prepared:
         return
-    if pipe.config.attention == "causal":
+    layout = layout_for(pipe.config)
+    if not layout.diffusion:
         for start in range(0, len(prompts), max_batch):
             chunk = range(start, min(start + max_batch, len(prompts)))
             rows = [ARRow(prepared[i].ids, options[i], prepared[i].first_allowed,
@@ -136,7 +138,7 @@ def generate_many(pipe: TextModel, prompts: Sequence[str | list[int]], options: 
             yield from ((i, finish(pipe, batch.result(b), prepared[i], options[i])) for b, i in enumerate(chunk))
         return
     # prompts sharing a beginning (few-shot examples, one file) reuse its finished blocks: exact, block_causal only
-    reuse = PREFIX_BLOCKS if pipe.config.attention == "block_causal" else 0
+    reuse = PREFIX_BLOCKS if layout.prefix_reuse else 0
     engine = Engine(pipe.model, max_batch=max_batch, max_queue=len(prompts), prefix_blocks=reuse)
     index = {}
     for i, (p, o) in enumerate(zip(prepared, options)):

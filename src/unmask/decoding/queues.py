@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from unmask.decoding.layout import layout_for
 from unmask.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -17,9 +18,10 @@ def request_queue(model: Transformer, max_batch: int = 8, max_queue: int = 64, c
     from unmask.decoding.ar import ARQueue
     from unmask.decoding.engine import Engine
 
-    if model.config.attention == "causal":
+    layout = layout_for(model.config)
+    if not layout.diffusion:
         if compile:
             log.warning("--compile applies to the diffusion engine; this causal model decodes uncompiled")
         return ARQueue(model, max_batch=max_batch, max_queue=max_queue)
-    reuse = prefix_blocks if model.config.attention == "block_causal" and not compile else 0
+    reuse = prefix_blocks if layout.prefix_reuse and not compile else 0
     return Engine(model, max_batch=max_batch, max_queue=max_queue, compile=compile, prefix_blocks=reuse)
