@@ -36,22 +36,20 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from unmask.decoding.cache import CacheView, attention_mask, grow_cache
-from unmask.decoding.drafts import copy_draft
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
-from unmask.decoding.policies import Policy, confidence, make_policy
+from unmask.decoding.policies import make_policy
 from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.processors import Processors, processors_for, without_token
-from unmask.decoding.sampling import TokenLogprob, choose_tokens, token_logprobs
+from unmask.decoding.processors import processors_for
+from unmask.decoding.request import Request
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
@@ -86,74 +84,6 @@ def kv_bucket(n: int, max_seq_len: int, smallest: int = 128) -> int:
     while bucket < n:
         bucket *= 2
     return max(n, min(bucket, max_seq_len))
-
-
-@dataclass
-class Request:
-    """One request's canvas and progress. Engine-internal; callers see StepEvents and GenerationResults."""
-
-    id: str
-    options: DecodeOptions
-    x: torch.Tensor  # [n] canvas on the model's device
-    region: tuple[int, int]  # what events and the result report: x[lo:hi]
-    generated: torch.Tensor  # [n] bool: positions that started masked (only these may be corrected)
-    blocks: list[list[int]]
-    tail_start: int | None  # first position of a masked run reaching the canvas end (early stop applies there)
-    cut_at_eos: bool  # generation: the result ends at the first EOS
-    stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
-    processors: Processors  # its logits processors: banned tokens, healing, bias, penalties, sampling
-    prompt_tokens: int
-    policy: Policy
-    generator: torch.Generator | None
-    steps_budget: int  # per block, for the fixed policy
-    row: int = -1
-    block: int = 0
-    block_step: int = 0
-    correcting: int = -1  # -1 while filling masks; then the number of correction steps taken
-    steps: int = 0
-    nfe: int = 0
-    steps_per_block: list[int] = field(default_factory=list)
-    t0: float = 0.0
-    stopped_at_eos: bool = False
-    stopped_by_check: bool = False
-    host: list[int] = field(default_factory=list)  # host copy of x after the last step
-    logprob_of: dict[int, TokenLogprob] = field(default_factory=dict)  # options.logprobs: canvas position -> ...
-    # per-block device tensors, set by Engine._enter_block
-    pos: torch.Tensor | None = None  # the block's positions
-    src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
-    window: tuple[int, int] = (0, 0)  # slots a window step recomputes
-    entry_window: tuple[int, int] | None = None  # block_causal, later blocks: the first step's window
-    visible: int = 0  # slots [0, visible) can influence the block: a refresh recomputes only those
-    window_width: int = 0  # compiled engines pad every window of the request to this width
-    entry_width: int = 0  # ... and every entry window to this one
-    prefix_fill: list | None = None  # stored K/V of its leading prompt blocks, copied in before its first pass
-    prefix_new: range = range(0)  # its prompt's model blocks to store after its first pass
-    feed: torch.Tensor | None = None  # drafting policies (verify): the canvas as fed, drafts at open positions
-    follows: torch.Tensor | None = None  # ... bool [L]: block position i is the canvas position after i - 1
-
-    @property
-    def n(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def inputs(self) -> torch.Tensor:
-        """What the forward pass reads: the canvas, or with a drafting policy the canvas with its drafts."""
-        return self.x if self.feed is None else self.feed
-
-    def needs_refresh(self) -> bool:
-        o = self.options
-        if o.cache == "none" or (o.cache_refresh > 0 and self.block_step % o.cache_refresh == 0):
-            return True
-        return self.block_step == 0 and self.entry_window is None
-
-    @property
-    def entering(self) -> bool:
-        """A later block's first step of a block_causal model: it runs the entry window."""
-        return self.block_step == 0 and self.entry_window is not None
-
-    def step_window(self) -> tuple[int, int]:
-        """The slots this (window) step recomputes."""
-        return self.entry_window if self.entering else self.window
 
 
 class Engine:
@@ -264,7 +194,7 @@ class Engine:
                                "shifted logits (an adapted AR model), where a token read from committed text is "
                                "the AR base's own")
         req = Request(
-            id=request_id, options=options, x=x, region=region or (0, len(canvas)), generated=generated,
+            id=request_id, options=options, config=c, layout=self.layout, static_shapes=self._compiled, x=x, region=region or (0, len(canvas)), generated=generated,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
             processors=processors_for(
                 options, c.vocab_size, self.device, banned=self._token_set(banned), canvas=x,
@@ -325,7 +255,8 @@ class Engine:
         self._admit()
         events = []
         for r in [r for r in self._active.values() if not r.blocks]:  # nothing masked: done at once
-            events.append(self._finish(r))
+            del self._active[r.id]
+            events.append(r.finish())
         reqs = sorted(self._active.values(), key=lambda r: r.row)
         if not reqs:
             return events
@@ -364,16 +295,12 @@ class Engine:
             h = hidden[reqs[0].id][None]
         else:
             h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
-        logits = self.model.output(h)  # the mask token keeps its logit: _advance never proposes it
+        logits = self.model.output(h)  # the mask token keeps its logit: Request.update never proposes it
         for i, r in enumerate(reqs):
-            # banned tokens first, as if the model could not say them; the reported log-probabilities are
-            # the model's own distribution over what may be written: before healing, biases and penalties
-            own = r.processors.restrict(logits[i, : r.pos.numel()], r.block)
-            model_logprobs = None
-            if r.options.logprobs is not None:
-                model_logprobs = without_token(own.float(), self.config.mask_id).log_softmax(-1)
-            r.nfe += 1
-            events.append(self._advance(r, r.processors.adjust(own, r.block), model_logprobs))
+            event = r.update(logits[i, : r.pos.numel()])
+            if event.done:
+                del self._active[r.id]
+            events.append(event)
         return events
 
     def _admit(self) -> None:
@@ -383,8 +310,8 @@ class Engine:
             r.row, r.t0 = free.pop(0), time.perf_counter()
             self._active[r.id] = r
             if r.blocks:
-                self._enter_block(r)
-                self._draft(r)
+                r.enter_block()
+                r.draft()
                 if self.prefix is not None and r.options.cache != "none" and not r.options.cache_refresh:
                     self._reuse_prefix(r)
 
@@ -399,56 +326,6 @@ class Engine:
             r.prefix_fill = found
             r.entry_window = (min(len(found) * bs, r.window[0]), r.window[1])
         r.prefix_new = range(len(found), complete)
-
-    def _block_window(self, r: Request, blk: list[int]) -> tuple[int, int]:
-        """The slots a window step over block `blk` recomputes."""
-        return self.layout.block_window(blk, r.n, r.options.cache)
-
-    def _entry_window(self, r: Request, block: int) -> tuple[int, int] | None:
-        """block > 0: the first step's window (the layout's entry window), or None: that step refreshes."""
-        if block == 0:
-            return None
-        return self.layout.entry_window(self._block_window(r, r.blocks[block]), r.blocks[block - 1])
-
-    def _enter_block(self, r: Request) -> None:
-        blk = r.blocks[r.block]
-        r.pos = torch.tensor(blk, device=self.device)
-        r.src = (r.pos - (1 if self.config.logits_shift else 0)).clamp_min(0)
-        r.window = self._block_window(r, blk)
-        r.entry_window = self._entry_window(r, r.block)
-        r.visible = self.layout.visible(r.window, r.n, self._compiled)
-        if self._compiled and r.block == 0:
-            # one window width for all of the request's blocks (prefix windows shrink block by block):
-            # compiled graphs keep their shapes instead of recompiling per block
-            r.window_width = max(e - s for s, e in (self._block_window(r, b) for b in r.blocks))
-            entries = [w for w in (self._entry_window(r, i) for i in range(len(r.blocks))) if w is not None]
-            r.entry_width = max((e - s for s, e in entries), default=0)
-        r.block_step, r.correcting = 0, -1
-        r.policy.start_block(len(blk), r.steps_budget)
-        if r.policy.drafts:
-            r.follows = torch.ones_like(r.pos, dtype=torch.bool)
-            r.follows[1:] = r.pos[1:] == r.pos[:-1] + 1
-
-    def _draft(self, r: Request) -> None:
-        """Drafting policies: where the block's first open position has no draft from the model's look-ahead,
-        copy one from the committed text before it (decoding/drafts.py) over the open run there. The next
-        window starts at the last committed position: every one before it was fed its own token, with only
-        committed tokens before it, so its K/V are final (uncompiled engines; compiled ones keep one shape)."""
-        if not r.policy.drafts:
-            return
-        blk, mask = r.blocks[r.block], self.config.mask_id
-        fed = r.feed[r.pos].tolist()
-        first = next((i for i, p in enumerate(blk) if r.host[p] == mask), None)
-        if first is not None and not self._compiled:
-            r.window = (max(r.window[0], blk[first] - 1), r.window[1])
-        if first is None or fed[first] != mask:
-            return
-        run = first + 1
-        while run < len(blk) and blk[run] == blk[run - 1] + 1 and r.host[blk[run]] == mask:
-            run += 1
-        draft = copy_draft(r.host[: blk[first]], run - first)
-        if draft:
-            r.feed[r.pos[first : first + len(draft)]] = torch.tensor(draft, device=self.device)
 
     def _rows(self, reqs: list[Request]) -> slice | torch.Tensor:
         rows = [r.row for r in reqs]
@@ -501,139 +378,3 @@ class Engine:
         # a drafting request's window may start inside its block: the rows before it are committed, unread
         return {r.id: h[i, (r.src - s).clamp_min(0)] for i, (r, (s, _)) in enumerate(zip(reqs, windows))}
 
-    def _advance(self, r: Request, logits: torch.Tensor, model_logprobs: torch.Tensor | None) -> StepEvent:
-        """Sample, correct, commit for one request's block; then bookkeeping on the host copy.
-        `model_logprobs` [L, V]: the model's log-probabilities for the block, when options.logprobs is set."""
-        o, c = r.options, self.config
-        cur = r.x[r.pos]
-        masked = cur == c.mask_id
-        # tokens: float32 decision logits (temperature, top-k, top-p), never [MASK] (a committed mask would
-        # never finish its block)
-        choice = r.processors.decide(without_token(logits.float(), c.mask_id))
-        tokens = choose_tokens(choice, o.temperature > 0, r.generator)
-        # confidences as LLaDA's and Fast-dLLM's samplers compute them: a float64 softmax of all the logits,
-        # the mask's share of the mass included (float32 rounds near-ties together and commits elsewhere)
-        probs = r.processors.decide(logits.double()).softmax(-1)
-        conf = confidence(o.confidence, probs, tokens, r.generator)
-        new = cur
-        last_correction = False
-        if r.correcting >= 0:
-            last_correction = r.correcting + 1 >= o.max_correction_steps
-            new = self._correct(r, cur, without_token(probs, c.mask_id, 0.0), allow_remask=not last_correction)
-        if last_correction:
-            commit = masked  # the bound: whatever is still masked is committed now
-        elif r.policy.drafts:
-            fed = r.feed[r.pos]
-            commit = r.policy.verify(tokens, cur, fed, masked, r.follows)
-            still_open = masked & ~commit
-            r.feed[r.pos] = torch.where(still_open, r.policy.next_inputs(tokens, fed, still_open, r.follows, c.mask_id),
-                                        torch.where(commit, tokens, cur))
-        else:
-            commit = r.policy.select(conf, masked, r.block_step)
-        new = torch.where(commit, tokens, new)
-        r.x[r.pos] = new
-        r.steps += 1
-        r.block_step += 1
-        if r.correcting >= 0:
-            r.correcting += 1
-
-        # one host sync per request and step
-        before, row = r.host, r.x.tolist()
-        r.host = row
-        blk = r.blocks[r.block]
-        changed = [p for p in blk if row[p] != before[p]]
-        if model_logprobs is not None and changed:
-            self._record_logprobs(r, blk, new, model_logprobs, changed)
-        left = sum(row[p] == c.mask_id for p in blk)
-        block_done = False
-        if left == 0:
-            if r.correcting < 0 and o.self_correct and o.max_correction_steps > 0:
-                r.correcting = 0  # masks filled: start the bounded correction post-steps
-            elif r.correcting < 0 or not changed or r.correcting >= o.max_correction_steps:
-                block_done = True
-        if block_done:
-            r.steps_per_block.append(r.block_step)
-            if r.stop_when is not None and r.block + 1 < len(r.blocks) and r.stop_when(self._answer_prefix(r)):
-                r.stopped_by_check = True
-                return self._finish(r, changed)
-            eos_in_tail = r.tail_start is not None and any(row[p] == c.eos_id for p in blk if p >= r.tail_start)
-            if o.early_stop and eos_in_tail and r.block + 1 < len(r.blocks):
-                rest = [p for b in r.blocks[r.block + 1 :] for p in b]
-                r.x[torch.tensor(rest, device=self.device)] = c.eos_id
-                for p in rest:
-                    row[p] = c.eos_id
-                r.stopped_at_eos = True
-                return self._finish(r, changed)
-            r.block += 1
-            if r.block == len(r.blocks):
-                return self._finish(r, changed)
-            self._enter_block(r)
-        self._draft(r)
-        lo, hi = r.region
-        return StepEvent(r.id, r.steps, row[lo:hi], sum(t != c.mask_id for t in row[lo:hi]),
-                         changed=[p - lo for p in changed if lo <= p < hi], logprobs=self._region_logprobs(r))
-
-    def _record_logprobs(self, r: Request, blk: list[int], new: torch.Tensor, model_logprobs: torch.Tensor,
-                         changed: list[int]) -> None:
-        """Keep the log-probability (and top alternatives) of each token this step committed or rewrote, as
-        the model gave it at this step; a re-masked position forgets its entry until it is committed again."""
-        at = {p: i for i, p in enumerate(blk)}
-        idx = torch.tensor([at[p] for p in changed], device=new.device)
-        entries = token_logprobs(model_logprobs[idx], new[idx], r.options.logprobs)
-        for p, entry in zip(changed, entries):
-            if r.host[p] == self.config.mask_id:
-                r.logprob_of.pop(p, None)
-            else:
-                r.logprob_of[p] = entry
-
-    def _region_logprobs(self, r: Request) -> list[TokenLogprob | None] | None:
-        if r.options.logprobs is None:
-            return None
-        return [r.logprob_of.get(p) for p in range(*r.region)]
-
-    def _answer_prefix(self, r: Request) -> list[int]:
-        """The committed tokens of the region up to its first mask (or EOS): text that can no longer change."""
-        lo, hi = r.region
-        out = []
-        for t in r.host[lo:hi]:
-            if t == self.config.mask_id or (r.cut_at_eos and t == self.config.eos_id):
-                break
-            out.append(t)
-        return out
-
-    def _correct(self, r: Request, cur: torch.Tensor, probs: torch.Tensor, allow_remask: bool) -> torch.Tensor:
-        """Self-correction on the block's generated tokens: rewrite where the model now prefers another
-        token with probability >= rewrite_above; re-mask where the current token's probability < remask_below."""
-        o, c = r.options, self.config
-        committed = r.generated[r.pos] & (cur != c.mask_id)
-        p_best, best = probs.max(-1)
-        p_cur = probs.gather(-1, cur.clamp(0, probs.shape[-1] - 1)[:, None]).squeeze(-1)
-        rewrite = committed & (best != cur) & (p_best >= o.rewrite_above)
-        new = torch.where(rewrite, best, cur)
-        if allow_remask:
-            remask = committed & ~rewrite & (p_cur < o.remask_below)
-            new = torch.where(remask, torch.full_like(new, c.mask_id), new)
-        return new
-
-    def _finish(self, r: Request, changed: list[int] | None = None) -> StepEvent:
-        self._active.pop(r.id, None)
-        c = self.config
-        lo, hi = r.region
-        region = r.host[lo:hi] if r.host else r.x[lo:hi].tolist()
-        tokens, finish = region, "length"
-        if r.stopped_by_check:
-            tokens, finish = self._answer_prefix(r), "stop"
-        elif r.cut_at_eos and c.eos_id in region:
-            tokens, finish = region[: region.index(c.eos_id)], "eos"
-        elif r.stopped_at_eos:
-            finish = "eos"
-        result = GenerationResult(tokens=tokens, nfe=r.nfe, steps=r.steps, steps_per_block=list(r.steps_per_block),
-                                  seconds=time.perf_counter() - r.t0, finish_reason=finish,
-                                  prompt_tokens=r.prompt_tokens)
-        logprobs = self._region_logprobs(r)
-        if logprobs is not None:  # context tokens of an edited canvas were never committed: None, []
-            entries = logprobs[: len(tokens)]
-            result.logprobs = [e[0] if e else None for e in entries]
-            result.top_logprobs = [e[1] if e else [] for e in entries]
-        return StepEvent(r.id, r.steps, region, sum(t != c.mask_id for t in region), done=True, result=result,
-                         changed=[p - lo for p in (changed or []) if lo <= p < hi], logprobs=logprobs)
