@@ -39,9 +39,7 @@ from collections import deque
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from unmask.decoding.cache import CacheView, attention_mask, grow_cache
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
@@ -50,6 +48,7 @@ from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.processors import processors_for
 from unmask.decoding.request import Request
+from unmask.decoding.runner import Runner, kv_bucket  # noqa: F401 (kv_bucket: imported from here too)
 from unmask.errors import UnmaskError
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
@@ -73,17 +72,6 @@ def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfi
         else:
             blocks.append([p])
     return blocks
-
-
-def kv_bucket(n: int, max_seq_len: int, smallest: int = 128) -> int:
-    """The key/value length a compiled engine attends over for canvases of up to `n` tokens: the next power
-    of two (at least `smallest`, at most the context). Graphs are compiled per shape, so prompts of any
-    length share a handful of them instead of compiling one per length (dynamo gives up after 8 and
-    falls back to eager); the padded keys are masked out."""
-    bucket = smallest
-    while bucket < n:
-        bucket *= 2
-    return max(n, min(bucket, max_seq_len))
 
 
 class Engine:
@@ -114,24 +102,33 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.device = model.output.weight.device
-        self.cache = None
         self._waiting: deque[Request] = deque()
         self._active: dict[str, Request] = {}
         self._ids = itertools.count()
-        self._memo: dict[str, tuple] = {}
-        self._forward: Callable = model
         self._compiled = bool(compile)
         if (prefix_blocks or prefix_store is not None) and (not self.layout.prefix_reuse or compile):
             raise OptionsError("prefix reuse needs a block_causal model (only there are finished blocks' K/V "
                                "exact) and an uncompiled engine")
         if prefix_store is None and prefix_blocks > 0:
             prefix_store = PrefixStore(prefix_blocks, model.config.block_size)
-        self.prefix = prefix_store
-        if compile:
-            # on a GPU a 32-token window step is hundreds of small kernels: without CUDA graphs
-            # ("reduce-overhead") it is bound by their launches, not by the weight reads
-            mode = compile if isinstance(compile, str) else ("reduce-overhead" if self.device.type == "cuda" else None)
-            self._forward = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+        self.runner = Runner(model, max_batch, compile, prefix_store)
+
+    @property
+    def prefix(self) -> PrefixStore | None:
+        return self.runner.prefix
+
+    @property
+    def cache(self):
+        """The K/V cache the runner decodes in (None before the first step)."""
+        return self.runner.cache
+
+    @property
+    def _forward(self) -> Callable:
+        return self.runner.forward
+
+    @_forward.setter
+    def _forward(self, forward: Callable) -> None:  # benchmarks wrap it to count calls
+        self.runner.forward = forward
 
     # ---- queue API -------------------------------------------------------------------------------------
     @property
@@ -194,7 +191,8 @@ class Engine:
                                "shifted logits (an adapted AR model), where a token read from committed text is "
                                "the AR base's own")
         req = Request(
-            id=request_id, options=options, config=c, layout=self.layout, static_shapes=self._compiled, x=x, region=region or (0, len(canvas)), generated=generated,
+            id=request_id, options=options, config=c, layout=self.layout, static_shapes=self._compiled, x=x,
+            region=region or (0, len(canvas)), generated=generated,
             blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
             processors=processors_for(
                 options, c.vocab_size, self.device, banned=self._token_set(banned), canvas=x,
@@ -260,42 +258,7 @@ class Engine:
         reqs = sorted(self._active.values(), key=lambda r: r.row)
         if not reqs:
             return events
-        C = max(r.n for r in reqs)
-        if self._compiled:
-            C = kv_bucket(C, self.config.max_seq_len)
-        cache = grow_cache(self.model, self.cache, self.max_batch, C + 1)  # +1: scratch slot for padding
-        if cache is not self.cache and self._compiled:
-            # The forward writes K/V in place; CUDA graphs only replay over inputs at fixed addresses,
-            # so the buffers are declared static (as parameters are) instead of making cudagraphs bail out.
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
-        self.cache = cache
-        for r in reqs:
-            if r.prefix_fill:
-                bs = self.config.block_size
-                for j, (k, v) in enumerate(r.prefix_fill):
-                    cache.k[:, r.row, :, j * bs : (j + 1) * bs] = k
-                    cache.v[:, r.row, :, j * bs : (j + 1) * bs] = v
-                r.prefix_fill = None
-        refresh = [r for r in reqs if r.needs_refresh()]
-        window = [r for r in reqs if not r.needs_refresh()]
-        hidden: dict[str, torch.Tensor] = {}
-        if refresh:
-            hidden.update(self._refresh_forward(refresh, C))
-        if window:
-            hidden.update(self._window_forward(window, C))
-        for r in reqs:
-            if r.prefix_new:  # its first pass computed these prompt blocks: keep them for later requests
-                bs = self.config.block_size
-                for j in r.prefix_new:
-                    self.prefix.insert(r.host, j, cache.k[:, r.row, :, j * bs : (j + 1) * bs],
-                                       cache.v[:, r.row, :, j * bs : (j + 1) * bs])
-                r.prefix_new = range(0)
-        if len(reqs) == 1:
-            h = hidden[reqs[0].id][None]
-        else:
-            h = torch.nn.utils.rnn.pad_sequence([hidden[r.id] for r in reqs], batch_first=True)
-        logits = self.model.output(h)  # the mask token keeps its logit: Request.update never proposes it
+        logits = self.runner.logits(reqs)
         for i, r in enumerate(reqs):
             event = r.update(logits[i, : r.pos.numel()])
             if event.done:
@@ -312,69 +275,5 @@ class Engine:
             if r.blocks:
                 r.enter_block()
                 r.draft()
-                if self.prefix is not None and r.options.cache != "none" and not r.options.cache_refresh:
-                    self._reuse_prefix(r)
-
-    def _reuse_prefix(self, r: Request) -> None:
-        """Plan a new request's first pass around the prefix store: the stored leading model blocks of its
-        canvas are copied in (step(), once the cache is sized) and its first pass starts after them, as an
-        entry window; the complete model blocks before its first mask are stored after that pass."""
-        bs = self.config.block_size
-        complete = r.blocks[0][0] // bs  # model blocks wholly before the first masked position
-        found = self.prefix.lookup(r.host, complete)
-        if found:
-            r.prefix_fill = found
-            r.entry_window = (min(len(found) * bs, r.window[0]), r.window[1])
-        r.prefix_new = range(len(found), complete)
-
-    def _rows(self, reqs: list[Request]) -> slice | torch.Tensor:
-        rows = [r.row for r in reqs]
-        if rows == list(range(rows[0], rows[0] + len(rows))):
-            return slice(rows[0], rows[0] + len(rows))
-        return torch.tensor(rows, device=self.device)
-
-    def _refresh_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
-        if not self._compiled:
-            C = max(r.visible for r in reqs)
-        key = ("refresh", C, tuple((r.row, r.visible) for r in reqs))
-        if self._memo.get("refresh", (None,))[0] != key:
-            lengths = [r.visible for r in reqs]
-            positions = torch.arange(C, device=self.device).expand(len(reqs), -1)
-            q_real = positions < torch.tensor(lengths, device=self.device)[:, None]
-            self._memo["refresh"] = (key, positions, attention_mask(self.config, positions, q_real, lengths, C))
-        _, positions, mask = self._memo["refresh"]
-        if len(reqs) == 1 and reqs[0].visible == C:
-            tokens = reqs[0].inputs[None, :C]
-        else:
-            tokens = torch.stack([F.pad(r.inputs[: r.visible], (0, C - r.visible), value=self.config.pad_id)
-                                  for r in reqs])
-        view = CacheView(self.cache, self._rows(reqs), None, C)
-        h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
-                          return_hidden=True)
-        return {r.id: h[i, r.src] for i, r in enumerate(reqs)}
-
-    def _window_forward(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
-        windows = [r.step_window() for r in reqs]
-        key = ("window", C, tuple((r.row, r.visible, w) for r, w in zip(reqs, windows)))
-        if self._memo.get("window", (None,))[0] != key:
-            W = max(max(e - s, r.entry_width if r.entering else r.window_width) for r, (s, e) in zip(reqs, windows))
-            slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
-            positions = torch.zeros((len(reqs), W), dtype=torch.long, device=self.device)
-            for i, (s, e) in enumerate(windows):
-                slots[i, : e - s] = positions[i, : e - s] = torch.arange(s, e, device=self.device)
-            q_real = slots < C
-            mask = attention_mask(self.config, positions, q_real, [r.visible for r in reqs], C)
-            self._memo["window"] = (key, W, positions, slots, mask)
-        _, W, positions, slots, mask = self._memo["window"]
-        if len(reqs) == 1 and W == windows[0][1] - windows[0][0]:
-            s, e = windows[0]
-            tokens = reqs[0].inputs[s:e][None]  # strides as the padded (stacked) path's: one compiled graph
-        else:
-            tokens = torch.stack([F.pad(r.inputs[s:e], (0, W - (e - s)), value=self.config.pad_id)
-                                  for r, (s, e) in zip(reqs, windows)])
-        view = CacheView(self.cache, self._rows(reqs), slots, C)
-        h = self._forward(tokens, positions=positions, cache=view, cache_start=0, kv_len=C, attn_mask=mask,
-                          return_hidden=True)
-        # a drafting request's window may start inside its block: the rows before it are committed, unread
-        return {r.id: h[i, (r.src - s).clamp_min(0)] for i, (r, (s, _)) in enumerate(zip(reqs, windows))}
+            self.runner.admit(r)
 
