@@ -28,6 +28,11 @@ Per step and request, in order:
 
 Batched greedy decoding gives the same tokens as decoding each request alone: every row keeps its own
 natural-order positions, its own refresh schedule and its own random generator.
+
+The engine itself is the loop: admission (queue, batch rows), one step, cancellation. Step 1 is the runner's
+(decoding/runner.py: forward passes, K/V cache, compiled shapes, prefix-store fills), steps 2-5 are each
+request's own (decoding/request.py: Request.update), and what depends on the model's attention mode is asked
+of its layout (decoding/layout.py).
 """
 
 from __future__ import annotations
