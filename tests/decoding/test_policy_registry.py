@@ -6,21 +6,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
+from policy_helpers import TopKPolicy
 from unmask.cli.common import decode_options, policy_options
 from unmask.decoding.options import DecodeOptions, OptionsError, generation_defaults, save_generation_defaults
-from unmask.decoding.params import Param
-from unmask.decoding.policies import POLICIES, Policy, declared_params, make_policy, top_k_mask
-
-
-class TopKPolicy(Policy):
-    """A toy: the `top_k_commit` surest positions a step."""
-
-    name = "topk"
-    help = "the k surest positions every step"
-    params = (Param("top_k_commit", 2, "positions committed a step", kind=int, ge=1, le=8),)
-
-    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
-        return top_k_mask(conf, candidates, torch.tensor(self.options.param("top_k_commit")))
+from unmask.decoding.policies import POLICIES, declared_params, make_policy
 
 
 @pytest.fixture

@@ -2,23 +2,11 @@
 listed, documented and accepted with its own knob, and a bad value of a knob is a 422 naming both."""
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
-from unmask.decoding.params import Param
-from unmask.decoding.policies import POLICIES, Policy, top_k_mask
+from policy_helpers import TopKPolicy
+from unmask.decoding.policies import POLICIES
 from unmask.serve.app import create_app
-
-
-class TopKPolicy(Policy):
-    """A toy: the `top_k_commit` surest positions a step."""
-
-    name = "topk"
-    help = "the k surest positions every step"
-    params = (Param("top_k_commit", 2, "positions committed a step", kind=int, ge=1, le=8),)
-
-    def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
-        return top_k_mask(conf, candidates, torch.tensor(self.options.param("top_k_commit")))
 
 FAST = {"max_tokens": 6, "block_length": 6, "temperature": 0}
 
