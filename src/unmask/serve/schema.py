@@ -58,7 +58,7 @@ class ServerLimits:
     max_stop_chars: int = 64
     max_choices: int = 16  # prompts x n in one request
     max_body_bytes: int = 2_000_000  # whole HTTP body; larger -> 413
-    max_spans: int = 64  # spans of one edit (each is denoised in turn)
+    max_spans: int = 64  # spans of one edit (denoised as requests of the shared engine)
 
 
 # strict JSON types, as OpenAI's: no "8" for 8, no "yes" for true; a float is a finite number (or an integer)
