@@ -1,4 +1,4 @@
-"""`unmask chat MODEL` (chat with a checkpoint, in its own template) and `unmask eval humaneval MODEL`."""
+"""`unmask chat [MODEL]` (chat with a checkpoint, in its own template) and `unmask eval humaneval [MODEL]`."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import typer
 
 from unmask.cli.apps import app, eval_app
 from unmask.cli.common import (BlockLength, Cache, Device, Dtype, MaxNewTokens, Quantize, Seed, Steps, Temperature,
-                               TopP, console, decode_options, load_pipeline, out, policy_options)
-
-
-def _stats(result) -> str:
-    return (f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
-            f"{result.tokens_per_second:.1f} tokens/s[/dim]")
+                               TopP, console, decode_options, load_pipeline, out, policy_options, print_stats,
+                               write_text)
 
 
 def template_variables(pairs: list[str]) -> dict[str, Any]:
@@ -39,7 +35,8 @@ def template_variables(pairs: list[str]) -> dict[str, Any]:
 @app.command()
 @policy_options
 def chat(
-    model: Path = typer.Argument(..., help="Model folder (ours, LLaDA, Dream or a block-diffusion Qwen)."),
+    model: Optional[Path] = typer.Argument(None, help="Model folder (ours, LLaDA, Dream or a block-diffusion Qwen; "
+                                                       "default: the embedded model)."),
     message: Optional[str] = typer.Option(None, "--message", help="Send one message, print the reply and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     max_new_tokens: MaxNewTokens = 256,
@@ -74,13 +71,13 @@ def chat(
             reply = session.send(text)
         if show_prompt:
             console.print(reply.prompt, markup=False, highlight=False, style="dim")
-        out.print(reply.reply, markup=False, highlight=False)
-        console.print(_stats(reply.result))
+        write_text(reply.reply + "\n")
+        print_stats(reply.result)
 
     if message is not None:
         turn(message)
         return
-    console.print(f"[bold]{model}[/bold] · /reset clears the conversation, /exit (or Ctrl-D) quits")
+    console.print(f"[bold]{model or 'default model'}[/bold] · /reset clears the conversation, /exit (or Ctrl-D) quits")
     while True:
         try:
             text = Prompt.ask("[bold cyan]you[/bold cyan]", console=console)
@@ -113,7 +110,7 @@ def eval_lm_eval(ctx: typer.Context) -> None:
 @eval_app.command("humaneval")
 @policy_options
 def humaneval(
-    model: Path = typer.Argument(..., help="Model folder."),
+    model: Optional[Path] = typer.Argument(None, help="Model folder (default: the embedded model)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N problems."),
     max_new_tokens: MaxNewTokens = 256,
     block_length: BlockLength = None,
@@ -142,7 +139,7 @@ def humaneval(
     # greedy unless --temperature (pass@1 of one deterministic answer); the rest from the model's defaults
     options = decode_options(pipe, max_new_tokens=max_new_tokens, block_length=block_length, steps=steps,
                              temperature=temperature, top_p=top_p, seed=seed, cache=cache, **policy)
-    table = Table(title=f"HumanEval · {model}")
+    table = Table(title=f"HumanEval · {model or 'default model'}")
     for col in ("task", "result", "tokens", "NFE", "tokens/s", "detail"):
         table.add_column(col, justify="right" if col in ("tokens", "NFE", "tokens/s") else "left")
     done = [0]

@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
 
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)  # tables and reports; a result's text goes through write_text
+
+
+def write_text(text: str) -> None:
+    """A result's text on stdout, byte for byte: no wrapping at the console's width, no padding, tabs kept.
+    A terminal also gets a final newline when the text lacks one, so the statistics that follow on stderr
+    start on a line of their own; a pipe or a file gets exactly `text`."""
+    sys.stdout.write(text)
+    if text and not text.endswith("\n") and sys.stdout.isatty():
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def stats_line(result) -> str:
+    """The statistics every decoding command prints after its text (on stderr): generate and chat alike."""
+    return (f"{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
+            f"{result.tokens_per_step:.2f} tokens/step · {result.tokens_per_second:.1f} tokens/s")
+
+
+def print_stats(result) -> None:
+    console.print(stats_line(result), style="dim", markup=False, highlight=False)
+
+
+def default_model_path(model: Path | None) -> Path:
+    """The model a command uses: the one named, else the embedded default (as `unmask.load()`)."""
+    from unmask.pipeline import DEFAULT_MODEL
+
+    return model if model is not None else DEFAULT_MODEL
 
 
 def load_pipeline(model: Path | None, device: str | None = None, dtype: str | None = None,

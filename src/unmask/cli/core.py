@@ -12,8 +12,8 @@ from rich.text import Text
 from unmask.cli.apps import app
 
 from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Heal, MaxNewTokens, Quantize, Seed, Steps,
-                               Temperature, Threshold, TopP, console, decode_options, load_pipeline, out,
-                               policy_options)
+                               Temperature, Threshold, TopP, console, decode_options, default_model_path,
+                               load_pipeline, out, policy_options, print_stats, write_text)
 
 
 @app.command()
@@ -52,6 +52,8 @@ def generate(
     if (prompt is None) == (input_file is None):
         raise typer.BadParameter("give a prompt or --input FILE.jsonl, not both" if prompt is not None
                                  else "give a prompt, or --input FILE.jsonl for many", param_hint="PROMPT")
+    if prompt == "":
+        raise typer.BadParameter("the prompt is empty; give some text to continue", param_hint="PROMPT")
     if output_file is not None and input_file is None:
         raise typer.BadParameter("--output goes with --input", param_hint="--output")
     if logprobs is not None and input_file is None:
@@ -62,9 +64,8 @@ def generate(
     if prompts is not None:
         return generate_batch(pipe, prompts, decode_options(pipe, **given), output_file, batch_size)
     result = pipe.generate(prompt, decode_options(pipe, **given))
-    out.print(prompt + result.text, markup=False, highlight=False)
-    console.print(f"[dim]{len(result.tokens)} tokens · {result.steps} steps · NFE {result.nfe} · "
-                  f"{result.tokens_per_step:.2f} tokens/step · {result.tokens_per_second:.1f} tokens/s[/dim]")
+    write_text(prompt + result.text)
+    print_stats(result)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -121,7 +122,7 @@ def generate_batch(pipe, prompts: list[str], options, output: Path | None, batch
     seconds = time.perf_counter() - t0
     lines = [json.dumps(record(pipe, p, r)) + "\n" for p, r in zip(prompts, results)]
     if output is None:
-        out.print("".join(lines), end="", markup=False, highlight=False, soft_wrap=True)
+        write_text("".join(lines))
     else:
         with atomic_path(output) as tmp:
             tmp.write_text("".join(lines), encoding="utf-8")
@@ -131,13 +132,15 @@ def generate_batch(pipe, prompts: list[str], options, output: Path | None, batch
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="Model folder or .gguf file.")) -> None:
+def info(model: Optional[Path] = typer.Argument(None, help="Model folder or .gguf file (default: the embedded "
+                                                                  "model).")) -> None:
     """Print a model's config, parameter count and special ids."""
     from rich.table import Table
 
     from unmask.model.checkpoints import read_config, weight_files
     from unmask.model.gguf import is_gguf
 
+    model = default_model_path(model)
     config, family, raw = read_config(model)
     if not is_gguf(model):
         weight_files(model)  # fails clearly on missing/corrupt shards (a GGUF file's tensors were checked)

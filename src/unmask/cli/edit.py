@@ -11,7 +11,7 @@ import typer
 
 from unmask.cli.apps import app, eval_app
 from unmask.cli.common import (BlockLength, Cache, Device, Dtype, Quantize, Seed, Steps, Temperature, Threshold,
-                               console, decode_options, load_pipeline, out, policy_options)
+                               console, decode_options, load_pipeline, out, policy_options, write_text)
 
 MODEL = typer.Option(None, "--model", "-m", help="Model folder (default: the embedded model).")
 
@@ -178,9 +178,8 @@ def infill(
                              options=opts, on_step=on_step)
     if in_place:
         _write(file, result.text, text, backup=not no_backup)
-    else:
-        sys.stdout.write(result.middle if middle_only else result.text)
-        sys.stdout.flush()
+    else:  # a terminal also gets a final newline, so the statistics below start on a line of their own
+        write_text(result.middle if middle_only else result.text)
     budget = "tokens chosen" if length == "search" else "token budget"  # search reports the length it picked
     console.print(f"[dim]{result.lengths[0]} {budget} · {result.steps} steps · NFE {result.nfe} · "
                   f"{result.seconds:.2f} s[/dim]")

@@ -30,8 +30,21 @@ def quantize(
     pipe = load_pipeline(model, "cpu", dtype, scheme)
     with console.status(f"writing {out_dir} …"):
         pipe.save(out_dir)
+        keep_generation_config(pipe.path, out_dir)
     size = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     console.print(f"[green]wrote {out_dir}[/green] [dim]({scheme}, {size / 2**20:.1f} MiB of weights)[/dim]")
+
+
+def keep_generation_config(source: Optional[Path], out_dir: Path) -> None:
+    """The copy recommends the decoding the model does: its generation_config.json, copied whole. Saving
+    writes only the options that differ from the built-in defaults, which dropped the ones that happen to
+    equal them (`cache`, `max_new_tokens`) and the keys that are not options (`eos_token_id`)."""
+    import shutil
+
+    from unmask.decoding.options import GENERATION_CONFIG
+
+    if source is not None and (source / GENERATION_CONFIG).is_file():
+        shutil.copyfile(source / GENERATION_CONFIG, out_dir / GENERATION_CONFIG)
 
 
 @eval_app.command("kl")

@@ -25,8 +25,10 @@ def serve(
     quantize: Quantize = None,
     max_batch: int = typer.Option(8, "--max-batch", help="Requests denoised together in one forward pass."),
     max_queue: int = typer.Option(64, "--max-queue", help="Waiting requests before answering 429."),
-    max_tokens: int = typer.Option(128, "--max-tokens", help="Default max_tokens of a request."),
-    block_length: int = typer.Option(32, "--block-length", help="Default block length."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
+                                             help="Default max_tokens of a request (default: the model's own)."),
+    block_length: Optional[int] = typer.Option(None, "--block-length", min=1,
+                                               help="Default block length (default: the model's own)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id reported by /v1/models."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the engine's forward passes (GPU)."),
     prefix_blocks: int = typer.Option(64, "--prefix-cache-blocks", min=0,
@@ -45,8 +47,9 @@ def serve(
     engine = request_queue(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile,
                            prefix_blocks=prefix_blocks)
     # the model's recommended decoding (generation_config.json) is what a request gets unless it says otherwise
+    given = {"max_new_tokens": max_tokens, "block_length": block_length}
     web = create_app(pipe, model_name=name, engine=engine,
-                     defaults=pipe.defaults.replace(max_new_tokens=max_tokens, block_length=block_length))
+                     defaults=pipe.defaults.replace(**{k: v for k, v in given.items() if v is not None}))
     console.print(f"serving [bold]{web.state.server.model_name}[/bold] on http://{host}:{port}  "
                   f"(page: /, API: /v1, docs: /docs)")
     uvicorn.run(web, host=host, port=port, log_level=log_level)
