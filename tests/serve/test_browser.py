@@ -7,13 +7,17 @@ never downloads a browser here, it drives /usr/bin/chromium.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
 import httpx
 import pytest
 
+from conftest import tiny_model
+from unmask.decoding.options import DecodeOptions
 from unmask.decoding.policies import POLICIES
+from unmask.pipeline import Pipeline
 from unmask.serve.app import create_app
 from unmask.serve.runner import BackgroundServer
 
@@ -123,3 +127,56 @@ def test_selection_after_an_emoji_edits_the_selected_characters(tiny_pipeline):
         edited = page.text_content("#edit-canvas")
         browser.close()
     assert edited.startswith(text[:start]) and edited.endswith(text[start + 6:]), edited
+
+
+def confirmed_drafts(url: str, body: dict) -> list[int]:
+    """Positions a verify decoding confirmed from drafts, read from the API's diffusing stream: what each
+    step committed beyond its first (leftmost) token."""
+    drafted: set[int] = set()
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={**body, "stream": True, "diffusing": True}) as res:
+        for line in res.iter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            choices = json.loads(line[5:]).get("choices") or [{}]
+            diffusion = choices[0].get("diffusion")
+            if diffusion:
+                drafted.update(sorted(diffusion.get("changed") or [])[1:])
+    return sorted(drafted)
+
+
+def test_verify_marks_confirmed_drafts_instead_of_confidence(tokenizer):
+    """Under verify every token is the model's own greedy choice: a confidence underline says nothing, so the
+    page underlines the tokens confirmed from a draft (committed in one step with the token before them)."""
+    from playwright.sync_api import sync_playwright
+
+    body = {"prompt": "def parse_header(line):\n", "max_tokens": 24, "block_length": 8, "policy": "verify",
+            "temperature": 0}
+    drafting = tiny_model(tokenizer, attention="block_causal", block_size=8, block_attention="causal",
+                          logits_shift=True)  # causal inside its blocks, as an adapted AR model: verify applies
+    app = create_app(Pipeline(drafting, tokenizer), model_name="tiny",
+                     defaults=DecodeOptions(policy="verify", block_length=8))
+    with BackgroundServer(app) as srv, sync_playwright() as pw:
+        expected = confirmed_drafts(srv.url, body)
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(srv.url + "/")
+        page.wait_for_selector("#server-status.ok", timeout=15_000)
+        # the model's recommended decoding is what the settings show
+        assert (page.input_value("#policy"), page.input_value("#block_length")) == ("verify", "8")
+        page.fill("#prompt", body["prompt"])
+        page.fill("#max_tokens", "24")
+        page.fill("#frame_delay", "0")
+        page.click("#go")
+        page.wait_for_selector("#gen-output:not([data-state=running])", timeout=60_000)
+        assert page.get_attribute("#gen-output", "data-state") == "done", page.inner_text("#gen-error")
+        assert page.locator("#canvas .tok.scored").count() == 0  # no confidence underline
+        assert page.is_visible("#legend-verify") and not page.is_visible("#legend-confidence")
+        drafted = page.eval_on_selector_all(
+            "#canvas .tok", "ts => ts.flatMap((t, i) => t.classList.contains('drafted') ? [i] : [])")
+        tokens_per_step = page.inner_text("#c-tpstep")
+        browser.close()
+    assert expected and drafted == expected, (drafted, expected)
+    assert tokens_per_step not in ("–", "") and not errors, errors

@@ -44,8 +44,10 @@ async function errorMessage(res) {
 // A canvas is a list of pieces (the text of each position, null where still masked). Each position is a
 // span, so a masked "░" visibly turns into its token; positions committed by this step flash yellow.
 // `confidence` (optional, per position): the probability each token had when it was committed, shown as
-// a red underline that deepens as it falls, and as the span's tooltip.
-function drawPieces(el, pieces, changed, confidence) {
+// a red underline that deepens as it falls, and as the span's tooltip. `drafted` (optional, a Set): under
+// the verify policy, where confidence means nothing (every token is the model's own greedy one), the
+// positions confirmed from a draft — committed in the same step as the token before them — underlined green.
+function drawPieces(el, pieces, changed, confidence, drafted) {
   const fresh = new Set(changed || []);
   const frag = document.createDocumentFragment();
   pieces.forEach((p, i) => {
@@ -57,6 +59,10 @@ function drawPieces(el, pieces, changed, confidence) {
       s.classList.add("scored");
       s.style.setProperty("--doubt", (1 - c).toFixed(3));
       s.title = `${(100 * c).toFixed(1)}% sure when committed`;
+    }
+    if (p !== null && drafted && drafted.has(i)) {
+      s.classList.add("drafted");
+      s.title = "confirmed from a draft, in one step with the token before it";
     }
     frag.appendChild(s);
   });
@@ -139,7 +145,16 @@ function policyKnobs() {
   return p ? p.params.map((k) => k.name) : [];
 }
 
+const verifying = () => $("policy").value === "verify";
+
+// Positions a verify step confirmed from drafts: all it committed but the first (the model's own next token).
+function confirmedDrafts(changed) {
+  return [...(changed || [])].sort((a, b) => a - b).slice(1);
+}
+
 function showKnobs() {  // only the chosen policy's knobs are shown and sent
+  $("legend-confidence").hidden = verifying();
+  $("legend-verify").hidden = !verifying();
   const used = new Set(policyKnobs());
   document.querySelectorAll("#policy-params label").forEach((l) => { l.hidden = !used.has(l.dataset.knob); });
   $("policy").title = (policies.find((q) => q.name === $("policy").value) || {}).help || "";
@@ -170,7 +185,10 @@ async function generate() {
   const body = generateBody();
   if (chat) body.messages = [{ role: "user", content: prompt }];
   else body.prompt = prompt;
-  if ($("shade").checked) body.logprobs = chat ? true : 0;  // per-token confidence for the underline
+  const verify = verifying();
+  // per-token confidence for the underline; under verify the underline marks confirmed drafts instead
+  if ($("shade").checked && !verify) body.logprobs = chat ? true : 0;
+  const drafted = new Set();
   const out = $("gen-output");
   const canvas = $("canvas");
   $("gen-error").textContent = "";
@@ -182,7 +200,7 @@ async function generate() {
   $("stop").disabled = false;
 
   const player = new Player((f) => {
-    drawPieces(canvas, f.d.pieces, f.d.changed, f.d.confidence);
+    drawPieces(canvas, f.d.pieces, f.d.changed, f.d.confidence, f.drafted);
     setCounter("c-step", f.d.step);
     setCounter("c-masked", `${f.d.masked}/${f.d.total}`);
     if (f.tps !== undefined) setCounter("c-tps", fmt(f.tps));
@@ -207,7 +225,9 @@ async function generate() {
       const c = chunk.choices[0];
       if (!c.diffusion) continue;
       const secs = (performance.now() - t0) / 1000;
-      player.push({ d: c.diffusion, tps: (c.diffusion.total - c.diffusion.masked) / Math.max(secs, 1e-3) });
+      if (verify) confirmedDrafts(c.diffusion.changed).forEach((i) => drafted.add(i));
+      player.push({ d: c.diffusion, tps: (c.diffusion.total - c.diffusion.masked) / Math.max(secs, 1e-3),
+                    drafted: verify && $("shade").checked ? new Set(drafted) : null });
       if (c.finish_reason) finalText = chat ? c.delta.content : c.text;
     }
     await player.drain();
