@@ -251,7 +251,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "policy": "eb", "entropy_bound": -0.5}, 422, "entropy_bound"),
     ("/v1/completions", {"prompt": "x", "temprature": 0.5}, 422, "temprature"),
     ("/v1/completions", {"prompt": "x", "max_tokens": 100_000}, 400, "max_tokens"),
-    ("/v1/completions", {"prompt": "x " * 200, "max_tokens": 200}, 400, "max_tokens"),  # exceeds the context
+    ("/v1/completions", {"prompt": "x " * 50, "max_tokens": 200}, 400, "max_tokens"),  # together exceed the context
+    ("/v1/completions", {"prompt": "x " * 200, "max_tokens": 200}, 400, "prompt: 400 tokens"),  # alone, too
     ("/v1/completions", {"prompt": "x", "steps": 10**7}, 400, "steps"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),

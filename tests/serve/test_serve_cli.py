@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import re
 
-import uvicorn
 from fastapi.testclient import TestClient
 
 from unmask.cli.main import main
+from unmask.serve import runner
 
 
 def test_serve_command_builds_the_app(saved_model_dir, monkeypatch):
     seen = {}
 
-    def fake_run(app, host, port, log_level):
-        seen.update(app=app, host=host, port=port)
+    def fake_serve(app, host, port, log_level, limits):
+        seen.update(app=app, host=host, port=port, limits=limits)
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(runner, "serve", fake_serve)
     rc = main(["serve", str(saved_model_dir), "--port", "8123", "--max-batch", "2", "--max-tokens", "6",
-               "--name", "tiny-test", "--log-level", "warning"])
+               "--name", "tiny-test", "--log-level", "warning", "--shutdown-timeout", "1.5",
+               "--header-timeout", "4", "--body-timeout", "6"])
     assert rc == 0 and seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    limits = seen["limits"]
+    assert (limits.shutdown_timeout, limits.header_timeout, limits.body_timeout) == (1.5, 4.0, 6.0)
     with TestClient(seen["app"]) as c:
         assert c.get("/v1/models").json()["data"][0]["id"] == "tiny-test"
         r = c.post("/v1/completions", json={"prompt": "def f():", "steps": 3})

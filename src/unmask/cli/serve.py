@@ -34,12 +34,18 @@ def serve(
     prefix_blocks: int = typer.Option(64, "--prefix-cache-blocks", min=0,
                                       help="block_causal models: finished prompt blocks whose K/V are kept for "
                                            "later requests that start the same way (0: off)."),
+    shutdown_timeout: float = typer.Option(3.0, "--shutdown-timeout", min=0.0,
+                                           help="On SIGTERM/SIGINT: seconds requests being decoded get to finish "
+                                                "(waiting ones are refused at once), then they are cancelled."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.1,
+                                         help="Seconds a request's headers may take to arrive (then 408)."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1,
+                                       help="Seconds a request's body may take to arrive (then 408)."),
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Serve a model: OpenAI-compatible API under /v1 and a live denoising demo page at /."""
-    import uvicorn
-
     from unmask.decoding.queues import request_queue
+    from unmask.serve import runner
     from unmask.serve.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -52,7 +58,9 @@ def serve(
                      defaults=pipe.defaults.replace(**{k: v for k, v in given.items() if v is not None}))
     console.print(f"serving [bold]{web.state.server.model_name}[/bold] on http://{host}:{port}  "
                   f"(page: /, API: /v1, docs: /docs)")
-    uvicorn.run(web, host=host, port=port, log_level=log_level)
+    limits = runner.ConnectionLimits(header_timeout=header_timeout, body_timeout=body_timeout,
+                                     shutdown_timeout=shutdown_timeout)
+    runner.serve(web, host=host, port=port, log_level=log_level, limits=limits)
 
 
 def _load_clients(url: str, clients: int, seconds: float, body: dict) -> dict:

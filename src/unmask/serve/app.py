@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -97,6 +98,11 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def shutting_down(why: str) -> ApiError:
+    return ApiError(f"server shutting down: {why}; retry on another replica or after restart", 503,
+                    type="server_error")
+
+
 def result_logprobs(result: Any) -> list:
     """A GenerationResult's (logprob, top alternatives) per token."""
     return list(zip(result.logprobs or [], result.top_logprobs or []))
@@ -128,6 +134,7 @@ class Server:
         if getattr(engine, "prefix", None) is not None:  # edits' canvases are engine requests: they use it too
             self.metrics.watch_prefix_store(engine.prefix)
         self.created = int(time.time())
+        self.stopping = False  # shutdown has begun: new requests are refused (503)
         # strings that end an assistant turn: the checkpoint's end-of-turn tokens, or the start of a new turn
         self.turn_ends = end_of_turn_strings(pipeline)
         if self.tokenizer.token_to_id(USER) is not None:
@@ -135,10 +142,28 @@ class Server:
         # EOS/pad inside an edited span are absorbed (dropped) by the edit: show them as nothing
         self.absorbed = frozenset(i for i in (self.config.eos_id, self.config.pad_id) if i is not None)
 
+    # --- shutdown ----------------------------------------------------------------------------------
+    def begin_shutdown(self, timeout: float) -> None:
+        """The server is told to stop (SIGTERM): new requests and those still waiting for a batch row get a
+        503 at once; what is decoding gets `timeout` seconds to finish, then ends with an error saying why
+        (in-band for a stream). Called on the event loop, before uvicorn waits for connections to close."""
+        self.stopping = True
+        self.worker.post(("refuse_waiting", shutting_down("the request had not started")))
+        asyncio.get_running_loop().call_later(
+            timeout, self.worker.post, ("abort", shutting_down(f"the request was cancelled after the {timeout:g} s "
+                                                                "shutdown timeout")))
+
+    def refuse_if_stopping(self) -> None:
+        if self.stopping:
+            raise shutting_down("no new requests are taken")
+
     # --- request checks ----------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
         """A 404 for a model this server does not serve (none named: the one it serves)."""
-        if model not in (None, "", self.model_name):
+        if model == "":
+            raise ApiError(f"model: empty; name the served model '{self.model_name}' or leave the field out", 400,
+                           "model")
+        if model not in (None, self.model_name):
             raise ApiError(f"model: '{model}' does not exist; this server serves '{self.model_name}'", 404,
                            "model", type="not_found_error")
 
@@ -177,19 +202,25 @@ class Server:
             raise ApiError(f"{param}: contains the mask token; use `suffix` to infill or /v1/edits to edit", 400,
                            param)
 
-    def options(self, req: DecodingFields, n_context: int) -> DecodeOptions:
+    def options(self, req: DecodingFields, n_context: int, prompt_field: str = "prompt") -> DecodeOptions:
+        """The request's decoding options; errors name the field the client sent (`prompt_field`: where the
+        context came from)."""
         ctx = self.config.max_seq_len
         check_limits(req, self.limits, ctx, self.config.vocab_size)
         try:
             opts = req.decode_options(self.defaults)
         except UnmaskError as e:
-            raise ApiError(str(e), 400) from None
-        if req.max_tokens is None and n_context + opts.max_new_tokens > ctx and n_context < ctx:
+            raise ApiError(str(e), 400, option_field(str(e), req)) from None
+        if n_context >= ctx:  # no room for a single new token: the prompt is what is too long
+            raise ApiError(f"{prompt_field}: {n_context} tokens leave no room in the model context of {ctx} tokens",
+                           400, prompt_field)
+        if req.max_tokens is None and n_context + opts.max_new_tokens > ctx:
             # the default is a default: shorten it to the room the prompt leaves, as vLLM does
             opts = opts.replace(max_new_tokens=ctx - n_context)
         if n_context + opts.max_new_tokens > ctx:
-            raise ApiError(f"max_tokens: {n_context} prompt tokens + {opts.max_new_tokens} new tokens exceed the "
-                           f"model context of {ctx} tokens", 400, "max_tokens")
+            field = req.tokens_field()
+            raise ApiError(f"{field}: {n_context} prompt tokens + {opts.max_new_tokens} new tokens exceed the "
+                           f"model context of {ctx} tokens", 400, field)
         return opts
 
     # --- completions and chat ----------------------------------------------------------------------
@@ -240,7 +271,7 @@ class Server:
         for i, (prompt_ids, text_prompt) in enumerate(prompts):
             if not prompt_ids and not suffix_ids:
                 raise ApiError("prompt: empty; give some text (or a suffix to infill before)", 400, "prompt")
-            opts = self.options(req, len(prompt_ids) + len(suffix_ids or []))
+            opts = self.options(req, len(prompt_ids) + len(suffix_ids or []), "prompt")
             choices += self.samples(req, i * req.n, prompt_ids, suffix_ids, opts, text_prompt)
         return await self.run(request, req, "/v1/completions", choices, chat=False)
 
@@ -253,22 +284,28 @@ class Server:
         if chars > self.limits.max_prompt_chars:
             raise ApiError(f"messages: {chars} characters is above the limit of {self.limits.max_prompt_chars}",
                            400, "messages")
-        try:
-            prompt = self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
-                                                        add_generation_prompt=True,
-                                                        **(req.chat_template_kwargs or {}))
-        except UnmaskError as e:
-            raise ApiError(f"messages: {e}", 400, "messages") from None
+        prompt = self.chat_prompt(req)
         prompt_ids = self.tokenizer.encode(prompt)
         self.check_ids(prompt_ids, "messages")
-        opts = self.options(req, len(prompt_ids))
+        opts = self.options(req, len(prompt_ids), "messages")
         # a model may close its turn with an end-of-turn token or open the next turn: both end the answer
         opts = opts.replace(stop=opts.stop + [t for t in self.turn_ends if t not in opts.stop])
         return await self.run(request, req, "/v1/chat/completions", self.samples(req, 0, prompt_ids, None, opts, True),
                               chat=True)
 
+    def chat_prompt(self, req: ChatCompletionRequest) -> str:
+        """The messages rendered by the checkpoint's chat template, with the client's template variables."""
+        try:
+            return self.tokenizer.apply_chat_template([m.model_dump() for m in req.messages],
+                                                      add_generation_prompt=True, **(req.chat_template_kwargs or {}))
+        except UnmaskError as e:
+            raise ApiError(f"messages: {e}", 400, "messages") from None
+        except TypeError as e:  # a variable the renderer sets itself ("got multiple values for keyword ...")
+            raise ApiError(f"chat_template_kwargs: {e}", 400, "chat_template_kwargs") from None
+
     async def run(self, request: Request, req: DecodingFields, endpoint: str, choices: list[Choice],
                   chat: bool) -> Response:
+        self.refuse_if_stopping()
         t0 = time.perf_counter()
         # all choices as one group: admitted whole or refused whole (serve/scheduler.py)
         tickets, admitted = self.worker.submit_group(
@@ -507,6 +544,7 @@ class Server:
                            "in spans mode", 400, "spans")
         check_edit(req, mode, self.limits)
         opts = self.options(req, 0)
+        self.refuse_if_stopping()
         t0 = time.perf_counter()
         ticket = await self.worker.run_job(edit_job(self.pipeline, req, mode, opts), every_step=req.stream)
         meta = {"id": f"edit-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
@@ -559,9 +597,31 @@ class Server:
                 self.metrics.requests.labels("/v1/edits", "cancelled").inc()
 
 
+def option_field(message: str, req: DecodingFields) -> str | None:
+    """The request field an options error is about: the first field its message names (the engine's
+    max_new_tokens is the client's max_tokens or max_completion_tokens)."""
+    fields = set(type(req).model_fields) | set(declared_params())
+    for word in re.findall(r"[a-z_]+", message):
+        if word == "max_new_tokens":
+            return req.tokens_field()
+        if word in fields:
+            return word
+    return None
+
+
+def endpoint_label(request: Request) -> str:
+    """A request's metrics label: its route's template (`/v1/models/{model_id:path}`), never the raw path,
+    so clients cannot add series by inventing paths."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
 def says_json(content_type: str) -> bool:
-    """Whether a request's Content-Type is JSON, the only body FastAPI parses."""
-    return "json" in content_type.lower()
+    """Whether a request's Content-Type is JSON as FastAPI reads it (application/json or application/*+json):
+    the only body it parses."""
+    media = content_type.split(";")[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 def body_problem(errors: list[dict], content_type: str) -> str | None:
@@ -596,25 +656,44 @@ async def parse_json_body(request: Request) -> None:
         pass
 
 
+# errors the app's exception handlers answer; anything else is a bug, answered here with a 500
+HANDLED = (HTTPException, RequestValidationError, UnmaskError)
+
+
+def internal_error(request: Request, e: Exception) -> JSONResponse:
+    """A 500 for a bug: logged with its traceback, counted, and answered like any error. Answered by the
+    route, not by Starlette's ServerErrorMiddleware: that one re-raises, and uvicorn then drops the
+    keep-alive connection without saying so, failing the client's next request on it."""
+    log.exception("unhandled error on %s", request.url.path)
+    request.app.state.server.metrics.requests.labels(endpoint_label(request), "500").inc()
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+
 class JsonRoute(APIRoute):
-    """FastAPI's route, with the JSON body parsed by parse_json_body first."""
+    """FastAPI's route, with the JSON body parsed by parse_json_body first, and a bug answered as a 500."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handle = super().get_route_handler()
 
         async def parse_then_handle(request: Request) -> Response:
-            if says_json(request.headers.get("content-type", "")):
-                await parse_json_body(request)
-            return await handle(request)
+            try:
+                if says_json(request.headers.get("content-type", "")):
+                    await parse_json_body(request)
+                return await handle(request)
+            except HANDLED:
+                raise
+            except Exception as e:  # noqa: BLE001
+                return internal_error(request, e)
 
         return parse_then_handle
 
 
 class BodyLimit:
     """413 for a body above the limit, before the app sees it: a declared Content-Length at once, a chunked
-    body (which declares none) as soon as the bytes read pass the limit. The body is read here and handed on
-    whole. A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the
-    handlers (after the body, `receive` is the server's own again)."""
+    body (which declares none) as soon as the bytes read pass the limit; the connection is closed (the rest
+    of the body is never read). The body is read here and handed on whole. (A body that arrives too slowly
+    is the protocol's: serve/protocol.py.) A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide
+    client disconnects from the handlers (after the body, `receive` is the server's own again)."""
 
     def __init__(self, app: Any, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -625,25 +704,34 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self.refuse(f"{int(declared)} bytes", scope, receive, send)
+            await self.refuse(413, f"{int(declared)} bytes is above the limit of {self.max_bytes} bytes",
+                              scope, receive, send)
             return
+        body = await self.read(receive)
+        if isinstance(body, int):
+            await self.refuse(413, f"{body} bytes read so far is above the limit of {self.max_bytes} bytes",
+                              scope, receive, send)
+        elif body is not None:
+            await self.app(scope, self.replay(body, receive), send)
+
+    async def read(self, receive) -> bytes | int | None:
+        """The whole body; the bytes read once they pass the limit; None if the client left while sending."""
         chunks, size = [], 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
+            if message["type"] != "http.request":
+                return None
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                await self.refuse(f"{size} bytes read so far", scope, receive, send)
-                return
+                return size
             if not message.get("more_body", False):
-                break
-        await self.app(scope, self.replay(b"".join(chunks), receive), send)
+                return b"".join(chunks)
 
-    async def refuse(self, amount: str, scope, receive, send) -> None:
-        body = error_body(f"body: {amount} is above the limit of {self.max_bytes} bytes", param="body")
-        await JSONResponse(body, status_code=413)(scope, receive, send)
+    @staticmethod
+    async def refuse(status: int, problem: str, scope, receive, send) -> None:
+        body = error_body(f"body: {problem}", param="body")
+        await JSONResponse(body, status_code=status, headers={"Connection": "close"})(scope, receive, send)
 
     @staticmethod
     def replay(body: bytes, receive):
@@ -684,14 +772,14 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
-        srv.metrics.requests.labels(request.url.path, str(e.status)).inc()
+        srv.metrics.requests.labels(endpoint_label(request), str(e.status)).inc()
         headers = {"Retry-After": "1"} if e.status == 429 else None
         return JSONResponse(error_body(str(e), e.type, e.param), status_code=e.status, headers=headers)
 
     @app.exception_handler(UnmaskError)
     async def unmask_error(request: Request, e: UnmaskError):
         status = 429 if _is_queue_full(e) else 400
-        srv.metrics.requests.labels(request.url.path, str(status)).inc()
+        srv.metrics.requests.labels(endpoint_label(request), str(status)).inc()
         headers = retry_headers(getattr(e, "retry_after", 1.0)) if status == 429 else None
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
         return JSONResponse(error_body(str(e), kind), status_code=status, headers=headers)
@@ -704,24 +792,22 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
         return JSONResponse(body, status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        srv.metrics.requests.labels(request.url.path, "500").inc()
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+    async def unhandled_error(request: Request, e: Exception):  # outside a route (middleware): the last resort
+        return internal_error(request, e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         msgs, param = [], None
         problem = body_problem(e.errors(), request.headers.get("content-type", ""))
         if problem:
-            srv.metrics.requests.labels(request.url.path, "422").inc()
+            srv.metrics.requests.labels(endpoint_label(request), "422").inc()
             return JSONResponse(error_body(problem, param="body"), status_code=422)
         for err in e.errors():
             loc = [str(p) for p in err.get("loc", ()) if p != "body"]
             field = ".".join(loc) or "body"
             param = param or field
             msgs.append(f"{field}: {err.get('msg', 'invalid')}")
-        srv.metrics.requests.labels(request.url.path, "422").inc()
+        srv.metrics.requests.labels(endpoint_label(request), "422").inc()
         return JSONResponse(error_body("; ".join(msgs), param=param), status_code=422)
 
     @app.get("/health")

@@ -3,7 +3,7 @@
 A *group* is what one client request asks the engine for: its `n` choices (times its prompts), or one
 denoising call of an edit job (one canvas, or a length search's candidates). A group is taken whole or not
 at all: it joins the line while fewer than `max_waiting` requests wait (a request waits until its last
-choice has started decoding), and is otherwise refused with an estimate of when to come back (`LineFull`,
+choice has a batch row: free rows are capacity, not a queue), and is otherwise refused with an estimate of when to come back (`LineFull`,
 the server's 429 with Retry-After). Nothing is queued in part and rolled back.
 
 The line feeds the engine only as batch rows free up, oldest group first and each group's choices in order,
@@ -66,8 +66,9 @@ class Scheduler:
     # --- what the worker asks ---------------------------------------------------------------------
     @property
     def waiting(self) -> int:
-        """Requests (limited groups) with a choice that has not started."""
-        return len({id(g) for g in self._unstarted.values() if g.limited})
+        """Requests (limited groups) with a choice not yet handed to the engine: the line, not the batch rows
+        its choices were fed into (the worker feeds each group as it arrives)."""
+        return sum(1 for g in self._line if g.limited)
 
     @property
     def queued(self) -> int:
@@ -132,9 +133,10 @@ class Scheduler:
                 return
         self.engine.cancel(request_id)
 
-    def clear(self) -> list[Group]:
-        """Drop every group in the line (the engine failed or the server stops); returns them."""
-        groups = list(self._line)
+    def clear(self, limited_only: bool = False) -> list[Group]:
+        """Drop every group in the line (the engine failed or the server stops), or only the client requests
+        (`limited_only`: not the canvases of edits already running); returns them."""
+        groups = [g for g in self._line if g.limited or not limited_only]
         for g in groups:
             self._drop(g)
         return groups

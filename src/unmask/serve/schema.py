@@ -211,6 +211,10 @@ class DecodingFields(BaseModel):
             raise PydanticCustomError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
+    def tokens_field(self) -> str:
+        """The name the client gave its token budget under (errors name the field the client sent)."""
+        return "max_tokens"
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -265,7 +269,7 @@ class CompletionRequest(DecodingFields):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ... are passed to the template as-is
     role: Literal["system", "developer", "user", "assistant"]
-    content: str
+    content: str | None  # null only in an assistant message (OpenAI's, e.g. one that called a tool)
 
     check_unicode = field_validator("content")(valid_unicode)
 
@@ -287,6 +291,19 @@ class ChatMessage(BaseModel):
                                       "supported, got {kinds}", {"kinds": kinds})
         return "".join(p["text"] for p in content)
 
+    @model_validator(mode="after")
+    def null_content_is_an_empty_assistant_turn(self) -> "ChatMessage":
+        if self.content is None:
+            if self.role != "assistant":
+                raise PydanticCustomError("content", "content: null is only allowed in an assistant message")
+            self.content = ""
+        return self
+
+
+# what the server itself passes to a chat template (tokenizer.apply_chat_template): a client's variable of the
+# same name would collide with it
+TEMPLATE_ARGUMENTS = ("messages", "add_generation_prompt", "bos_token", "eos_token", "pad_token")
+
 
 class ChatCompletionRequest(DecodingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -296,17 +313,26 @@ class ChatCompletionRequest(DecodingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: Bool | None = Field(None, description="report the answer's tokens with their log-probabilities")
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="alternatives per token")
+    # OpenAI request fields that change nothing here: accepted (type-checked) and ignored
+    metadata: dict[str, str] | None = Field(None, description="OpenAI's stored-completion tags: ignored")
+    store: Bool | None = Field(None, description="OpenAI's completion storage: ignored (nothing is stored)")
+    reasoning_effort: str | None = Field(None, description="OpenAI's reasoning models' knob: ignored")
+    service_tier: str | None = Field(None, description="OpenAI's processing tier: ignored")
 
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tokens_field(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
     @field_validator("chat_template_kwargs")
     @classmethod
     def template_variables_are_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         for key in value or {}:
-            if not key.isidentifier() or key in ("messages", "add_generation_prompt"):
+            if not key.isidentifier() or key in TEMPLATE_ARGUMENTS:
                 raise PydanticCustomError("template_variable", "'{key}' cannot be a chat template variable "
-                                          "(a name other than messages and add_generation_prompt)", {"key": key})
+                                          "(the server sets {reserved})",
+                                          {"key": key, "reserved": ", ".join(TEMPLATE_ARGUMENTS)})
         return value
 
     @model_validator(mode="after")
@@ -340,7 +366,8 @@ class EditRequest(DecodingFields):
     def resolved_mode(self) -> str:
         if self.mode:
             return self.mode
-        if self.spans or has_markers(self.input):  # markers are spans written inside the text
+        # spans given (even none: then a 400 says to give some) or markers, which are spans written in the text
+        if self.spans is not None or has_markers(self.input):
             return "spans"
         return "instruction" if self.instruction else "auto"
 
@@ -360,9 +387,9 @@ def check_limits(req: DecodingFields, limits: ServerLimits, context: int, vocab_
     bias = req.logit_bias_ids()
     bad = next((t for t in bias if not 0 <= t < vocab_size), None)
     need(bad is None, f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", "logit_bias")
-    max_tokens = min(limits.max_tokens, context)
+    max_tokens, field = min(limits.max_tokens, context), req.tokens_field()
     need(req.max_tokens is None or req.max_tokens <= max_tokens,
-         f"max_tokens: {req.max_tokens} is above this server's limit of {max_tokens}", "max_tokens")
+         f"{field}: {req.max_tokens} is above this server's limit of {max_tokens}", field)
     need(req.steps is None or req.steps <= limits.max_steps,
          f"steps: {req.steps} is above this server's limit of {limits.max_steps}", "steps")
     stops = req.stop_list()

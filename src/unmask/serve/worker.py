@@ -8,7 +8,7 @@ edit job asked for, and takes one `engine.step()`. So every request in flight ad
 loop: completions, their `n` choices and the canvases of edits (serve/jobs.py) alike.
 
 Commands: a group of choices (admitted whole, or refused whole with a 429), an edit job's canvases, an edit
-job's forward pass, a cancel.
+job's forward pass, a cancel; and at shutdown, refusing what waits and then aborting everything.
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ class Worker:
             _, tickets, every_step, requests, admitted = cmd
             self._offer(tickets, every_step, [self._choice(t.request_id, r) for t, r in zip(tickets, requests)],
                         admitted, limited=True)
+            self._feed()  # into free batch rows at once: the next request's room in the line is counted after
         elif kind == "canvases":
             _, job, rids, canvases, options, banned, sink = cmd
             if job.cancelled.is_set():
@@ -207,6 +208,10 @@ class Worker:
             self._offer([sink] * len(rids), True, entries, None, limited=False)
         elif kind == "call":
             self._calls.append(cmd[1:])
+        elif kind == "refuse_waiting":  # shutdown begins: requests not yet in the batch get its error now
+            self._refuse_waiting(cmd[1])
+        elif kind == "abort":  # the shutdown timeout is over: everything in flight gets its error
+            self._fail_all(cmd[1])
         elif kind == "cancel":
             rid = cmd[1]
             for own, job in list(self._owner.items()):  # an edit job's: every canvas of it
@@ -275,6 +280,14 @@ class Worker:
                 self._owner.pop(ev.request_id, None)
             if ev.done or every_step:
                 sink.put(ev)
+
+    def _refuse_waiting(self, error: BaseException) -> None:
+        for group in self.scheduler.clear(limited_only=True):
+            group.on_admitted(error)
+            for e in group.entries:  # a group fed in part streams already: its tickets hear it too
+                entry = self._sinks.pop(e.request_id, None)
+                if entry is not None:
+                    entry[0].put(Failed(error))
 
     def _fail_all(self, error: BaseException) -> None:
         for group in self.scheduler.clear():
