@@ -188,10 +188,14 @@ def infill(
 @eval_app.command("infill")
 @policy_options
 def eval_infill(
-    model: Path = typer.Argument(..., help="Diffusion model folder."),
+    model: Optional[Path] = typer.Argument(None, help="Diffusion model folder (default: the embedded model)."),
     ar_model: Optional[Path] = typer.Option(None, "--ar-model", help="Causal twin folder (given the prefix only)."),
-    data: str = typer.Option(..., "--data", help="Folder of held-out source files, or an importable package name."),
-    limit: int = typer.Option(50, "--limit", min=1, help="Number of masked lines (distinct; fewer if the data has fewer)."),
+    data: Optional[str] = typer.Option(None, "--data",
+                                       help="Folder of held-out source files, or an importable package name."),
+    humaneval: bool = typer.Option(False, "--humaneval", help="HumanEval infilling, judged by the tests."),
+    multi_line: bool = typer.Option(False, "--multi-line", help="With --humaneval: gaps of 2-5 lines."),
+    limit: int = typer.Option(50, "--limit", min=1, help="Number of masked lines (distinct; fewer if the data has "
+                                                          "fewer); with --humaneval, tasks drawn from all."),
     length: Optional[list[str]] = typer.Option(None, "--length",
                                                help="Diffusion length modes to report: oracle absorb search "
                                                     "(repeatable; default oracle + absorb)."),
@@ -208,8 +212,22 @@ def eval_infill(
     quantize: Quantize = None,
     **policy: Any,  # --policy and the policies' knobs (policy_options)
 ) -> None:
-    """Mask one random line of held-out code, infill it; exact match and token accuracy vs the AR twin."""
+    """Mask one random line of held-out code, infill it; exact match and token accuracy vs the AR twin.
+
+    --humaneval: HumanEval's canonical solutions with a line (or 2-5 lines) cut out; pass@1 by the tests, for
+    the model with the suffix, the AR base (--ar-model, default smollm2) with the prefix only, and the model
+    with suffix scoring off. --limit subsamples the tasks (seeded)."""
     from unmask.eval.infill import infill_table, make_samples, run_infill_eval
+
+    if humaneval:
+        from unmask.cli.infill_humaneval import run_humaneval_infill
+
+        run_humaneval_infill(model, ar_model, multi_line, limit, seed, device, dtype, quantize)
+        return
+    if model is None or data is None:
+        from unmask.edit import EditError
+
+        raise EditError("give a model folder and --data (or --humaneval)")
 
     opts = decode_options(block_length=block_length, steps=steps, threshold=threshold, seed=seed, cache=cache,
                           **policy)

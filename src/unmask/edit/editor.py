@@ -31,9 +31,12 @@ from unmask.decoding.options import DecodeOptions
 from unmask.decoding.result import GenerationResult
 from unmask.edit.canvas import Piece, encode_literal, encode_with_offsets, rebuild, split_pieces
 from unmask.edit.fill import FillOutput, StepRelay, default_extra, fill, geometric_lengths, local_denoiser
+from unmask.edit.instruct import rewrite_by_instruction
+from unmask.edit.left_to_right import auto_fix, fill_regions
 from unmask.edit.probe import token_probs
 from unmask.edit.spans import (EditError, Span, check_spans, extract_markers, has_markers, line_span,
                                whole_text)
+from unmask.edit.suffix import Ending, fill_gap, reads_left_to_right
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,11 @@ class EditResult:
     seconds: float = 0.0
     rounds: int = 1  # auto mode: correction rounds run
     lengths: list[int] = field(default_factory=list)  # token budget each region was given (last round)
+    tokens: int = 0  # tokens written into the regions (left-to-right models)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
 
     @property
     def changed(self) -> bool:
@@ -189,6 +197,7 @@ def edit_text(
     on_step: Callable[[StepEvent], None] | None = None,
     request_id: str = "edit",
     denoiser: Any = None,
+    suffix_scoring: bool | None = None,
     **overrides: Any,
 ) -> EditResult:
     """Edit `text` in place; see the module docstring for the modes.
@@ -205,6 +214,8 @@ def edit_text(
     on_step       receives every StepEvent (step counted over the whole edit) and a final one with done=True
     denoiser      where canvases are denoised and text is probed (edit/fill.py LocalDenoiser by default;
                   the server's runs them as requests of its shared engine)
+    suffix_scoring  models that read left to right (the default): edit as left_to_right.py does (None: on
+                  for them); False: denoise masks in place, which on them cannot see past a region
     """
     if mode not in MODES:
         raise EditError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -216,7 +227,10 @@ def edit_text(
     relay = StepRelay(on_step, request_id)
     denoiser = local_denoiser(pipe, denoiser)
     t0 = time.perf_counter()
-    if mode == "spans":
+    if _left_to_right(pipe, suffix_scoring):
+        result = _edit_left_to_right(pipe, text, spans, lines, markers, mode, instruction, remask_below,
+                                     max_fraction, max_rounds, extra_tokens, options)
+    elif mode == "spans":
         text, regions = resolve_regions(text, spans, lines, markers)
         result = _edit_spans(pipe, denoiser, text, regions, options, relay, extra_tokens, length)
     elif mode == "instruction":
@@ -411,6 +425,70 @@ def _edit_auto(pipe, denoiser, text, regions, threshold, neighbors, max_fraction
                       steps=steps, rounds=rounds, lengths=lengths)
 
 
+# --- models that read left to right (left_to_right.py) ----------------------------------------------
+
+def _left_to_right(pipe, suffix_scoring: bool | None) -> bool:
+    return suffix_scoring is not False and reads_left_to_right(pipe.config)
+
+
+def _edit_left_to_right(pipe, text, spans, lines, markers, mode, instruction, remask_below, max_fraction,
+                        max_rounds, extra_tokens, options) -> EditResult:
+    seed = options.seed or 0
+    if mode == "spans":
+        text, regions = resolve_regions(text, spans, lines, markers)
+        f = fill_regions(pipe, text, regions, extra_tokens, seed=seed)
+        return EditResult(text=f.text, original=text, spans=f.spans, replacements=f.replacements, mode=mode,
+                          nfe=f.passes, steps=f.passes, tokens=f.tokens)
+    text, regions = resolve_regions(text, spans, lines, markers, required=False)
+    regions = regions or [whole_text(text)]
+    if mode == "instruction":
+        if not instruction or not instruction.strip():
+            raise EditError("instruction mode needs an instruction")
+        r = rewrite_by_instruction(pipe, text, regions, instruction, options)
+        return EditResult(text=r.text, original=text, spans=r.spans, replacements=r.replacements, mode=mode,
+                          nfe=r.steps, steps=r.steps, tokens=r.tokens)
+    if not 0.0 < remask_below < 1.0:
+        raise EditError(f"remask_below (--remask-below) must be in (0, 1), got {remask_below}")
+    if max_rounds < 1:
+        raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
+    origin, current, passes, rounds = OriginMap(text), text, 0, 0
+    for rounds in range(1, max_rounds + 1):
+        new, changed, repl, n, _ = auto_fix(pipe, current, regions, remask_below, max_fraction, seed)
+        passes += n
+        if not changed:
+            break
+        edits = [(s, e, r) for (s, e), r in zip(changed, repl)]
+        origin.apply(edits)
+        regions = _shift_regions(regions, edits)
+        current = new
+    spans_changed, replacements = origin.changes(text)
+    return EditResult(text=current, original=text, spans=spans_changed, replacements=replacements, mode="auto",
+                      nfe=passes, steps=passes, rounds=rounds,
+                      tokens=sum(len(encode_literal(pipe.tokenizer, r)) for r in replacements))
+
+
+def _shift_regions(regions: list[Span], edits: list[tuple[int, int, str]]) -> list[Span]:
+    """The regions after `edits` (inside them, sorted) changed the text's length."""
+    def moved(pos: int, inclusive: bool) -> int:
+        return pos + sum(len(new) - (e - s) for s, e, new in edits if (e <= pos if inclusive else s < pos))
+    return [(moved(s, True), moved(e, False)) for s, e in regions]
+
+
+def _infill_left_to_right(pipe, prefix, suffix, max_new_tokens, max_lines, options, on_step, request_id,
+                          t0) -> EditResult:
+    choice = fill_gap(pipe, prefix, suffix, Ending(suffix, max_lines - 1), max_tokens=max_new_tokens,
+                      seed=options.seed or 0)
+    result = EditResult(text=prefix + choice.middle + suffix, original=prefix + suffix,
+                        spans=[(len(prefix), len(prefix))], replacements=[choice.middle], mode="infill",
+                        nfe=choice.passes, steps=choice.passes, lengths=[choice.tokens], tokens=choice.tokens)
+    result.seconds = time.perf_counter() - t0
+    if on_step is not None:
+        final = GenerationResult(tokens=encode_literal(pipe.tokenizer, choice.middle), text=choice.middle,
+                                 nfe=result.nfe, steps=result.steps, seconds=result.seconds, finish_reason="stop")
+        on_step(StepEvent(request_id, result.steps, [], 0, done=True, result=final))
+    return result
+
+
 # --- infill -----------------------------------------------------------------------------------------
 
 def infill_text(
@@ -424,18 +502,27 @@ def infill_text(
     request_id: str = "infill",
     search_lengths: Sequence[int] | None = None,
     denoiser: Any = None,
+    suffix_scoring: bool | None = None,
+    max_lines: int = 1,
     **overrides: Any,
 ) -> EditResult:
     """Write the middle between `prefix` and `suffix`; its length is the model's choice, at most
     `max_new_tokens` (absorb: EOS/pad inside the budget are dropped; search: geometric candidates up to
     the budget scored by the ELBO; fixed: exactly max_new_tokens). `result.middle` is the new text,
-    `result.text` the whole text. `denoiser`: as for edit_text."""
+    `result.text` the whole text. `denoiser`: as for edit_text. On a model that reads left to right the
+    middle is chosen by suffix scoring (suffix_scoring None or True; edit/suffix.py): at most `max_lines`
+    lines, ending where the suffix can follow."""
     _check_model(pipe)
     if max_new_tokens < 1:
         raise EditError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_lines < 1:
+        raise EditError(f"max_lines must be >= 1, got {max_lines}")
     options = _decode_options(pipe, options, overrides)
     relay = StepRelay(on_step, request_id)
     t0 = time.perf_counter()
+    if _left_to_right(pipe, suffix_scoring):
+        return _infill_left_to_right(pipe, prefix, suffix, max_new_tokens, max_lines, options, on_step,
+                                     request_id, t0)
     text = prefix + suffix
     pieces = ([Piece(prefix)] if prefix else []) + [Piece("", True, [pipe.config.mask_id] * max_new_tokens)]
     pieces += [Piece(suffix)] if suffix else []
