@@ -6,6 +6,8 @@ from unmask.errors import UnmaskError
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,7 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        check_field_types(cls, data)
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -183,6 +186,33 @@ class ModelConfig:
         body = sum(attn + norms + (moe if self.is_moe_layer(i) else 3 * d * f) for i in range(self.n_layers)) + d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return body + (emb if include_embeddings else 0)
+
+
+def _json_type_ok(value: Any, kind: type) -> bool:
+    """Whether a JSON value fits a field type: an int is no bool, a float may be written as an int."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_field_types(cls: type, data: dict[str, Any]) -> None:
+    """A ConfigError naming the first field of `data` (a config.json) whose value has the wrong JSON type,
+    e.g. `"n_layers": 3.5` or `"dim": "128"`: otherwise it fails deep inside the model as a traceback."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        hint = hints[name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = tuple(typing.get_origin(k) or k for k in (typing.get_args(hint) if union else (hint,)))
+        if value is None and type(None) in kinds:
+            continue
+        if not any(_json_type_ok(value, k) for k in kinds if k is not type(None)):
+            want = " or ".join(k.__name__ for k in kinds if k is not type(None))
+            nullable = " (or null)" if type(None) in kinds else ""
+            raise ConfigError(f"config field {name}: expected {want}{nullable}, got {json.dumps(value)}")
 
 
 # Named shapes for benchmarks and tests (random weights): `--shape llada-8b`.

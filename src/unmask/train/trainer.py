@@ -47,6 +47,7 @@ from unmask.model.transformer import Transformer
 from unmask.pipeline import parse_dtype
 from unmask.tokenizer import Tokenizer
 from unmask.train import distributed as dist_utils
+from unmask.train.checkpoint_io import save_torch, write_failure
 from unmask.train.config import TrainConfig, TrainConfigError, save_config
 from unmask.train.schedule import StepBudget, lr_multiplier
 
@@ -145,12 +146,10 @@ class Trainer:
         if cfg.minutes is not None:  # steps are planned after the first timed steps (fit)
             self.budget = StepBudget(cfg.minutes, cfg.optim.warmup_steps)
             cfg.steps = UNPLANNED
-        if resume:
-            path = self.latest_checkpoint() if resume is True else Path(resume)
-            if path is None:
-                log.warning("--resume: no checkpoint in %s, starting from scratch", self.out / CHECKPOINTS)
-            else:
-                self.load_checkpoint(path)
+        if resume is True:
+            self.resume_latest()
+        elif resume:
+            self.load_checkpoint(resume)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "train_config.yaml")
@@ -469,17 +468,21 @@ class Trainer:
             tmp.mkdir(parents=True)
         dist_utils.barrier()
         try:
-            torch.save(self.rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
+            save_torch(self.rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
             if self.dist.is_main:
                 self._export(tmp, model_state)
-                torch.save({"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
+                save_torch({"step": self.step, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                             "sampler": self.sampler.state_dict(), "world_size": self.dist.world_size,
                             "train_seconds": self.train_seconds,
                             "planned_steps": cfg_steps_if_planned(self.cfg, self.budget),
                             "config": self.cfg.to_dict(), "history": self.history}, tmp / TRAINER_STATE)
-        except BaseException:  # disk full, interrupted: no half-written folder left to fill the disk
+        except BaseException as e:  # disk full, interrupted: no half-written folder left to fill the disk
+            latest = self.latest_checkpoint()
+            failure = write_failure(e, tmp, latest.name if latest else None)  # while the disk is still full
             if self.dist.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if failure is not None:
+                raise failure from None
             raise
         dist_utils.barrier()
         final = root / name
@@ -494,8 +497,30 @@ class Trainer:
         dist_utils.barrier()
         return final
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
+    def resume_latest(self) -> None:
+        """Resume from `latest`; if it cannot be read (a corrupt or truncated file), from the newest intact
+        checkpoint before it, saying so."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s, starting from scratch", self.out / CHECKPOINTS)
+            return
+        older = sorted((p for p in latest.parent.glob("step_*") if p.is_dir() and p.name < latest.name), reverse=True)
+        problem = None
+        for path in [latest, *older]:
+            try:
+                state, weights = self._read_checkpoint(path)
+            except TrainError as e:
+                problem = problem or e
+                continue
+            if path != latest:
+                log.warning("the latest checkpoint is unreadable (%s): resuming from %s, the newest intact one",
+                            problem, path.name)
+            self._apply_checkpoint(path, state, weights)
+            return
+        raise problem
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict]:
+        """(trainer state, model weights) of a checkpoint folder; TrainError if they cannot be read."""
         state_file = path / TRAINER_STATE
         if not state_file.exists():
             raise TrainError(f"not a training checkpoint (no {TRAINER_STATE}): {path}")
@@ -503,7 +528,18 @@ class Trainer:
             state = torch.load(state_file, map_location="cpu", weights_only=False)
         except Exception as e:  # truncated / corrupt pickle
             raise TrainError(f"corrupt checkpoint {state_file}: {e}") from None
-        weights = load_model(path, device="cpu", dtype=torch.float32).state_dict()
+        try:
+            weights = load_model(path, device="cpu", dtype=torch.float32).state_dict()
+        except Exception as e:  # truncated weights, a missing shard
+            first_line = (str(e) or type(e).__name__).splitlines()[0]
+            raise TrainError(f"corrupt checkpoint {path}: {first_line}") from None
+        return state, weights
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        self._apply_checkpoint(path, *self._read_checkpoint(path))
+
+    def _apply_checkpoint(self, path: Path, state: dict, weights: dict) -> None:
         if self.cfg.fsdp and self.dist.enabled:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
