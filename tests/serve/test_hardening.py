@@ -341,3 +341,32 @@ def test_the_docs_edit_examples_select_the_misspelt_word():
     for text, spans in examples:
         text, ((start, end),) = json.loads(text), json.loads(spans)
         assert text[start:end] == "vaules", (text, start, end)
+
+
+# ---- edits share the model with the engine ------------------------------------------------------------------
+
+def test_every_forward_pass_of_an_edit_runs_on_the_worker_thread(tokenizer):
+    """A left-to-right model's edits score suffixes with forward passes of their own: run on the edit's thread,
+    they raced the engine's steps (the adapter's gate is module state) and failed with IndexError under load."""
+    from conftest import tiny_model
+    from unmask.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_model(tokenizer, attention="block_causal", block_attention="causal", logits_shift=True,
+                               adapter_rank=4, adapter_tokens="masks"), tokenizer)
+    threads = set()
+    pipe.model.register_forward_pre_hook(lambda module, args: threads.add(threading.current_thread().name))
+    app = create_app(pipe, model_name="tiny")
+    text = "def average(values):\n    return sum(values) / len(vaules)\n"
+    start = text.index("vaules")
+    with BackgroundServer(app) as srv:
+        def complete() -> None:
+            httpx.post(srv.url + "/v1/completions", json={"prompt": "def f():", "max_tokens": 8, **FAST}, timeout=60)
+
+        load = [threading.Thread(target=complete) for _ in range(4)]
+        for t in load:
+            t.start()
+        r = httpx.post(srv.url + "/v1/edits", json={"input": text, "spans": [[start, start + 6]]}, timeout=120)
+        for t in load:
+            t.join()
+    assert r.status_code == 200, r.text
+    assert threads == {"unmask-worker"}, threads

@@ -41,8 +41,11 @@ def test_bench_serve_reports_throughput_and_no_failures(saved_model_dir, capsys)
                "--steps", "2", "--block-length", "4"])
     assert rc == 0
     text = capsys.readouterr().out
-    rows = re.findall(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*([\d.]+)\s*│", text)
+    rows = re.findall(r"│\s*(\d+)\s*│\s*(\d+)\s*│\s*(\d+)\s*│\s*([\d.]+)\s*│.*│\s*(\d+)\s*│\s*(\d+)\s*│"
+                      r"\s*(\d+)\s*│", text)
     assert [r[0] for r in rows] == ["2", "1"], text  # batched, then one at a time
-    for _, requests, failed, rps in rows:
+    for _, requests, failed, rps, *rss in rows:
         assert int(requests) > 0 and int(failed) == 0 and float(rps) > 0
+        start, peak, end = map(int, rss)  # resident memory of the process, MiB
+        assert 50 < start <= peak and end <= peak
     assert "batching speed-up" in text

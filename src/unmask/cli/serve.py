@@ -129,9 +129,10 @@ def bench_serve(
     from rich.table import Table
 
     from unmask.decoding.queues import request_queue
-    from unmask.serve.app import create_app
-    from unmask.serve.runner import BackgroundServer
     from unmask.errors import UnmaskError
+    from unmask.serve.app import create_app
+    from unmask.serve.metrics import RssSampler
+    from unmask.serve.runner import BackgroundServer
 
     if clients < 1 or seconds <= 0:
         raise UnmaskError("--clients must be >= 1 and --seconds > 0")
@@ -147,14 +148,17 @@ def bench_serve(
         with BackgroundServer(web) as srv:
             with console.status(f"max_batch={b}: {clients} clients for {seconds:g}s …"):
                 httpx.post(srv.url + "/v1/completions", json=body, timeout=600)  # warm-up: first-call costs
-                rows.append((b, _load_clients(srv.url, clients, seconds, body)))
+                with RssSampler() as rss:  # the whole process: model, server and the client threads
+                    rows.append((b, {**_load_clients(srv.url, clients, seconds, body), "rss": rss}))
 
     table = Table(title=f"unmask bench serve · {clients} clients · {seconds:g}s each · {max_tokens} tokens/request")
-    for col in ("max_batch", "requests", "failed", "req/s", "tokens/s", "p50 s", "p99 s"):
+    for col in ("max_batch", "requests", "failed", "req/s", "tokens/s", "p50 s", "p99 s", "RSS MiB start",
+                "peak", "end"):
         table.add_column(col, justify="right")
     for b, r in rows:
+        rss = r["rss"]
         table.add_row(str(b), str(r["requests"]), str(r["failed"]), f"{r['rps']:.2f}", f"{r['tps']:.1f}",
-                      f"{r['p50']:.3f}", f"{r['p99']:.3f}")
+                      f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{rss.start:.0f}", f"{rss.peak:.0f}", f"{rss.end:.0f}")
     out.print(table)
     if len(rows) == 2 and rows[1][1]["rps"] > 0:
         out.print(f"batching speed-up: {rows[0][1]['rps'] / rows[1][1]['rps']:.2f}x requests/s")

@@ -32,6 +32,18 @@ def check_edit(req: EditRequest, mode: str, limits: ServerLimits) -> None:
                        400, "spans")
 
 
+class WorkerPipeline:
+    """The pipeline as an edit job sees it: `model` is the job's (serve/jobs.py WorkerModel), so a forward
+    pass the edit makes itself (a left-to-right model's suffix scoring) runs on the worker thread too, never
+    beside an engine step: the model is not thread-safe (its adapter's gate is per-call module state)."""
+
+    def __init__(self, pipeline: Any, model: Any):
+        self._pipeline, self.model = pipeline, model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipeline, name)
+
+
 def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> Callable:
     kwargs: dict[str, Any] = {"mode": mode, "spans": req.spans, "instruction": req.instruction, "options": options}
     for ours, theirs in (("strength", "strength"), ("remask_below", "flag_below"), ("max_rounds", "max_rounds"),
@@ -43,8 +55,8 @@ def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions)
     def job(on_step: Callable[[StepEvent], None], denoiser: Any) -> EditResult:
         # the edit's own final event (done=True, no canvas) is replaced by the job's return value; its
         # canvases are requests of the server's engine (the job is its denoiser, serve/jobs.py)
-        return edit_text(pipeline, req.input, on_step=lambda ev: None if ev.done else on_step(ev),
-                         denoiser=denoiser, **kwargs)
+        return edit_text(WorkerPipeline(pipeline, denoiser.model), req.input,
+                         on_step=lambda ev: None if ev.done else on_step(ev), denoiser=denoiser, **kwargs)
 
     return job
 

@@ -5,10 +5,11 @@ Each app gets its own CollectorRegistry so several apps (tests, `unmask bench se
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 prometheus_client.disable_created_metrics()  # the *_created series only add noise to a scrape
@@ -33,6 +34,7 @@ class Metrics:
               registry=r).set_function(queue_depth)
         Gauge("unmask_active_requests", "requests being denoised in the current batch",
               registry=r).set_function(active)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, open fds, CPU seconds (Linux)
 
     def watch_prefix_store(self, store) -> None:
         """Gauges over a PrefixStore (decoding/prefix.py): blocks held, blocks reused and computed so far."""
@@ -55,3 +57,37 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def resident_mib() -> float:
+    """This process's resident memory (VmRSS) in MiB; 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+class RssSampler:
+    """`with RssSampler() as rss: ...`: resident memory at the start, its peak (sampled every `every` s) and
+    at the end, in MiB."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.start, self.peak, self.end = every, 0.0, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, resident_mib())
+
+    def __enter__(self) -> "RssSampler":
+        self.start = self.peak = resident_mib()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.end = resident_mib()
+        self.peak = max(self.peak, self.end)
