@@ -126,7 +126,8 @@ def edit(
     if in_place:
         _write(file, result.text, text, backup=not no_backup)
     console.print(f"[dim]{len(result.spans)} region(s) · {result.steps} steps · NFE {result.nfe} · "
-                  f"{result.seconds:.2f} s" + (f" · {result.rounds} round(s)" if mode == "auto" else "") + "[/dim]")
+                  f"{result.seconds:.2f} s" + (f" · {result.rounds} round(s)" if mode == "auto" else "")
+                  + (f" · {result.tokens_per_step:.2f} tokens/step" if result.tokens else "") + "[/dim]")
 
 
 @app.command()
@@ -138,6 +139,8 @@ def infill(
     marker: str = typer.Option("<<<FILL>>>", "--marker", help="The gap's marker in FILE (exactly once)."),
     model: Optional[Path] = MODEL,
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Longest middle the model may write."),
+    max_lines: int = typer.Option(1, "--max-lines", min=1,
+                                  help="Most lines of the middle (models that read left to right)."),
     length: str = typer.Option("absorb", "--length", help="absorb | search | fixed"),
     middle_only: bool = typer.Option(False, "--middle-only", help="Print only the text written into the gap."),
     in_place: bool = typer.Option(False, "--in-place", help="Rewrite FILE atomically (FILE.bak kept)."),
@@ -175,7 +178,7 @@ def infill(
                           cache=cache, **policy)
     with _stream_printer(stream) as on_step:
         result = pipe.infill(prefix or "", suffix or "", max_new_tokens=max_new_tokens, length=length,
-                             options=opts, on_step=on_step)
+                             options=opts, on_step=on_step, max_lines=max_lines)
     if in_place:
         _write(file, result.text, text, backup=not no_backup)
     else:  # a terminal also gets a final newline, so the statistics below start on a line of their own

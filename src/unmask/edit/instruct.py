@@ -75,7 +75,7 @@ def apply_changed_lines(original: str, answer: str, regions: list[Span]) -> tupl
         starts.append(starts[-1] + len(line))
     matcher = difflib.SequenceMatcher(a=[line.rstrip("\r\n") for line in old], b=new, autojunk=False)
     edits = []
-    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+    for tag, i1, i2, j1, j2 in _line_by_line(matcher.get_opcodes()):
         if tag == "equal":
             continue
         s, e = starts[i1], starts[i2]
@@ -90,3 +90,12 @@ def apply_changed_lines(original: str, answer: str, regions: list[Span]) -> tupl
     for s, e, repl in reversed(edits):
         out = out[:s] + repl + out[e:]
     return out, [(s, e) for s, e, _ in edits], [r for _, _, r in edits]
+
+
+def _line_by_line(opcodes):
+    """A replacement of n lines by n lines is n one-line changes: each lies in a region or not on its own."""
+    for tag, i1, i2, j1, j2 in opcodes:
+        if tag == "replace" and i2 - i1 == j2 - j1:
+            yield from (("replace", i1 + k, i1 + k + 1, j1 + k, j1 + k + 1) for k in range(i2 - i1))
+        else:
+            yield tag, i1, i2, j1, j2

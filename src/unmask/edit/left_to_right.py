@@ -25,7 +25,8 @@ from unmask.edit.suffix import Ending, GapChoice, fill_gap, prefix_from_cache, r
 
 MIN_REGION_TOKENS = 16  # a short region still gets room to be rewritten longer
 AUTO_MARGIN = 2.0  # nats a replacement must gain over the original word (+ what follows) to be kept
-SURE_OF_ANOTHER = 0.9  # a token is suspect only where the model was this sure of a different one
+SURE_OF_ANOTHER = 0.8  # a token is suspect only where the model was this sure of a different one
+AUTO_SAMPLES = 2  # proposals per suspect word: greedy and one sample (the original is a candidate too)
 
 
 @dataclass
@@ -129,7 +130,8 @@ def auto_fix(pipe, text: str, regions: list[Span], below: float, max_fraction: f
         start = offsets[k - 1][1]
         state = (prefix_from_cache(model, cache, k, hidden[k - 1]), text[start:s])
         choice = fill_gap(pipe, text[:s], text[e:], Ending(text[e:], 0), max_tokens=e - s + 8,
-                          extra=[text[s:e]], seed=seed, state=state)
+                          extra=[text[s:e]], samples=AUTO_SAMPLES, seed=seed, state=state,
+                          hint_samples=0)
         passes += choice.passes
         if choice.middle != text[s:e] and choice.score >= choice.candidates[text[s:e]] + AUTO_MARGIN:
             edits.append((s, e, choice.middle))

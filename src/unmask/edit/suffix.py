@@ -8,11 +8,14 @@ probability it gives the suffix after a candidate middle says how well that midd
     2. proposals: a few continuations of the prefix decoded together from that cache, one greedy and the
        rest sampled (`propose`); each is cut where a middle may end (`Ending`: before a newline, where the
        suffix's first characters follow, ...), which gives one or more candidate middles;
-    3. every candidate is scored by log p(middle + the first `suffix_tokens` tokens of the suffix | prefix),
-       all in one batched pass on the cached prefix (`score`); the best wins.
+    3. every candidate is scored by log p(first `suffix_tokens` tokens of the suffix | prefix, middle)
+       + MIDDLE_WEIGHT · log p(middle | prefix), all in one batched pass on the cached prefix (`score`); the
+       best wins.
 
-That is a maximum of p(middle | prefix, suffix) over the candidates: the suffix term is what the prefix-only
-decoding lacks. Clean tokens never meet the adapter, so every number here is the AR base's own.
+The candidates are samples of p(middle | prefix); weighting them by how probable they make the suffix is the
+posterior p(middle | prefix, suffix) over them: the suffix term is what prefix-only decoding lacks. More
+proposals come from a second context where the suffix is shown before the prefix, so the base can copy
+names from it; they are scored after the true prefix like every other. Clean tokens never meet the adapter, so every number here is the AR base's own.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ from unmask.model.transformer import KVCache
 
 SAMPLES = 5  # proposals per gap: one greedy, the rest sampled
 TEMPERATURE = 0.8  # of the sampled proposals: varied, still plausible
-SUFFIX_TOKENS = 24  # suffix tokens scored after each candidate: enough to tell a name, a key, a return apart
+HINT_SAMPLES = 3  # proposals decoded with the suffix shown before the prefix
+HINT_TOKENS = 96  # suffix tokens shown there
+SUFFIX_TOKENS = 24
+# weight of log p(middle | prefix) next to log p(suffix | prefix, middle). The candidates are already drawn
+# from p(middle | prefix), so the suffix term alone reranks them by the posterior; the full joint (1.0)
+# prefers short middles (every token costs probability). A little of the middle term keeps odd candidates out
+MIDDLE_WEIGHT = 0.3  # suffix tokens scored after each candidate: enough to tell a name, a key, a return apart
 ROW_BATCH = 16  # candidates scored per forward pass
 
 
@@ -257,15 +266,17 @@ def _choose(logits: torch.Tensor, never: torch.Tensor, remaining: list[str], spe
 # --- scoring ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def score(model, tokenizer, prefix: Prefix, texts: list[str], pad_id: int) -> tuple[list[float], int]:
+def score(model, tokenizer, prefix: Prefix, texts: list[str], pad_id: int, splits: list[int] | None = None
+          ) -> tuple[list[float], int] | tuple[list[tuple[float, float]], int]:
     """log p(text | prefix) for each text (tokenized on its own), in batched passes on the cached prefix.
-    Returns the scores and the forward passes spent."""
-    encoded = [encode_literal(tokenizer, t) for t in texts]
-    scores = [0.0] * len(texts)
+    With `splits` (a character index per text): (log p of the tokens before it, log p of those from it on)
+    instead, a token counted where it starts. Returns the scores and the forward passes spent."""
+    encoded = [encode_with_offsets(tokenizer, t) for t in texts]
+    parts = [(0.0, 0.0)] * len(texts)
     first = prefix.next_logits.log_softmax(-1)
     passes = 0
     for lo in range(0, len(texts), ROW_BATCH):
-        chunk = encoded[lo : lo + ROW_BATCH]
+        chunk = [ids for ids, _ in encoded[lo : lo + ROW_BATCH]]
         width = max(1, max(len(ids) for ids in chunk))
         cache = prefix.rows(model, len(chunk), width)
         x = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids in chunk], device=cache.k.device)
@@ -275,11 +286,16 @@ def score(model, tokenizer, prefix: Prefix, texts: list[str], pad_id: int) -> tu
         for r, ids in enumerate(chunk):
             if not ids:
                 continue
-            total = float(first[ids[0]])
+            each = torch.empty(len(ids))
+            each[0] = first[ids[0]]
             if len(ids) > 1:
-                total += float(logp[r, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum())
-            scores[lo + r] = total
-    return scores, passes
+                each[1:] = logp[r, torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+            split = splits[lo + r] if splits is not None else len(texts[lo + r])
+            before = torch.tensor([start < split for start, _ in encoded[lo + r][1]])
+            parts[lo + r] = (float(each[before].sum()), float(each[~before].sum()))
+    if splits is None:
+        return [a + b for a, b in parts], passes
+    return parts, passes
 
 
 # --- one gap ------------------------------------------------------------------------------------------
@@ -311,6 +327,20 @@ def healed_prefix(tokenizer, prefix: str, room: int, max_len: int, fallback_id: 
     return (ids or [fallback_id]), prefix[cut:]
 
 
+def hint_ids(tokenizer, suffix: str, prefix_ids: list[int]) -> list[int]:
+    """The suffix's beginning, a blank line, then the prefix: a context in which the base can copy from what
+    follows the gap."""
+    hint = suffix_head(tokenizer, suffix.strip("\n"), HINT_TOKENS)
+    return encode_literal(tokenizer, hint + "\n\n\n") + prefix_ids
+
+
+def document_start(tokenizer, config) -> int:
+    """The token a text starts after when nothing precedes it: the document separator if the tokenizer has
+    one (what the base saw before every file in training), else BOS, else EOS."""
+    sep = tokenizer.special.get("<|endoftext|>")
+    return sep if sep is not None else (config.bos_id if config.bos_id is not None else config.eos_id)
+
+
 def suffix_head(tokenizer, suffix: str, n: int) -> str:
     """The suffix's first n tokens, as text."""
     ids, offsets = encode_with_offsets(tokenizer, suffix)
@@ -319,9 +349,10 @@ def suffix_head(tokenizer, suffix: str, n: int) -> str:
 
 def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 64, samples: int = SAMPLES,
              suffix_tokens: int = SUFFIX_TOKENS, extra: list[str] = (), seed: int = 0,
-             state: tuple[Prefix, str] | None = None) -> GapChoice:
+             state: tuple[Prefix, str] | None = None, hint_samples: int = HINT_SAMPLES) -> GapChoice:
     """The best middle between prefix and suffix (module docstring). `extra`: more candidates to score with
-    the proposals' (auto mode: the original text). `state`: an already cached prefix and the text to force."""
+    the proposals' (auto mode: the original text). `state`: an already cached prefix and the text to force.
+    `hint_samples`: proposals more, decoded after a copy of the suffix placed before the prefix."""
     from unmask.edit.fill import special_ids
 
     model, tok, c = pipe.model, pipe.tokenizer, pipe.config
@@ -329,23 +360,34 @@ def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 6
     room = max_tokens + suffix_tokens + 16
     passes = 0
     if state is None:
-        ids, forced = healed_prefix(tok, prefix, room, c.max_seq_len, c.bos_id if c.bos_id is not None else c.eos_id)
+        ids, forced = healed_prefix(tok, prefix, room, c.max_seq_len, document_start(tok, c))
         pre = run_prefix(model, ids, room)
         passes += 1
     else:
         pre, forced = state
+        ids = encode_literal(tok, prefix[: len(prefix) - len(forced)])
     ends = {i for i in (c.eos_id, c.pad_id, tok.eos_id, 0) if i is not None}
     banned = special_ids(pipe) - ends
     proposals, n = propose(model, tok, pre, forced, ending, samples, max_tokens, banned, ends, seed=seed)
     passes += n
+    if hint_samples and suffix.strip():
+        # the same prefix after a copy of the suffix: names, keys and imports used after the gap are there to
+        # copy. Only proposals come from this context; every score is read after the true prefix
+        hinted_ids = hint_ids(tok, suffix, ids)
+        hinted = run_prefix(model, hinted_ids[-(c.max_seq_len - max_tokens):], max_tokens)
+        more, n = propose(model, tok, hinted, forced, ending, hint_samples, max_tokens, banned, ends, seed=seed + 1)
+        proposals += more
+        passes += n + 1
     cuts = [m for p in proposals for m in ending.cuts(p.text)]
     if prefix[-1:] in (" ", "\t"):  # the indentation is the prefix's: more of it breaks the line
         cuts = [m for m in cuts if m[:1] not in (" ", "\t")]
     candidates = list(dict.fromkeys(cuts + list(extra)))
     if not candidates:  # no proposal reached a place where the middle may end: the greedy one's first line
         candidates = [next((line for line in proposals[0].text.split("\n") if line.strip()), "")]
-    scores, n = score(model, tok, pre, [forced + m + head for m in candidates], c.pad_id)
+    parts, n = score(model, tok, pre, [forced + m + head for m in candidates], c.pad_id,
+                     splits=[len(forced + m) for m in candidates])
     passes += n
+    scores = [MIDDLE_WEIGHT * middle + after for middle, after in parts]
     best = max(range(len(candidates)), key=lambda i: scores[i])
     return GapChoice(candidates[best], scores[best], dict(zip(candidates, scores)), passes,
                      len(encode_literal(tok, candidates[best])))

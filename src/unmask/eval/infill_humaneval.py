@@ -23,7 +23,7 @@ from unmask.eval.humaneval import check_program, load_problems
 from unmask.eval.sandbox import run_program
 
 MULTI_LINE_SPANS = (2, 5)  # lines per multi-line gap, inclusive
-SINGLE_LINE_BUDGET = 48  # tokens a one-line middle may take
+SINGLE_LINE_BUDGET = 32  # tokens a one-line middle may take
 MULTI_LINE_BUDGET = 160
 
 
