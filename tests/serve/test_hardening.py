@@ -370,3 +370,30 @@ def test_every_forward_pass_of_an_edit_runs_on_the_worker_thread(tokenizer):
             t.join()
     assert r.status_code == 200, r.text
     assert threads == {"unmask-worker"}, threads
+
+
+# ---- memory -------------------------------------------------------------------------------------------------
+
+def test_the_worker_gives_freed_memory_back_when_it_goes_idle(tiny_pipeline, monkeypatch):
+    from unmask.serve import memory
+
+    trims = []
+    monkeypatch.setattr(memory, "trim", lambda: trims.append(time.monotonic()))
+    app = create_app(tiny_pipeline, model_name="tiny")
+    with BackgroundServer(app) as srv:
+        for _ in range(3):  # three bursts in a row: one trim (at most one per TRIM_EVERY_S)
+            assert httpx.post(srv.url + "/v1/completions", json={"prompt": "def f():", "max_tokens": 4, **FAST},
+                              timeout=60).status_code == 200
+        time.sleep(0.5)
+    assert len(trims) == 1
+
+
+def test_the_allocator_is_bounded_where_glibc_runs():
+    import platform
+
+    from unmask.serve import memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert memory.bound_allocator() is True
+    memory.trim()

@@ -45,10 +45,11 @@ def serve(
 ) -> None:
     """Serve a model: OpenAI-compatible API under /v1 and a live denoising demo page at /."""
     from unmask.decoding.queues import request_queue
-    from unmask.serve import runner
+    from unmask.serve import memory, runner
     from unmask.serve.app import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    memory.bound_allocator()  # before the model's tensors: bounded resident memory in a long run
     pipe = load_pipeline(model, device, dtype, quantize)
     engine = request_queue(pipe.model, max_batch=max_batch, max_queue=max_queue, compile=compile,
                            prefix_blocks=prefix_blocks)

@@ -19,11 +19,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import uuid
 from typing import Any, Callable
 
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
+from unmask.serve import memory
 from unmask.serve.jobs import Cancelled, Failed, Job, JobDone
 from unmask.serve.scheduler import Entry, Group, Scheduler
 from unmask.serve.schema import ApiError
@@ -62,6 +64,8 @@ class Worker:
     """`max_waiting`: requests that may wait for the engine before a 429 (default: the engine's max_queue);
     `max_jobs`: edit jobs at once."""
 
+    TRIM_EVERY_S = 10.0  # at most this often: give freed memory back when the work runs out
+
     def __init__(self, engine: Any, max_jobs: int = 16, idle_poll_s: float = 0.2, max_waiting: int | None = None):
         self.engine = engine
         self.max_jobs = max_jobs
@@ -77,6 +81,7 @@ class Worker:
         self._stopping = threading.Event()
         self.steps = 0  # engine steps taken (for /health)
         self.last_error: str | None = None
+        self._trimmed_at = 0.0
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,8 +168,12 @@ class Worker:
     # --- the worker thread ------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("worker started")
+        was_busy = False
         while not self._stopping.is_set():
             busy = bool(self._calls) or self.scheduler.has_work() or self.engine.has_work()
+            if was_busy and not busy:
+                self._went_idle()
+            was_busy = busy
             self._drain(block=not busy)
             self._feed()
             if self._calls:  # one edit job's forward pass, then a step for everyone
@@ -178,6 +187,12 @@ class Worker:
                 self._step()
         self._fail_all(RuntimeError("server shutting down"))
         log.info("worker stopped")
+
+    def _went_idle(self) -> None:
+        now = time.monotonic()
+        if now - self._trimmed_at >= self.TRIM_EVERY_S:
+            self._trimmed_at = now
+            memory.trim()
 
     def _drain(self, block: bool) -> None:
         try:
