@@ -383,7 +383,8 @@ def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 6
         cuts = [m for m in cuts if m[:1] not in (" ", "\t")]
     candidates = list(dict.fromkeys(cuts + list(extra)))
     if not candidates:  # no proposal reached a place where the middle may end: the greedy one's first line
-        candidates = [next((line for line in proposals[0].text.split("\n") if line.strip()), "")]
+        line = next((line for line in proposals[0].text.split("\n") if line.strip()), "")
+        candidates = [line.lstrip(" \t") if prefix[-1:] in (" ", "\t") else line]
     parts, n = score(model, tok, pre, [forced + m + head for m in candidates], c.pad_id,
                      splits=[len(forced + m) for m in candidates])
     passes += n
