@@ -3,8 +3,8 @@
 A *group* is what one client request asks the engine for: its `n` choices (times its prompts), or one
 denoising call of an edit job (one canvas, or a length search's candidates). A group is taken whole or not
 at all: it joins the line while fewer than `max_waiting` requests wait (a request waits until its last
-choice has a batch row: free rows are capacity, not a queue), and is otherwise refused with an estimate of when to come back (`LineFull`,
-the server's 429 with Retry-After). Nothing is queued in part and rolled back.
+choice has a batch row: free rows are capacity, not a queue), and is otherwise refused with an estimate of
+when to come back (`LineFull`, the server's 429 with Retry-After). Nothing is queued in part and rolled back.
 
 The line feeds the engine only as batch rows free up, oldest group first and each group's choices in order,
 so requests start in arrival order: 16 choices are not starved by single ones that came after them. An edit
