@@ -13,10 +13,11 @@ from unmask.decoding.result import GenerationResult
 from unmask.edit import edit_text, infill_text
 from unmask.errors import UnmaskError
 from unmask.model.base import named_base
-from unmask.model.checkpoints import CheckpointError, load_model, read_config, save_model
+from unmask.model.checkpoints import (CheckpointError, auto_quantization, gguf_source, load_model, read_config,
+                                      save_model)
 from unmask.model.dtypes import auto_dtype
 from unmask.model.gguf import cached_folder, is_gguf, load_gguf
-from unmask.model.quantize import quantize_model
+from unmask.model.quantize import Scheme, quantize_model, scheme_named
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
 
@@ -107,29 +108,49 @@ class Pipeline:
 
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None, quantize: str | None = None) -> Pipeline:
+         dtype: str | torch.dtype | None = None, quantize: str | None = "auto") -> Pipeline:
     """Load a model folder (ours or a published layout) with its tokenizer, or a `.gguf` file (model and
     tokenizer from the file's metadata; `load_gguf_cached` keeps a converted copy instead).
 
     dtype     the compute dtype; None or "auto": the stored one, except where bf16 is known to be faster
-              (auto_dtype: diffusion models on CPUs with native bf16)
-    quantize  "int8" or "fp8": quantize the weights after loading (model/quantize.py); a folder saved
-              quantized loads quantized without it"""
+              (auto_dtype: diffusion models on CPUs with native bf16, int4 layers)
+    quantize  "auto" (or None): a GGUF's 4-bit layers stay 4-bit on a CPU (auto_quantization), the rest
+              keeps its stored weights; "none": dequantized weights; "int8", "fp8", "int4" / "int4-gN":
+              that layout (model/quantize.py), loaded straight into it from a GGUF; a folder saved
+              quantized loads quantized whatever this says"""
     path = (named_base(path) or Path(path)) if path is not None else DEFAULT_MODEL
     explicit = None if dtype == "auto" else parse_dtype(dtype)
+    device = parse_device(device)
+    scheme = _scheme(quantize, path, device)
+    if explicit is None and scheme is not None:
+        explicit = scheme.activations  # the kernel's activation dtype, if it has one
+    # a GGUF loads straight into the scheme's layout; anything else is quantized after loading
+    from_gguf = scheme.name if scheme is not None and gguf_source(path) is not None else None
+    scheme = None if from_gguf else scheme
     if is_gguf(path) and not path.is_dir():
-        model, tokenizer, _ = load_gguf(path, device=parse_device(device), dtype=explicit)
-        return Pipeline(_prepare(model, explicit, quantize), tokenizer, path)
+        model, tokenizer, _ = load_gguf(path, device=device, dtype=explicit, quantization=from_gguf)
+        return Pipeline(_prepare(model, explicit, scheme), tokenizer, path)
     config, _, _ = read_config(path)
-    model = load_model(path, device=parse_device(device), dtype=explicit)
+    model = load_model(path, device=device, dtype=explicit, quantization=from_gguf)
     tokenizer = Tokenizer.from_dir(path, mask_id=config.mask_id, eos_id=config.eos_id, pad_id=config.pad_id,
                                    bos_id=config.bos_id)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    return Pipeline(_prepare(model, explicit, quantize), tokenizer, path, defaults=generation_defaults(path))
+    return Pipeline(_prepare(model, explicit, scheme), tokenizer, path, defaults=generation_defaults(path))
 
 
-def _prepare(model: Transformer, explicit: torch.dtype | None, quantize: str | None) -> Transformer:
+def device_of(device: torch.device | None) -> torch.device:
+    return device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _scheme(quantize: str | None, path: Path, device: torch.device | None) -> Scheme | None:
+    """The quantization scheme `load` applies, None for none (an unknown name is refused before loading)."""
+    if quantize in (None, "auto"):
+        quantize = auto_quantization(path, device_of(device))
+    return None if quantize in (None, "none") else scheme_named(quantize)
+
+
+def _prepare(model: Transformer, explicit: torch.dtype | None, quantize: Scheme | None) -> Transformer:
     """The automatic compute dtype (unless one was asked for), then quantization."""
     if explicit is None:
         dtype = auto_dtype(model)
@@ -144,4 +165,4 @@ def load_gguf_cached(path: str | Path, cache_dir: str | Path | None = None,
                      device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                      quantize: str | None = None) -> Pipeline:
     """A Pipeline for a GGUF file, loaded from its converted folder (written on first use)."""
-    return load(cached_folder(path, cache_dir), device=device, dtype=dtype, quantize=quantize)
+    return load(cached_folder(path, cache_dir), device=device, dtype=dtype, quantize="none" if quantize is None else quantize)

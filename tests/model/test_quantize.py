@@ -42,8 +42,8 @@ def test_quantized_linear_is_close_to_the_float_one(name, dtype):
 
 
 def test_unknown_scheme_is_one_clear_error():
-    with pytest.raises(QuantizationError, match="unknown quantization 'int4'.*int8, fp8"):
-        scheme_named("int4")
+    with pytest.raises(QuantizationError, match="unknown quantization 'int3'.*int8, fp8, int4-g32"):
+        scheme_named("int3")
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -108,7 +108,7 @@ def test_engine_decodes_a_quantized_model_batched_as_alone(tokenizer, cache):
     while engine.has_work():
         done.update({ev.request_id: ev.result.tokens for ev in engine.step() if ev.done})
     assert [done[i] for i in ids] == alone
-    assert engine.cache.k.dtype == torch.float32  # the K/V cache follows the compute dtype, not int8
+    assert engine.cache.k.dtype == torch.float64  # CPU attention runs in float64 (grouped_attention), never int8
 
 
 def test_a_quantized_config_builds_the_quantized_layout(tokenizer):

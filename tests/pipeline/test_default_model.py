@@ -22,11 +22,12 @@ PROMPT = "def fibonacci(n):\n"
 
 @pytest.fixture(scope="module")
 def pipe():
-    return unmask.load(dtype="float32")  # as the base below, on any CPU (the automatic dtype may be bf16)
+    return unmask.load()  # as the base below: the same 4-bit weights of the GGUF, bf16 activations
 
 
 def test_the_default_is_the_adapted_smollm2(pipe):
     c = pipe.config
+    assert c.quantization == "int4-g32"  # the GGUF's Q4_1 blocks, kept 4-bit on a CPU
     assert DEFAULT_MODEL.name == "smollm2-block" and (DEFAULT_MODEL / "base.json").is_file()
     assert (c.attention, c.block_attention, c.adapter_tokens, c.logits_shift) == ("block_causal", "causal", "masks", True)
     assert (pipe.defaults.policy, pipe.defaults.block_length) == ("verify", 12)

@@ -76,6 +76,7 @@ class Policy:
     help = ""  # one line, shown by the CLI and GET /v1/policies
     params: tuple[Param, ...] = ()  # the knobs it reads (options.param(name)); steps, cache, ... are everyone's
     drafts = False  # True: the engine feeds drafts at open positions and commits through verify()
+    reads_confidence = True  # False: select()/verify() never look at the confidences (they are not computed)
 
     def __init__(self, options: DecodeOptions):
         self.options = options
@@ -197,6 +198,7 @@ class VerifyPolicy(Policy):
     name = "verify"
     help = "drafts verified against the model itself: exactly the AR base's decoding (causal-inside-block models)"
     drafts = True
+    reads_confidence = False
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
         return candidates & (candidates.cumsum(0) == 1)  # with no drafts fed: the leftmost, as greedy AR

@@ -169,9 +169,12 @@ class Request:
         choice = self.processors.decide(without_token(logits.float(), c.mask_id))
         tokens = choose_tokens(choice, o.temperature > 0, self.generator)
         # confidences as LLaDA's and Fast-dLLM's samplers compute them: a float64 softmax of all the logits,
-        # the mask's share of the mass included (float32 rounds near-ties together and commits elsewhere)
-        probs = self.processors.decide(logits.double()).softmax(-1)
-        conf = confidence(o.confidence, probs, tokens, self.generator)
+        # the mask's share of the mass included (float32 rounds near-ties together and commits elsewhere);
+        # a policy that ignores them (verify) skips the softmax over the vocabulary, unless correcting
+        probs = conf = None
+        if self.policy.reads_confidence or self.correcting >= 0:
+            probs = self.processors.decide(logits.double()).softmax(-1)
+            conf = confidence(o.confidence, probs, tokens, self.generator)
         new = cur
         last_correction = False
         if self.correcting >= 0:

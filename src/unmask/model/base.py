@@ -9,6 +9,7 @@ loads read plain safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 from unmask.io import atomic_path, atomic_write_text
 from unmask.model.adapter import is_adapter_param
-from unmask.model.gguf import cache_root, cached_folder, file_sha256
+from unmask.model.gguf import cached_folder, known_sha256
 from unmask.model.transformer import Transformer
 from unmask.model.weights import (BASE_FILE, INDEX_FILE, SINGLE_FILE, CheckpointError, assign_weights, empty_model,
                                   load_folder, read_folder_config)
@@ -44,7 +45,7 @@ class BaseRef:
             path = Path(list(spec.submodule_search_locations)[0]) / self.file
         if not path.is_file():
             raise CheckpointError(f"base model file not found: {path}")
-        digest = _known_digest(path)
+        digest = known_sha256(path)
         if digest != self.sha256:
             raise CheckpointError(f"{path} is not the base this model was trained on: sha256 {digest[:16]}…, "
                                   f"expected {self.sha256[:16]}…")
@@ -58,25 +59,6 @@ BASES = {
 }
 
 
-def _known_digest(path: Path) -> str:
-    """sha256 of a file, remembered by (path, size, mtime) so a 100 MB base is hashed once, not per load."""
-    stat = path.stat()
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    memo_file = cache_root() / "sha256.json"
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        memo = {}
-    if key not in memo:
-        memo[key] = file_sha256(path)
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(memo_file, json.dumps(memo, indent=1) + "\n")
-        except OSError:  # a read-only cache only costs the hashing next time
-            pass
-    return memo[key]
-
-
 def named_base(name: str | os.PathLike) -> Path | None:
     """The verified file of a named base ("smollm2"), None for any other name."""
     ref = BASES.get(str(name))
@@ -86,7 +68,7 @@ def named_base(name: str | os.PathLike) -> Path | None:
 def base_of(file: Path) -> BaseRef:
     """The reference an adaptation of `file` records: the named base with the same sha256 (so a copy of the
     file anywhere — a GPU machine, a download folder — still points at the installed package), else the path."""
-    digest = _known_digest(Path(file))
+    digest = known_sha256(Path(file))
     for ref in BASES.values():
         if ref.sha256 == digest:
             return ref
@@ -130,13 +112,19 @@ def save_adaptation(model: Transformer, folder: str | Path, base: BaseRef, dtype
     atomic_write_text(folder / "config.json", json.dumps(cfg, indent=2) + "\n")
 
 
-def load_adaptation(folder: str | Path, device: torch.device, dtype: torch.dtype | None) -> Transformer:
-    """The model of an adaptation folder: the base's weights (from its converted GGUF) plus the folder's."""
+def load_adaptation(folder: str | Path, device: torch.device, dtype: torch.dtype | None,
+                    quantization: str | None = None) -> Transformer:
+    """The model of an adaptation folder: the base's weights (from its converted GGUF, stored as
+    `quantization` where given) plus the folder's."""
     folder = Path(folder)
     config, _, _ = read_folder_config(folder)
-    base = load_folder(cached_folder(read_base(folder).locate()), device=device, dtype=dtype)
+    if quantization:
+        config = dataclasses.replace(config, quantization=quantization)
+    ref = read_base(folder)
+    base = load_folder(cached_folder(ref.locate(), quantization=quantization, sha256=ref.sha256), device=device,
+                       dtype=dtype)
     state = base.state_dict()
-    dtype = base.output.weight.dtype
+    dtype = base.tok_embeddings.weight.dtype  # the compute dtype (a quantized head stores its own)
     try:
         with safe_open(str(folder / SINGLE_FILE), framework="pt", device="cpu") as f:
             own = {name: f.get_tensor(name) for name in f.keys()}

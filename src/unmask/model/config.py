@@ -15,7 +15,7 @@ from typing import Any
 ATTENTION_MODES = ("bidirectional", "causal", "block_causal")
 BLOCK_ATTENTION = ("bidirectional", "causal")
 ADAPTER_TOKENS = ("masks", "all")
-QUANTIZATIONS = ("int8", "fp8")  # model/quantize.py
+QUANTIZATIONS = ("int8", "fp8", "int4-g32", "int4-g64", "int4-g128")  # model/quantize.py SCHEMES
 
 
 class ConfigError(UnmaskError, ValueError):

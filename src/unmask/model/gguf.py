@@ -45,6 +45,7 @@ BOS), and greedy decoding of "def fibonacci(n):\n" writes the recursive function
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -63,8 +64,10 @@ from gguf import GGMLQuantizationType as QT
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from unmask.io import atomic_write_text
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family
+from unmask.model.quantize import QuantizedLinear, scheme_named
 from unmask.model.transformer import Transformer
 from unmask.model.weights import CheckpointError, _check_memory, assign_weights, empty_model, save_model
 from unmask.tokenizer import QWEN2_SPLIT, Tokenizer, _added_special
@@ -343,21 +346,62 @@ def _dequantize(file: _File, t) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+# GGUF's 4-bit blocks of 32: (block bytes, has a min). Q4_0: w = d * (q - 8); Q4_1: w = d * q + m.
+Q4_BLOCKS = {QT.Q4_0: (18, False), QT.Q4_1: (20, True)}
+
+
+@dataclass
+class Q4Codes:
+    """A Q4_0 / Q4_1 tensor as its 4-bit codes [out, in] (uint8, 0..15) and each block's scale and zero
+    [out, in/32] in the int4 kernels' convention w = (q - 8) * scale + zero: what Int4Weights stores
+    (model/quantize.py), read from the blocks without a float round trip."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    def rows(self, reorder: Callable[[torch.Tensor], torch.Tensor]) -> "Q4Codes":
+        return Q4Codes(reorder(self.codes), reorder(self.scale), reorder(self.zero))
+
+
+def _q4_codes(file: _File, t) -> Q4Codes:
+    block_bytes, has_min = Q4_BLOCKS[t.tensor_type]
+    out, k = (int(d) for d in reversed(t.shape.tolist()))
+    try:
+        raw = np.asarray(t.data).reshape(out, k // 32, block_bytes)
+    except ValueError as e:
+        raise GGUFError(f"{file.path}: tensor {t.name!r} ({t.tensor_type.name}) is corrupt: {e}") from None
+    d = np.ascontiguousarray(raw[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    m = np.ascontiguousarray(raw[..., 2:4]).view(np.float16)[..., 0].astype(np.float32) if has_min else -8 * d
+    qs = raw[..., 4:] if has_min else raw[..., 2:]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(out, k)  # low nibbles are elements 0..15
+    return Q4Codes(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m + 8 * d))
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row order (interleaved RoPE pairs) for our rotate-half RoPE."""
     head = w.shape[0] // n_head
     return w.reshape(n_head, head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _iter_tensors(file: _File, config: ModelConfig, convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-                  ) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(file: _File, config: ModelConfig, convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+                  keep_q4: Callable[[str], bool] = lambda name: False) -> Iterator[tuple[str, torch.Tensor | Q4Codes]]:
     """(our name, tensor) for every tensor of the file, dequantized, un-permuted and split; `convert` runs on
-    each before the next is read (so a bf16 load never holds the whole float32 model)."""
+    each before the next is read (so a bf16 load never holds the whole float32 model). Q4 tensors whose name
+    `keep_q4` accepts come as their Q4Codes instead."""
     permuted = ARCHITECTURES[file.arch][4]
     for name, t in file.tensors.items():
         ours = _our_name(name)
         if ours is None:
             raise GGUFError(f"{file.path}: unexpected tensor {name!r} for a {file.arch} model")
+        if t.tensor_type in Q4_BLOCKS and "{}" not in ours and keep_q4(ours):
+            codes = _q4_codes(file, t)
+            if permuted and ".attn_q." in name:
+                codes = codes.rows(lambda x: _unpermute(x, config.n_heads))
+            elif permuted and ".attn_k." in name:
+                codes = codes.rows(lambda x: _unpermute(x, config.n_kv_heads))
+            yield ours, codes
+            continue
         w = _dequantize(file, t)
         if permuted and ".attn_q." in name:
             w = _unpermute(w, config.n_heads)
@@ -372,15 +416,39 @@ def _iter_tensors(file: _File, config: ModelConfig, convert: Callable[[torch.Ten
 
 def _state_dict(file: _File, config: ModelConfig, device: torch.device, dtype: torch.dtype
                 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
+    """The model on meta and its tensors. With config.quantization, the quantized layers' tensors come in
+    their scheme's layout: Q4 blocks straight into int4 of groups of 32, anything else quantized from its
+    float values; a tied head is quantized from the embedding."""
     model, expected = empty_model(config)
+    quantized = {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    int4_32 = scheme_named("int4-g32")
     state: dict[str, torch.Tensor] = {}
-    for name, t in _iter_tensors(file, config, lambda t: t.to(device=device, dtype=dtype)):
+    embedding = None
+    to_state = (lambda t: t.to(device=device, dtype=dtype)) if not quantized else (lambda t: t)
+    for name, t in _iter_tensors(file, config, to_state, keep_q4=lambda n: quantized.get(n[: -len(".weight")]) is int4_32):
         if name not in expected:
             raise GGUFError(f"{file.path}: tensor for {name!r}, which a model with this metadata does not have")
-        if tuple(t.shape) != tuple(expected[name]):
+        shape = tuple(t.codes.shape if isinstance(t, Q4Codes) else t.shape)
+        module = name[: -len(".weight")]
+        if module in quantized:
+            expected_shape = (quantized_module := model.get_submodule(module)).out_features, quantized_module.in_features
+        else:
+            expected_shape = tuple(expected[name])
+        if shape != tuple(expected_shape):
             raise GGUFError(f"{file.path}: the metadata does not match the tensors: {name!r} has shape "
-                            f"{tuple(t.shape)}, the metadata implies {tuple(expected[name])}")
-        state[name] = t
+                            f"{shape}, the metadata implies {tuple(expected_shape)}")
+        if module in quantized:
+            scheme = quantized[module]
+            weight, scale = (scheme.from_codes(t.codes, t.scale, t.zero) if isinstance(t, Q4Codes)
+                             else scheme.quantize(t))
+            state[name], state[module + ".weight_scale"] = weight.to(device), scale.to(device)
+            continue
+        if name == "tok_embeddings.weight":
+            embedding = t
+        state[name] = t.to(device=device, dtype=dtype)
+    if "output" in quantized and "output.weight" not in state and config.tie_embeddings and embedding is not None:
+        state["output.weight"], state["output.weight_scale"] = (x.to(device) for x in
+                                                               quantized["output"].quantize(embedding))
     missing = sorted(set(expected) - set(state))
     if missing:
         raise GGUFError(f"{file.path}: tensors missing for {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
@@ -462,6 +530,17 @@ def gguf_family(file: _File) -> Family:
     return Family(name=f"gguf:{file.arch}", matches=lambda raw: False, to_config=lambda raw: _config(file))
 
 
+def stores_q4(path: str | Path) -> bool:
+    """Whether a GGUF file stores its layers' matrices in Q4_0 / Q4_1 blocks (what int4-g32 keeps as is).
+    Answered from the converted folder where one exists, so a load does not parse the file twice."""
+    path = check_header(path)
+    if (cache_root() / f"{known_sha256(path)[:16]}-int4-g32" / "config.json").exists():
+        return True
+    file = _File(path)
+    layers = [t for t in file.reader.tensors if t.name.startswith("blk.") and len(t.shape) >= 2]
+    return bool(layers) and all(t.tensor_type in Q4_BLOCKS for t in layers)
+
+
 def read_gguf_config(path: str | Path) -> tuple[ModelConfig, Family, dict[str, Any]]:
     """What checkpoints.read_config returns for a folder: (config, family, metadata), no tensors read."""
     file = _File(path)
@@ -484,11 +563,16 @@ def _device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def load_gguf(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-              ) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
-    """Model, tokenizer and metadata from one read of the file (unmask.load uses this)."""
+def _quantized(config: ModelConfig, quantization: str | None) -> ModelConfig:
+    return dataclasses.replace(config, quantization=quantization) if quantization else config
+
+
+def load_gguf(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+              quantization: str | None = None) -> tuple[Transformer, Tokenizer, dict[str, Any]]:
+    """Model, tokenizer and metadata from one read of the file (unmask.load uses this). `quantization`
+    (model/quantize.py) stores the layers that way; "int4-g32" keeps Q4_0 / Q4_1 blocks as they are."""
     file = _File(path)
-    config = _config(file)
+    config = _quantized(_config(file), quantization)
     tokenizer = _tokenizer(file, config)
     device, dtype = _device_dtype(device, dtype)
     _check_memory(config, device, dtype)
@@ -497,9 +581,9 @@ def load_gguf(path: str | Path, device: str | torch.device | None = None, dtype:
 
 
 def load_gguf_model(path: str | Path, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None) -> Transformer:
+                    dtype: torch.dtype | None = None, quantization: str | None = None) -> Transformer:
     file = _File(path)
-    config = _config(file)
+    config = _quantized(_config(file), quantization)
     device, dtype = _device_dtype(device, dtype)
     _check_memory(config, device, dtype)
     return assign_weights(*_state_dict(file, config, device, dtype))
@@ -559,14 +643,38 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "unmask" / "gguf"
 
 
-def cached_folder(path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """The converted folder of a GGUF file (keyed by its sha256), converting it on first use."""
+def known_sha256(path: str | Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime) so a 100 MB base is hashed once, not per load."""
+    path = Path(path)
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    memo_file = cache_root() / "sha256.json"
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    if key not in memo:
+        memo[key] = file_sha256(path)
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo_file, json.dumps(memo, indent=1) + "\n")
+        except OSError:  # a read-only cache only costs the hashing next time
+            pass
+    return memo[key]
+
+
+def cached_folder(path: str | Path, cache_dir: str | Path | None = None, quantization: str | None = None,
+                  sha256: str | None = None) -> Path:
+    """The converted folder of a GGUF file (keyed by its sha256 and the quantization of its layers),
+    converting it on first use: float32, or stored as `quantization` (model/quantize.py; "int4-g32" keeps
+    the file's Q4 blocks as they are, so the folder is about the file's size and loads in a blink)."""
     path = check_header(path)  # a clear error for a missing or non-GGUF file before hashing it
-    sha = file_sha256(path)
-    folder = cache_root(cache_dir) / sha[:16]
+    sha = sha256 or known_sha256(path)
+    folder = cache_root(cache_dir) / (sha[:16] + (f"-{quantization}" if quantization else ""))
     if (folder / "config.json").exists():
         return folder
-    model, tokenizer, metadata = load_gguf(path, device="cpu", dtype=torch.float32)
+    model, tokenizer, metadata = load_gguf(path, device="cpu", dtype=torch.float32 if not quantization else
+                                           torch.bfloat16, quantization=quantization)
     try:
         _write_folder(folder, lambda tmp: _save(model, tokenizer, metadata, tmp, sha256=sha))
     except (GGUFError, OSError):

@@ -1,13 +1,17 @@
-"""Weight quantization: int8 (CPU and CUDA) and fp8 e4m3 (Hopper), per output channel.
+"""Weight quantization: int8 (CPU and CUDA), int4 in groups (CPU) and fp8 e4m3 (Hopper).
 
-A denoising step at small batch reads every weight once, so its floor is the bytes of the weights; int8
-halves bf16's and quarters fp32's. Each scheme stores a linear layer's weight in its own dtype plus one
-float32 scale per output row, and multiplies through PyTorch's own kernels:
+A decoding step at small batch reads every weight once, so its floor is the bytes of the weights; int8
+halves bf16's and int4 quarters it. Each scheme stores a linear layer's weight in its own layout beside its
+scales, and multiplies through PyTorch's own kernels:
 
-    int8   weight-only: activations stay in the compute dtype. On a CPU `aten._weight_int8pack_mm`
-           (the kernel torchao's int8 weight-only mode dispatches to there); elsewhere the weight is
-           converted inside the matmul, `x @ w.to(x.dtype).T * scale`, which torch.compile fuses into one
-           kernel that reads int8 (gpt-fast's formulation)
+    int8   weight-only, one float32 scale per output row: activations stay in the compute dtype. On a CPU
+           `aten._weight_int8pack_mm` (the kernel torchao's int8 weight-only mode dispatches to there);
+           elsewhere the weight is converted inside the matmul, `x @ w.to(x.dtype).T * scale`, which
+           torch.compile fuses into one kernel that reads int8 (gpt-fast's formulation)
+    int4   weight-only, 4-bit codes in groups of 32/64/128 input columns, each group with a scale and a zero
+           (w = (q - 8) * scale + zero): `aten._weight_int4pack_mm_for_cpu`, bf16 activations. GGUF's Q4_0
+           and Q4_1 blocks are exactly this with groups of 32, so a GGUF loads into it without a float
+           round trip (model/gguf.py). Elsewhere the weight is unpacked inside the matmul (correct, slow)
     fp8    e4m3 weights, activations quantized per row on the fly, `torch._scaled_mm` with row-wise scales
            (Hopper's fp8 tensor cores; PyTorch also runs it on a CPU, slowly, which the tests use)
 
@@ -16,7 +20,9 @@ the mask-gated adapter and saved as plain safetensors, and the kernels would be 
 
 What is quantized: the attention and dense FFN projections of every layer and the output head (a tied head
 gets its own quantized copy; the embedding stays in the compute dtype, as only a few rows of it are read per
-step). MoE experts, routers and norms stay as they are.
+step). Under int4 the head is int4 too: on this project's CPUs PyTorch's int8 kernel costs 2.8x the int4 one
+for one row and 2.4x for a 12-row window, and the head is a fifth of SmolLM2-135M's weights (`unmask eval
+kl` measures what it costs in drift). MoE experts, routers and norms stay as they are.
 """
 
 from __future__ import annotations
@@ -40,6 +46,22 @@ class Scheme:
 
     name = "none"
     storage: torch.dtype
+    activations: torch.dtype | None = None  # the dtype the kernel multiplies in, where it needs one
+    scale_rows_dim = 0  # the dimension of `weight_scale` that follows the output rows
+
+    @property
+    def head(self) -> "Scheme":
+        """The scheme of the output head."""
+        return self
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        """Whether a layer of this shape can be stored this way (others stay as they are)."""
+        return True
+
+    def empty(self, out_features: int, in_features: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Placeholders of the stored layout, which a checkpoint's tensors are loaded into."""
+        return (torch.zeros(out_features, in_features, dtype=self.storage, device=device),
+                torch.ones(out_features, device=device))
 
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored weight [out, in], float32 scale [out]) with weight ≈ stored * scale[:, None]."""
@@ -51,6 +73,40 @@ class Scheme:
 
     def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (weight.float() * scale[:, None]).to(dtype)
+
+
+# The CPU kernels as opaque custom ops under torch.compile: inductor lowers the aten ops themselves only when
+# their input is a realized buffer, and fails on a fused view; eager calls skip the wrapper's overhead.
+@torch.library.custom_op("unmask::int8_linear_cpu", mutates_args=())
+def _int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale)
+
+
+@_int8_linear_cpu.register_fake
+def _(x, weight, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("unmask::int4_linear_cpu", mutates_args=())
+def _int4_linear_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int, scale: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, group_size, scale)
+
+
+@_int4_linear_cpu.register_fake
+def _(x, weight, group_size, scale):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def int8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _int8_linear_cpu(x, weight, scale)
+    return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scale)
+
+
+def int4_linear_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int, scale: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _int4_linear_cpu(x, weight, group_size, scale)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight, group_size, scale)
 
 
 class Int8Weights(Scheme):
@@ -65,7 +121,7 @@ class Int8Weights(Scheme):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
             flat = x.reshape(-1, x.shape[-1])
-            out = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight, scale.to(x.dtype))
+            out = int8_linear_cpu(flat, weight, scale.to(x.dtype))
             return out.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
@@ -91,12 +147,86 @@ class Fp8Weights(Scheme):
         return out[:rows].to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (Int8Weights(), Fp8Weights())}
+INT4_ROW_BLOCK = 64  # output rows the CPU kernel interleaves (its BLOCK_N)
+
+
+class Int4Weights(Scheme):
+    """4-bit codes q in 0..15 in groups of `group_size` input columns: w = (q - 8) * scale + zero.
+
+    `weight` is the CPU kernel's packed layout, stored as is: uint8 [out, in/2] that reads as
+    [out/64, in, 32] bytes, byte (b, k, j) = q[64b + j, k] | q[64b + 32 + j, k] << 4 (pack_int4 / unpack_int4;
+    tested against `aten._convert_weight_to_int4pack_for_cpu`). `weight_scale` is [in/group, out, 2]
+    (scale, zero) in bf16, the kernel's activation dtype."""
+
+    storage = torch.uint8
+    activations = torch.bfloat16
+    scale_rows_dim = 1
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+        self.name = f"int4-g{group_size}"
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        return out_features % INT4_ROW_BLOCK == 0 and in_features % self.group_size == 0
+
+    def empty(self, out_features: int, in_features: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+                torch.zeros(in_features // self.group_size, out_features, 2, dtype=torch.bfloat16, device=device))
+
+    def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = weight.float().reshape(weight.shape[0], -1, self.group_size)
+        lo, hi = w.amin(dim=2), w.amax(dim=2)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        codes = ((w - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).reshape(weight.shape)
+        return self.from_codes(codes.to(torch.uint8), scale, lo + 8 * scale)
+
+    def from_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored pair for codes [out, in] (0..15) with scale and zero [out, in/group]."""
+        scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return pack_int4(codes), scale_zero
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if x.device.type == "cpu":
+            # .contiguous(): a fused layer's own scale is a strided view (FusedProjections); no-op otherwise
+            out = int4_linear_cpu(flat.to(torch.bfloat16), weight, self.group_size, scale.contiguous())
+        else:
+            out = F.linear(flat.to(scale.dtype), self.dequantize(weight, scale, scale.dtype))
+        return out.to(x.dtype).view(*x.shape[:-1], out.shape[-1])
+
+    def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        codes = unpack_int4(weight).float()
+        s, z = (t.t().float().repeat_interleave(self.group_size, dim=1) for t in scale.unbind(-1))
+        return ((codes - 8) * s + z).to(dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [out, in] (0..15) -> the CPU int4 kernel's packed layout (see Int4Weights)."""
+    out, k = codes.shape
+    half = INT4_ROW_BLOCK // 2
+    blocks = codes.to(torch.uint8).view(out // INT4_ROW_BLOCK, INT4_ROW_BLOCK, k).transpose(1, 2)
+    return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous().view(out, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 codes [out, in]."""
+    out, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.view(out // INT4_ROW_BLOCK, k, INT4_ROW_BLOCK // 2)
+    codes = torch.cat([blocks & 0xF, blocks >> 4], dim=2)  # [out/64, in, 64]
+    return codes.transpose(1, 2).reshape(out, k)
+
+
+INT4_GROUP_SIZES = (32, 64, 128)
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (Int8Weights(), Fp8Weights(),
+                                                  *(Int4Weights(g) for g in INT4_GROUP_SIZES))}
+ALIASES = {"int4": "int4-g32"}  # groups of 32: GGUF's Q4 blocks, and the least error
 
 
 def scheme_named(name: str) -> Scheme:
+    name = ALIASES.get(name, name)
     if name not in SCHEMES:
-        raise QuantizationError(f"unknown quantization {name!r}; use one of {', '.join(SCHEMES)}")
+        raise QuantizationError(f"unknown quantization {name!r}; use one of {', '.join([*SCHEMES, *ALIASES])}")
     return SCHEMES[name]
 
 
@@ -107,8 +237,9 @@ class QuantizedLinear(nn.Module):
                  device: torch.device | str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=scheme.storage, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        weight, scale = scheme.empty(out_features, in_features, device)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     @classmethod
@@ -120,8 +251,8 @@ class QuantizedLinear(nn.Module):
         return q
 
     def _apply(self, fn, recurse: bool = True):
-        # model.to(dtype) casts every floating tensor, fp8 included: the stored weight and its float32 scale
-        # keep their dtypes and follow only device moves
+        # model.to(dtype) casts every floating tensor, fp8 included: the stored weight and its scales keep
+        # their dtypes and follow only device moves
         stored = {"weight": self.weight, "weight_scale": self.weight_scale}
         super()._apply(fn, recurse)
         for name, t in stored.items():
@@ -131,6 +262,10 @@ class QuantizedLinear(nn.Module):
     def base(self, x: torch.Tensor) -> torch.Tensor:
         out = self.scheme.linear(x, self.weight, self.weight_scale)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def adapt(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """What the layer adds to its base output `out` for input `x` (nothing here; the adapter's update)."""
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x)
@@ -161,8 +296,53 @@ class QuantizedAdaptedLinear(QuantizedLinear):
         q.lora_b = nn.Parameter(layer.lora_b.detach().clone(), requires_grad=False)
         return q
 
+    def adapt(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return adapter_delta(out, x, self.lora_a, self.lora_b, self.scale, self.gate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return adapter_delta(self.base(x), x, self.lora_a, self.lora_b, self.scale, self.gate)
+        return self.adapt(self.base(x), x)
+
+
+class FusedProjections:
+    """Quantized projections of one input (q, k, v; gate and up) run as one matmul: a decoding step is a
+    few hundred small kernels, so calls saved are time saved. The layers' stored weights are concatenated
+    once and each layer's buffers become views of the fused ones, so nothing is stored twice and state
+    dicts are unchanged; each layer's adapter still applies to its own part. A plain object, not a module:
+    it owns no tensors of the checkpoint."""
+
+    def __init__(self, layers: list[QuantizedLinear]):
+        self.layers, self.scheme = layers, layers[0].scheme
+        dim = self.scheme.scale_rows_dim
+        self.weight = torch.cat([m.weight for m in layers], dim=0)
+        self.weight_scale = torch.cat([m.weight_scale for m in layers], dim=dim)
+        self.sizes = [m.out_features for m in layers]
+        start = 0
+        for m in layers:
+            m.weight = self.weight[start : start + m.out_features]
+            m.weight_scale = self.weight_scale.narrow(dim, start, m.out_features)
+            start += m.out_features
+        biases = [m.bias for m in layers]
+        self.bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.weight.device != x.device or any(m.bias is not None for m in self.layers) and self.bias is None:
+            return [m(x) for m in self.layers]  # moved since fusing, or mixed biases: one by one
+        out = self.scheme.linear(x, self.weight, self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return [m.adapt(part, x) for m, part in zip(self.layers, out.split(self.sizes, dim=-1))]
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Give each module that names projections of one input (`fusable`: attention's q/k/v, SwiGLU's gate/up)
+    its FusedProjections (`fused`) where they share one scheme; after the weights are in place (a later
+    load_state_dict(assign=True) must fuse again)."""
+    for module in model.modules():
+        names = getattr(module, "fusable", ())
+        layers = [getattr(module, n, None) for n in names]
+        if layers and all(isinstance(m, QuantizedLinear) for m in layers) and len({m.scheme for m in layers}) == 1:
+            module.fused = FusedProjections(layers)
+    return model
 
 
 QUANTIZED_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -177,14 +357,16 @@ def quantize_model(model: nn.Module, scheme: Scheme | str) -> nn.Module:
         raise QuantizationError(f"model is already quantized as {config.quantization}")
     _swap(model, scheme)
     if isinstance(getattr(model, "output", None), nn.Linear):
-        model.output = QuantizedLinear.from_linear(model.output, scheme)
+        model.output = QuantizedLinear.from_linear(model.output, scheme.head)
     if config is not None:
         config.quantization = scheme.name
-    return model
+    return fuse_projections(model)
 
 
 def _swap(module: nn.Module, scheme: Scheme) -> None:
     for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear) and not scheme.fits(child.out_features, child.in_features):
+            continue
         if name in QUANTIZED_LINEARS and isinstance(child, AdaptedLinear):
             setattr(module, name, QuantizedAdaptedLinear.from_adapted(child, scheme))
         elif name in QUANTIZED_LINEARS and isinstance(child, nn.Linear):

@@ -118,10 +118,50 @@ def build_attention_mask(
     return mask[:, None]
 
 
+GROUPED_SCORES = 1 << 22  # score elements (queries x keys x heads) up to which CPU attention is grouped_attention
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Attention on a CPU as two batched matmuls: q [B, T, H, D], k/v [B, KV, S, D] (the cache, float64),
+    `bias` the additive mask [B*KV, T*G, S] (rows t-major, G = H/KV) or None; returns [B, T, H, D].
+
+    Why: a decoding step's T is 1 (AR) to a window, and there SDPA's CPU kernel costs 70 µs at 64 keys and
+    570 µs at 600 for one query (per layer), where these matmuls cost a few dozen. The queries of one KV
+    head are stacked into one matrix, so GQA needs no repeated keys. Why float64: a row's result then
+    does not depend on how many queries or keys share the call in any bit that survives rounding to the
+    compute dtype, so a window's tokens are exactly those of one-at-a-time decoding (verify == AR)."""
+    B, T, H, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    qg = q.view(B, T, KV, G, D).transpose(1, 2).reshape(B * KV, T * G, D).to(k.dtype)
+    keys = k.reshape(B * KV, S, D).transpose(1, 2)
+    if bias is None:
+        scores = torch.bmm(qg, keys).mul_(D**-0.5)
+    else:
+        scores = torch.baddbmm(bias, qg, keys, alpha=D**-0.5)
+    out = torch.bmm(scores.softmax(dim=-1), v.reshape(B * KV, S, D))
+    return out.view(B, KV, T, G, D).transpose(1, 2).reshape(B, T, H, D).to(q.dtype)
+
+
+def grouped_bias(mask: torch.Tensor | None, config: ModelConfig, dtype: torch.dtype, batch: int
+                 ) -> torch.Tensor | None:
+    """grouped_attention's additive bias from a boolean mask [B or 1, 1, T, S]: built once per forward pass."""
+    if mask is None:
+        return None
+    B, (_, _, T, S) = batch, mask.shape
+    G = config.n_heads // config.n_kv_heads
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    bias = bias.expand(B, 1, T, S)
+    return bias.view(B, 1, T, 1, S).expand(B, config.n_kv_heads, T, G, S).reshape(B * config.n_kv_heads, T * G, S)
+
+
 class Attention(nn.Module):
+    fusable = ("wq", "wk", "wv")  # projections of one input that quantized weights run as one matmul
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        self.fused = None  # model/quantize.py FusedProjections, where set
         hd = config.head_dim
         self.wq = nn.Linear(config.dim, config.n_heads * hd, bias=config.attn_bias)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * hd, bias=config.attn_bias)
@@ -131,14 +171,23 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_start: int, kv_len: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int, cache_start: int, kv_len: int,
+                bias: torch.Tensor | None = None):
+        """`bias`: grouped_attention's mask for calls that take that path (Transformer.forward decides)."""
         B, T, _ = x.shape
         c = self.config
-        q = self.wq(x).view(B, T, c.n_heads, c.head_dim)
-        k = self.wk(x).view(B, T, c.n_kv_heads, c.head_dim)
-        v = self.wv(x).view(B, T, c.n_kv_heads, c.head_dim)
+        q, k, v = self.fused(x) if self.fused is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(B, T, c.n_heads, c.head_dim)
+        k = k.view(B, T, c.n_kv_heads, c.head_dim)
+        v = v.view(B, T, c.n_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if bias is not None or (cache is not None and mask is None and grouped(x, c, kv_len)):
+            q, k = apply_rope(q, cos.transpose(1, 2), sin.transpose(1, 2)), apply_rope(k, cos.transpose(1, 2), sin.transpose(1, 2))
+            k_all, v_all = cache.write(layer, cache_start, k.transpose(1, 2).to(cache.k.dtype),
+                                       v.transpose(1, 2).to(cache.v.dtype))
+            out = grouped_attention(q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], bias)
+            return self.wo(out.reshape(B, T, -1))
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -151,17 +200,28 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def grouped(x: torch.Tensor, config: ModelConfig, kv_len: int) -> bool:
+    """Whether a cached call on `x` [B, T, ...] attending to `kv_len` keys takes grouped_attention (eager, on
+    a CPU, scores that fit in a few dozen MB: every decoding step and the prompts that precede them)."""
+    scores = x.shape[0] * x.shape[1] * config.n_heads * kv_len
+    return x.device.type == "cpu" and scores <= GROUPED_SCORES and not torch.compiler.is_compiling()
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection."""
 
+    fusable = ("w1", "w3")
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        self.fused = None  # model/quantize.py FusedProjections, where set
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.fused(x) if self.fused is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 COMPILED_DENSE_TOKENS = 256  # compiled MoE layers up to this many tokens (decoding windows) run dense
@@ -266,8 +326,8 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(config.dim, config.ffn_hidden)
 
-    def forward(self, x, cos, sin, mask, cache, layer, cache_start, kv_len):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, cache_start, kv_len)
+    def forward(self, x, cos, sin, mask, cache, layer, cache_start, kv_len, bias=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer, cache_start, kv_len, bias)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -359,8 +419,9 @@ class Transformer(nn.Module):
             eager_cpu = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
             sparse = eager_cpu and c.adapter_tokens == "masks" and not torch.is_grad_enabled()
             self.adapter_gate.rows = is_mask.view(-1).nonzero().squeeze(1) if sparse else None
+        bias = grouped_bias(mask, c, cache.k.dtype, B) if cache is not None and grouped(input_ids, c, kv_len) else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache, i, cache_start, kv_len)
+            h = layer(h, cos, sin, mask, cache, i, cache_start, kv_len, bias)
         h = self.norm(h)
         if return_hidden:
             return h
@@ -370,5 +431,8 @@ class Transformer(nn.Module):
         return logits
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """K/V buffers in the compute dtype; float64 on a CPU, where attention runs grouped_attention's
+        float64 matmuls straight from the cache (no conversion per layer)."""
         p = self.tok_embeddings.weight  # the compute dtype (a quantized head stores its own)
-        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or p.dtype)
+        default = torch.float64 if p.device.type == "cpu" else p.dtype
+        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or default)

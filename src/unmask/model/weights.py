@@ -21,6 +21,7 @@ from unmask.errors import UnmaskError
 from unmask.io import atomic_path, atomic_write_text
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family, detect_family
+from unmask.model.quantize import fuse_projections
 from unmask.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -174,6 +175,8 @@ def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> Transf
     model.load_state_dict(state, strict=False, assign=True)
     if tied_head(model.config):
         model.output.weight = model.tok_embeddings.weight
+    if model.config.quantization:
+        fuse_projections(model)  # over the loaded buffers
     return model.eval()
 
 
