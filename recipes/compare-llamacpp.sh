@@ -19,7 +19,7 @@ set -euo pipefail
 # The unmask side of each round; adjust its flags here. Its stdout is the `bench decode` table.
 unmask_side() {
   OMP_NUM_THREADS=$THREADS "$UNMASK" bench decode -m models/smollm2-block --ar-model smollm2 --prompts 3 \
-    --new-tokens 128 --policy verify --block-length 12 --decoders policy,ar --repeats 2
+    --new-tokens 256 --decoders policy,ar --repeats 2
 }
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

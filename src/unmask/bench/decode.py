@@ -56,6 +56,13 @@ class BenchRow:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def max_rss_mib() -> float:
+    """The peak resident memory of this process so far, in MiB (what `/usr/bin/time -v` calls max RSS)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def round_to_blocks(new_tokens: int, block_length: int) -> int:
     return -(-new_tokens // block_length) * block_length
 
