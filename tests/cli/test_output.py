@@ -25,8 +25,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
 
 
 @pytest.fixture
-def model_dir(tmp_path, tiny_pipeline):
-    tiny_pipeline.tokenizer.chat_template = CHAT_TEMPLATE
+def model_dir(tmp_path, tiny_pipeline, monkeypatch):
+    # the session's tokenizer: the template is put back after the test, or later tests see it
+    monkeypatch.setattr(tiny_pipeline.tokenizer, "chat_template", CHAT_TEMPLATE)
     tiny_pipeline.save(tmp_path / "m")
     return tmp_path / "m"
 

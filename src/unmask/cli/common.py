@@ -101,7 +101,8 @@ Heal = Annotated[bool, typer.Option("--heal/--no-heal", help="Token healing: re-
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu | cuda | cuda:1 … (default: cuda if present)")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="auto | float32 | bfloat16 | float16 (auto: bf16 for "
                                               "diffusion models on CPUs with native bf16, else as stored)")]
-Quantize = Annotated[Optional[str], typer.Option("--quantize", help="int8 | fp8: quantize the weights per output row "
+Quantize = Annotated[Optional[str], typer.Option("--quantize", help="auto (default: a GGUF's 4-bit layers stay "
+                                                 "int4 on a CPU) | none | int4 | int4-g64 | int4-g128 | int8 | fp8 "
                                                  "(fp8 needs a Hopper GPU to be fast)")]
 
 

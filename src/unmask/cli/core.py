@@ -156,7 +156,24 @@ def info(model: Optional[Path] = typer.Argument(None, help="Model folder or .ggu
     for key, value in config.to_dict().items():
         if key != "extra":
             table.add_row(key, str(value))
+    table.add_row("on a CPU runs", _cpu_layout(model, config))
     out.print(table)
+
+
+def _cpu_layout(model: Path, config) -> str:
+    """What `unmask.load` makes of the weights on a CPU without --quantize / --dtype."""
+    import torch
+
+    from unmask.model.checkpoints import auto_quantization
+    from unmask.model.quantize import scheme_named
+
+    scheme = auto_quantization(model, torch.device("cpu")) or config.quantization
+    if scheme is None:
+        return "its stored weights (--quantize int4 | int8 to quantize)"
+    activations = scheme_named(scheme).activations
+    source = " (the GGUF's 4-bit blocks as they are)" if scheme == "int4-g32" and not config.quantization else ""
+    return f"{scheme} weights{source}" + (f", {str(activations).removeprefix('torch.')} activations"
+                                          if activations else "")
 
 
 def _train_fallback_model() -> Path:

@@ -16,11 +16,11 @@ from unmask.cli.common import Device, Dtype, Quantize, console, load_pipeline, o
 def quantize(
     model: Path = typer.Argument(..., help="Model folder, .gguf file or named base (e.g. smollm2)."),
     out_dir: Path = typer.Argument(..., help="Folder to write: config.json records the scheme."),
-    scheme: str = typer.Option("int8", "--scheme", help="int8 | fp8"),
+    scheme: str = typer.Option("int8", "--scheme", help="int8 | fp8 | int4 (= int4-g32) | int4-g64 | int4-g128"),
     dtype: Dtype = None,
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it holds a model."),
 ) -> None:
-    """Write a copy of MODEL with its weights quantized per output row (loads quantized, no flag needed)."""
+    """Write a copy of MODEL with its weights quantized (loads quantized, no flag needed)."""
     from unmask.errors import UnmaskError
     from unmask.model.quantize import scheme_named
 
