@@ -154,7 +154,7 @@ def _prepare(model: Transformer, explicit: torch.dtype | None, quantize: Scheme 
     """The automatic compute dtype (unless one was asked for), then quantization."""
     if explicit is None:
         dtype = auto_dtype(model)
-        if dtype is not None and dtype != model.tok_embeddings.weight.dtype:
+        if dtype is not None and dtype != model.dtype:
             model = model.to(dtype)
     if quantize is not None:
         model = quantize_model(model, quantize)

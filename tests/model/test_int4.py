@@ -147,3 +147,66 @@ def test_verify_is_ar_token_for_token_with_int4_weights_in_bf16(tokenizer, cache
     got = Engine(model_q).generate(prompt, options)
     assert got.tokens == want
     assert got.steps < 40
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32"])
+def test_a_tied_table_is_stored_once_as_int8_and_the_head_is_the_table(tokenizer, tmp_path, name):
+    from safetensors import safe_open
+
+    from unmask.model.checkpoints import load_model, save_model
+    from unmask.model.quantize import QuantizedEmbedding
+
+    dense = int4_sized(tokenizer, tie_embeddings=True).eval()
+    model = quantize_model(copy.deepcopy(dense), name)
+    table, head = model.tok_embeddings, model.output
+    assert isinstance(table, QuantizedEmbedding) and table.weight.dtype == torch.int8
+    assert head.weight.data_ptr() == table.weight.data_ptr()  # one table: the head multiplies by its rows
+    assert head.weight_scale.data_ptr() == table.weight_scale.data_ptr()
+    ids = torch.randint(10, tokenizer.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(table(ids), dense.tok_embeddings(ids), atol=dense.tok_embeddings.weight.abs().max() / 127)
+        want = dense(ids)
+        assert float((model(ids) - want).norm() / want.norm()) < 0.1
+    save_model(model, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        stored = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert not any(k.startswith("output.") for k in stored)
+    assert stored["tok_embeddings.weight"] == torch.int8 and stored["tok_embeddings.weight_scale"] == torch.float32
+    loaded = load_model(tmp_path, device="cpu", dtype=torch.float32)
+    assert loaded.output.weight.data_ptr() == loaded.tok_embeddings.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_folder_with_a_float_table_and_its_own_quantized_head_still_loads(tokenizer, tmp_path):
+    """Quantized folders written before tied tables were stored int8: the float table is quantized at load."""
+    from safetensors.torch import load_file, save_file
+
+    from unmask.model.checkpoints import load_model, save_model
+
+    dense = int4_sized(tokenizer, tie_embeddings=True).eval()
+    model = quantize_model(copy.deepcopy(dense), "int8")
+    save_model(model, tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["tok_embeddings.weight"] = dense.tok_embeddings.weight.detach().clone()
+    del state["tok_embeddings.weight_scale"]
+    state["output.weight"], state["output.weight_scale"] = scheme_named("int8").quantize(dense.output.weight.detach())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    loaded = load_model(tmp_path, device="cpu", dtype=torch.float32)
+    ids = torch.randint(10, tokenizer.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_a_tied_q4_gguf_caches_a_folder_no_larger_than_the_file(tmp_path, tokenizer):
+    from unmask.model.gguf import cached_folder
+
+    base = int4_sized(tokenizer, attention="causal", tie_embeddings=True)
+    table = base.tok_embeddings.weight.detach().numpy()
+    path = write_gguf(tmp_path / "q.gguf", base, tokenizer, qtype=QT.Q4_1,  # llama.cpp's layout: a Q8_0 table
+                      raw={"token_embd.weight": (gguf.quants.quantize(table, QT.Q8_0), QT.Q8_0)})
+    folder = cached_folder(path, cache_dir=tmp_path / "cache", quantization="int4-g32")
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert weights <= path.stat().st_size
+    model = load_gguf_model(path, device="cpu", dtype=torch.bfloat16, quantization="int4-g32")
+    assert model.tok_embeddings.weight.dtype == torch.int8 and model.output.scheme.name == "int8"

@@ -132,7 +132,7 @@ def test_a_quantized_model_saves_and_loads_quantized(tokenizer, tmp_path, name):
         stored = {k: f.get_tensor(k).dtype for k in f.keys()}
     assert stored["layers.0.attention.wq.weight"] == scheme_named(name).storage
     assert stored["layers.0.attention.wq.weight_scale"] == torch.float32
-    assert stored["output.weight"] == scheme_named(name).storage  # the tied head's own quantized copy
+    assert stored["output.weight"] == scheme_named(name).storage  # an untied head: its own quantized copy
     assert stored["tok_embeddings.weight"] == torch.bfloat16
     loaded = load_model(tmp_path, device="cpu", dtype=torch.bfloat16)
     assert loaded.config.quantization == name

@@ -133,7 +133,7 @@ def bench_decode_cmd(
                             (compile_mode or True) if compile else False, policy=policy, decoders=chosen)
     c = net.config
     def dtype_of(m) -> str:
-        return str(m.tok_embeddings.weight.dtype).removeprefix("torch.")
+        return str(m.dtype).removeprefix("torch.")
 
     precision = dtype_of(net)
     if twin is not None and dtype_of(twin) != precision:

@@ -69,7 +69,7 @@ def kl(
         tokens += reference.encode(text) + [reference.config.eos_id]
     with console.status(f"scoring {min(len(tokens), window * max_windows):,} tokens …"):
         d = divergence(reference.model, candidate.model, tokens, window=window, max_windows=max_windows)
-    label = f"{str(candidate.model.tok_embeddings.weight.dtype).removeprefix('torch.')}" + (f", {quantize}" if quantize else "")
+    label = f"{str(candidate.model.dtype).removeprefix('torch.')}" + (f", {quantize}" if quantize else "")
     if as_json:
         out.print_json(json.dumps({"model": str(model or "default"), "candidate": label, "reference": reference_dtype,
                                    **d.as_dict()}))

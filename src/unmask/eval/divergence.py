@@ -78,7 +78,7 @@ def divergence(reference: Transformer, candidate: Transformer, tokens: list[int]
 
 
 def _log_probs(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    device = model.tok_embeddings.weight.device
+    device = model.device
     logits = model(ids.to(device))[0].float()
     logits[:, model.config.mask_id] = -1e9  # neither model may propose the mask token (finite: no 0 * inf)
     return logits.log_softmax(-1).cpu()

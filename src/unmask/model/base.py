@@ -124,7 +124,7 @@ def load_adaptation(folder: str | Path, device: torch.device, dtype: torch.dtype
     base = load_folder(cached_folder(ref.locate(), quantization=quantization, sha256=ref.sha256), device=device,
                        dtype=dtype)
     state = base.state_dict()
-    dtype = base.tok_embeddings.weight.dtype  # the compute dtype (a quantized head stores its own)
+    dtype = base.dtype
     try:
         with safe_open(str(folder / SINGLE_FILE), framework="pt", device="cpu") as f:
             own = {name: f.get_tensor(name) for name in f.keys()}

@@ -24,9 +24,8 @@ def native_cpu_bf16() -> bool:
 
 def auto_dtype(model: Transformer) -> torch.dtype | None:
     """bf16 for a float32 diffusion model of >= 20M parameters on a CPU with native bf16; else None (keep)."""
-    weight = model.tok_embeddings.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or model.config.attention == "causal":
+    if model.device.type != "cpu" or model.dtype != torch.float32 or model.config.attention == "causal":
         return None
-    if weight.is_meta or sum(p.numel() for p in model.parameters()) < AUTO_BF16_MIN_PARAMS:
+    if model.norm.weight.is_meta or sum(p.numel() for p in model.parameters()) < AUTO_BF16_MIN_PARAMS:
         return None
     return torch.bfloat16 if native_cpu_bf16() else None

@@ -67,7 +67,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from unmask.io import atomic_write_text
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family
-from unmask.model.quantize import QuantizedLinear, scheme_named
+from unmask.model.quantize import QuantizedEmbedding, QuantizedLinear, scheme_named
 from unmask.model.transformer import Transformer
 from unmask.model.weights import CheckpointError, _check_memory, assign_weights, empty_model, save_model
 from unmask.tokenizer import QWEN2_SPLIT, Tokenizer, _added_special
@@ -416,11 +416,12 @@ def _iter_tensors(file: _File, config: ModelConfig, convert: Callable[[torch.Ten
 
 def _state_dict(file: _File, config: ModelConfig, device: torch.device, dtype: torch.dtype
                 ) -> tuple[Transformer, dict[str, torch.Tensor]]:
-    """The model on meta and its tensors. With config.quantization, the quantized layers' tensors come in
+    """The model on meta and its tensors. With config.quantization, the quantized modules' tensors come in
     their scheme's layout: Q4 blocks straight into int4 of groups of 32, anything else quantized from its
-    float values; a tied head is quantized from the embedding."""
+    float values (a tied table once, for the embedding and the head; an untied copy from the embedding)."""
     model, expected = empty_model(config)
-    quantized = {name: m.scheme for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    quantized = {name: m.scheme for name, m in model.named_modules()
+                 if isinstance(m, (QuantizedLinear, QuantizedEmbedding)) and name + ".weight" in expected}
     int4_32 = scheme_named("int4-g32")
     state: dict[str, torch.Tensor] = {}
     embedding = None
@@ -430,23 +431,19 @@ def _state_dict(file: _File, config: ModelConfig, device: torch.device, dtype: t
             raise GGUFError(f"{file.path}: tensor for {name!r}, which a model with this metadata does not have")
         shape = tuple(t.codes.shape if isinstance(t, Q4Codes) else t.shape)
         module = name[: -len(".weight")]
-        if module in quantized:
-            expected_shape = (quantized_module := model.get_submodule(module)).out_features, quantized_module.in_features
-        else:
-            expected_shape = tuple(expected[name])
-        if shape != tuple(expected_shape):
+        if shape != (implied := _float_shape(model, name, expected[name])):
             raise GGUFError(f"{file.path}: the metadata does not match the tensors: {name!r} has shape "
-                            f"{shape}, the metadata implies {tuple(expected_shape)}")
+                            f"{shape}, the metadata implies {implied}")
+        if name == "tok_embeddings.weight":
+            embedding = t
         if module in quantized:
             scheme = quantized[module]
             weight, scale = (scheme.from_codes(t.codes, t.scale, t.zero) if isinstance(t, Q4Codes)
                              else scheme.quantize(t))
             state[name], state[module + ".weight_scale"] = weight.to(device), scale.to(device)
-            continue
-        if name == "tok_embeddings.weight":
-            embedding = t
-        state[name] = t.to(device=device, dtype=dtype)
-    if "output" in quantized and "output.weight" not in state and config.tie_embeddings and embedding is not None:
+        else:
+            state[name] = t.to(device=device, dtype=dtype)
+    if "output" in quantized and "output.weight" not in state and embedding is not None:
         state["output.weight"], state["output.weight_scale"] = (x.to(device) for x in
                                                                quantized["output"].quantize(embedding))
     missing = sorted(set(expected) - set(state))
@@ -455,7 +452,17 @@ def _state_dict(file: _File, config: ModelConfig, device: torch.device, dtype: t
     return model, state
 
 
-# --- tokenizer -----------------------------------------------------------------------------------------
+def _float_shape(model: Transformer, name: str, stored: torch.Size) -> tuple[int, ...]:
+    """The shape of a tensor before a scheme stored it ([out, in] of a linear layer, [rows, dim] of a
+    table): what the file's tensor must have."""
+    m = model.get_submodule(name.removesuffix(".weight")) if name.endswith(".weight") else None
+    if isinstance(m, QuantizedLinear):
+        return m.out_features, m.in_features
+    if isinstance(m, QuantizedEmbedding):
+        return m.num_embeddings, m.embedding_dim
+    return tuple(stored)
+
+
 def _pre_tokenizer(pre: str | None, path: Path):
     """(normalizer or None, pre-tokenizer, ignore_merges) for llama.cpp's pre-tokenizer name."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
@@ -663,6 +670,9 @@ def known_sha256(path: str | Path) -> str:
     return memo[key]
 
 
+STORED_LAYOUT = 2  # of quantized folders; 2: the tied table stored once, as int8 (model/quantize.py)
+
+
 def cached_folder(path: str | Path, cache_dir: str | Path | None = None, quantization: str | None = None,
                   sha256: str | None = None) -> Path:
     """The converted folder of a GGUF file (keyed by its sha256 and the quantization of its layers),
@@ -670,7 +680,7 @@ def cached_folder(path: str | Path, cache_dir: str | Path | None = None, quantiz
     the file's Q4 blocks as they are, so the folder is about the file's size and loads in a blink)."""
     path = check_header(path)  # a clear error for a missing or non-GGUF file before hashing it
     sha = sha256 or known_sha256(path)
-    folder = cache_root(cache_dir) / (sha[:16] + (f"-{quantization}" if quantization else ""))
+    folder = cache_root(cache_dir) / (sha[:16] + (f"-{quantization}-v{STORED_LAYOUT}" if quantization else ""))
     if (folder / "config.json").exists():
         return folder
     model, tokenizer, metadata = load_gguf(path, device="cpu", dtype=torch.float32 if not quantization else

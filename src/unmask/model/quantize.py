@@ -18,11 +18,13 @@ scales, and multiplies through PyTorch's own kernels:
 We call these ops directly rather than through torchao's tensor subclasses: our linear layers are wrapped by
 the mask-gated adapter and saved as plain safetensors, and the kernels would be the same.
 
-What is quantized: the attention and dense FFN projections of every layer and the output head (a tied head
-gets its own quantized copy; the embedding stays in the compute dtype, as only a few rows of it are read per
-step). Under int4 the head is int4 too: on this project's CPUs PyTorch's int8 kernel costs 2.8x the int4 one
-for one row and 2.4x for a 12-row window, and the head is a fifth of SmolLM2-135M's weights (`unmask eval
-kl` measures what it costs in drift). MoE experts, routers and norms stay as they are.
+What is quantized: the attention and dense FFN projections of every layer and the output head. A tied
+embedding table under int8 or int4 becomes one int8 table with a scale per row (QuantizedEmbedding), which
+the embedding reads a few rows of and the head multiplies by with the int8 kernel: stored once, as GGUF
+stores its tied table (Q8_0), so a quantized folder is no larger than the GGUF it came from. The int8 head
+costs about 1.4 ms more per step than an int4 one would on SmolLM2-135M (a fifth of its weights), and keeps
+the table's 8 bits where every logit is read. Under fp8 the embedding stays in the compute dtype and the head
+gets a quantized copy of its own. MoE experts, routers and norms stay as they are.
 """
 
 from __future__ import annotations
@@ -51,8 +53,14 @@ class Scheme:
 
     @property
     def head(self) -> "Scheme":
-        """The scheme of the output head."""
+        """The scheme of an output head of its own (not tied to the embedding)."""
         return self
+
+    @property
+    def table(self) -> "Scheme | None":
+        """How a tied embedding table is stored, shared by the embedding and the head; None: the embedding
+        stays in the compute dtype and the head gets a quantized copy of its own."""
+        return None
 
     def fits(self, out_features: int, in_features: int) -> bool:
         """Whether a layer of this shape can be stored this way (others stay as they are)."""
@@ -113,6 +121,10 @@ class Int8Weights(Scheme):
     name = "int8"
     storage = torch.int8
 
+    @property
+    def table(self) -> Scheme:
+        return self
+
     def quantize(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = weight.float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
@@ -166,6 +178,10 @@ class Int4Weights(Scheme):
         self.group_size = group_size
         self.name = f"int4-g{group_size}"
 
+    @property
+    def table(self) -> Scheme:
+        return INT8  # one scale per row: rows read one at a time, the same layout as the int8 head
+
     def fits(self, out_features: int, in_features: int) -> bool:
         return out_features % INT4_ROW_BLOCK == 0 and in_features % self.group_size == 0
 
@@ -217,8 +233,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return codes.transpose(1, 2).reshape(out, k)
 
 
+INT8 = Int8Weights()
 INT4_GROUP_SIZES = (32, 64, 128)
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (Int8Weights(), Fp8Weights(),
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (INT8, Fp8Weights(),
                                                   *(Int4Weights(g) for g in INT4_GROUP_SIZES))}
 ALIASES = {"int4": "int4-g32"}  # groups of 32: GGUF's Q4 blocks, and the least error
 
@@ -230,7 +247,19 @@ def scheme_named(name: str) -> Scheme:
     return SCHEMES[name]
 
 
-class QuantizedLinear(nn.Module):
+class StoredBuffers(nn.Module):
+    """A module whose `weight` and `weight_scale` buffers keep the dtypes of their scheme: model.to(dtype)
+    casts every floating tensor, fp8 included, so those two follow only device moves."""
+
+    def _apply(self, fn, recurse: bool = True):
+        stored = {"weight": self.weight, "weight_scale": self.weight_scale}
+        super()._apply(fn, recurse)
+        for name, t in stored.items():
+            setattr(self, name, t.to(getattr(self, name).device))
+        return self
+
+
+class QuantizedLinear(StoredBuffers):
     """A linear layer whose `weight` buffer is stored by `scheme`, with a float32 `weight_scale` per output row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: Scheme,
@@ -250,15 +279,6 @@ class QuantizedLinear(nn.Module):
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
-    def _apply(self, fn, recurse: bool = True):
-        # model.to(dtype) casts every floating tensor, fp8 included: the stored weight and its scales keep
-        # their dtypes and follow only device moves
-        stored = {"weight": self.weight, "weight_scale": self.weight_scale}
-        super()._apply(fn, recurse)
-        for name, t in stored.items():
-            setattr(self, name, t.to(getattr(self, name).device))
-        return self
-
     def base(self, x: torch.Tensor) -> torch.Tensor:
         out = self.scheme.linear(x, self.weight, self.weight_scale)
         return out if self.bias is None else out + self.bias.to(out.dtype)
@@ -272,6 +292,48 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scheme={self.scheme.name}"
+
+
+class QuantizedEmbedding(StoredBuffers):
+    """An embedding table stored by a scheme with one scale per row (int8). A step reads a few of its rows;
+    a tied head (`head()`) multiplies by the very same buffers, so the table is stored once."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: Scheme,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        if scheme.scale_rows_dim != 0:
+            raise QuantizationError(f"an embedding table needs one scale per row, which {scheme.name} does not store")
+        self.num_embeddings, self.embedding_dim, self.scheme = num_embeddings, embedding_dim, scheme
+        weight, scale = scheme.empty(num_embeddings, embedding_dim, device)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, scheme: Scheme) -> "QuantizedEmbedding":
+        q = cls(embedding.num_embeddings, embedding.embedding_dim, scheme, embedding.weight.device)
+        q.weight, q.weight_scale = scheme.quantize(embedding.weight.detach())
+        return q
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows in float32 (the model casts them to its compute dtype)."""
+        return self.weight[input_ids].float() * self.weight_scale[input_ids].float().unsqueeze(-1)
+
+    def head(self) -> QuantizedLinear:
+        """The output head tied to this table: a QuantizedLinear over the same buffers."""
+        head = QuantizedLinear(self.embedding_dim, self.num_embeddings, False, self.scheme, device="meta")
+        tie_head(head, self)
+        return head
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
+
+
+def tie_head(head: nn.Module, embedding: nn.Module) -> None:
+    """Point `head` at `embedding`'s tensors: after building a tied model, and after every load that assigns
+    new tensors to the embedding."""
+    head.weight = embedding.weight
+    if isinstance(embedding, QuantizedEmbedding):
+        head.weight_scale = embedding.weight_scale
 
 
 class QuantizedAdaptedLinear(QuantizedLinear):
@@ -356,11 +418,23 @@ def quantize_model(model: nn.Module, scheme: Scheme | str) -> nn.Module:
     if config is not None and config.quantization not in (None, scheme.name):
         raise QuantizationError(f"model is already quantized as {config.quantization}")
     _swap(model, scheme)
-    if isinstance(getattr(model, "output", None), nn.Linear):
+    embedding = getattr(model, "tok_embeddings", None)
+    if ties_table(config, scheme) and isinstance(embedding, nn.Embedding):
+        model.tok_embeddings = QuantizedEmbedding.from_embedding(embedding, scheme.table)
+        model.output = model.tok_embeddings.head()
+    elif isinstance(getattr(model, "output", None), nn.Linear):
         model.output = QuantizedLinear.from_linear(model.output, scheme.head)
     if config is not None:
         config.quantization = scheme.name
     return fuse_projections(model)
+
+
+def ties_table(config, scheme: Scheme | str | None) -> bool:
+    """Whether the head is the embedding table itself: a tied model, unquantized or quantized by a scheme
+    with a shared table (a head of its own otherwise)."""
+    if config is None or not config.tie_embeddings:
+        return False
+    return scheme is None or (scheme_named(scheme) if isinstance(scheme, str) else scheme).table is not None
 
 
 def _swap(module: nn.Module, scheme: Scheme) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from unmask.model.adapter import AdapterGate, adapt_linears, is_adapter_param
 from unmask.model.config import ModelConfig
-from unmask.model.quantize import quantize_model
+from unmask.model.quantize import quantize_model, tie_head
 
 
 class RMSNorm(nn.Module):
@@ -30,28 +30,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32: bf16 sums of squares lose too much precision
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # one fused op; in float32: bf16 sums of squares lose too much precision (the weight multiplies the
+        # result rounded to x's dtype, as it always has)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, eps=self.eps).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [B, 1, T, head_dim/2] for integer positions [B, T]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables [B, 1, T, rotary_dim] for integer positions [B, T]: cos, and sin signed for the rotated
+    half ([-sin, sin]), so that apply_rope is one roll and two multiplies."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim))
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos()[:, None], angles.sin()[:, None]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the HF Llama/Qwen/LLaDA convention): pairs are (i, i + rotary_dim/2). Tables narrower
-    than the head (partial RoPE, rotary_dim = 2 * cos.shape[-1]) rotate only the first rotary_dim features."""
-    rd = 2 * cos.shape[-1]
+    """Rotate-half RoPE (the HF Llama/Qwen/LLaDA convention): pairs are (i, i + rotary_dim/2), i.e.
+    [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], computed as x * cos + roll(x) * signed sin. Tables
+    narrower than the head (partial RoPE) rotate only the first rotary_dim features."""
+    rd = cos.shape[-1]
     if rd < x.shape[-1]:
         return torch.cat([apply_rope(x[..., :rd], cos, sin), x[..., rd:]], dim=-1)
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.type_as(x)
+    xf = x.float()
+    return torch.addcmul(xf * cos, xf.roll(rd // 2, dims=-1), sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -183,7 +186,8 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if bias is not None or (cache is not None and mask is None and grouped(x, c, kv_len)):
-            q, k = apply_rope(q, cos.transpose(1, 2), sin.transpose(1, 2)), apply_rope(k, cos.transpose(1, 2), sin.transpose(1, 2))
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # [B, T, 1, D]: heads after positions here
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_all, v_all = cache.write(layer, cache_start, k.transpose(1, 2).to(cache.k.dtype),
                                        v.transpose(1, 2).to(cache.v.dtype))
             out = grouped_attention(q, k_all[:, :, :kv_len], v_all[:, :, :kv_len], bias)
@@ -340,13 +344,22 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+            tie_head(self.output, self.tok_embeddings)
         self.adapter_gate = AdapterGate()
         if config.adapter_rank:
             adapt_linears(self.layers, config.adapter_rank, config.adapter_alpha, self.adapter_gate)
             self.mask_embedding = nn.Parameter(torch.zeros(config.dim))
         if config.quantization:  # a quantized checkpoint: build the stored layout, then load into it
             quantize_model(self, config.quantization)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the norms' (quantized layers and tables store their own)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def init_weights(self, seed: int | None = None) -> "Transformer":
         """GPT-2 style init; residual projections scaled down by depth."""
@@ -411,7 +424,7 @@ class Transformer(nn.Module):
         else:
             mask = build_attention_mask(c, positions, k_pos, k_valid, q_index, k_index)
         cos, sin = rope_cos_sin(positions, c.rotary_dim or c.head_dim, c.rope_theta)
-        h = self.tok_embeddings(input_ids)
+        h = self.tok_embeddings(input_ids).to(self.dtype)  # a no-op unless the table is quantized
         if c.adapter_rank:
             is_mask = (input_ids == c.mask_id)[..., None]
             h = torch.where(is_mask, self.mask_embedding.to(h.dtype), h)
@@ -433,6 +446,5 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """K/V buffers in the compute dtype; float64 on a CPU, where attention runs grouped_attention's
         float64 matmuls straight from the cache (no conversion per layer)."""
-        p = self.tok_embeddings.weight  # the compute dtype (a quantized head stores its own)
-        default = torch.float64 if p.device.type == "cpu" else p.dtype
-        return KVCache(self.config, batch, max_len, device=p.device, dtype=dtype or default)
+        default = torch.float64 if self.device.type == "cpu" else self.dtype
+        return KVCache(self.config, batch, max_len, device=self.device, dtype=dtype or default)

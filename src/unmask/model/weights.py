@@ -21,7 +21,7 @@ from unmask.errors import UnmaskError
 from unmask.io import atomic_path, atomic_write_text
 from unmask.model.config import ConfigError, ModelConfig
 from unmask.model.families import Family, detect_family
-from unmask.model.quantize import fuse_projections
+from unmask.model.quantize import QuantizedEmbedding, fuse_projections, tie_head, ties_table
 from unmask.model.transformer import Transformer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,11 +38,9 @@ def save_model(model: Transformer, path: str | Path, max_shard_bytes: int = 2 <<
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}
-    seen = set()
     for name, t in model.state_dict().items():
-        if t.data_ptr() in seen and model.config.tie_embeddings and name == "output.weight":
-            continue  # tied head: stored once, as the embedding
-        seen.add(t.data_ptr())
+        if is_tied_head(name, model.config):
+            continue  # stored once, as the embedding table
         t = t.detach().to("cpu")
         tensors[name] = (t.to(dtype) if dtype is not None and in_compute_dtype(name, t) else t).contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -155,8 +153,14 @@ def in_compute_dtype(name: str, t: torch.Tensor) -> bool:
 
 
 def tied_head(config: ModelConfig) -> bool:
-    """The output head is the embedding itself (a quantized head is a quantized copy of its own)."""
-    return config.tie_embeddings and config.quantization is None
+    """The output head is the embedding table itself (model/quantize.py: under fp8 the head is a quantized
+    copy of its own)."""
+    return ties_table(config, config.quantization)
+
+
+def is_tied_head(name: str, config: ModelConfig) -> bool:
+    """A tensor of a head tied to the embedding, which checkpoints store once, as the embedding."""
+    return name.startswith("output.") and tied_head(config)
 
 
 def empty_model(config: ModelConfig) -> tuple[Transformer, dict[str, torch.Size]]:
@@ -164,9 +168,7 @@ def empty_model(config: ModelConfig) -> tuple[Transformer, dict[str, torch.Size]
     the embedding, so it is not among them)."""
     with torch.device("meta"):
         model = Transformer(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    if tied_head(config):
-        expected.pop("output.weight")
+    expected = {name: p.shape for name, p in model.state_dict().items() if not is_tied_head(name, config)}
     return model, expected
 
 
@@ -174,10 +176,19 @@ def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> Transf
     """`model` (from empty_model) holding the tensors of `state` themselves, its head tied when configured."""
     model.load_state_dict(state, strict=False, assign=True)
     if tied_head(model.config):
-        model.output.weight = model.tok_embeddings.weight
+        tie_head(model.output, model.tok_embeddings)
     if model.config.quantization:
         fuse_projections(model)  # over the loaded buffers
     return model.eval()
+
+
+def _quantize_float_table(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """A quantized folder that stored its tied table in the compute dtype (before tables were stored int8):
+    quantize it now, as a fresh save would."""
+    table = model.tok_embeddings
+    weight = state.get("tok_embeddings.weight")
+    if isinstance(table, QuantizedEmbedding) and weight is not None and weight.is_floating_point():
+        state["tok_embeddings.weight"], state["tok_embeddings.weight_scale"] = table.scheme.quantize(weight)
 
 
 def load_folder(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
@@ -206,7 +217,7 @@ def load_folder(path: str | Path, device: str | torch.device | None = None, dtyp
             name = family.our_name(ckpt_name)
         except KeyError:
             raise CheckpointError(f"{file.name}: unexpected tensor {ckpt_name!r} for a {family.name} model") from None
-        if name is None or (name == "output.weight" and tied_head(config)):
+        if name is None or is_tied_head(name, config):
             continue  # dropped key, or a tied head some exporters also store
         if name not in expected and family.split is None:
             raise CheckpointError(f"{file.name}: tensor {ckpt_name!r} maps to {name!r}, which the model does not have")
@@ -230,6 +241,7 @@ def load_folder(path: str | Path, device: str | torch.device | None = None, dtyp
                 state[name] = t.to(device=device, dtype=dtype)
             else:  # a copy of its own: tensors read from the file may be unaligned, which int8 kernels crash on
                 state[name] = t.to(device=device, copy=True)
+    _quantize_float_table(model, state)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise CheckpointError(f"weights missing from {path}: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
