@@ -125,3 +125,37 @@ def test_instruction_edits_replace_only_changed_lines_inside_regions():
     text, spans, _ = apply_changed_lines(original, answer, [second_line])
     assert text == original.replace("    total += 1", "    acc += 1")  # the other changes lie outside
     assert apply_changed_lines(original, original.replace("\r\n", "\n"), [(0, len(original))])[0] == original
+
+
+def test_a_later_auto_round_re_decides_only_words_it_has_not_kept(pipe, monkeypatch):
+    """Every token is a suspect here; the first round re-decides each word once and fixes one. The next
+    round reads the text again but re-decides only the new word: the kept ones are settled."""
+    import unmask.edit.left_to_right as ltr
+    from unmask.edit.suffix import GapChoice
+
+    decided = []
+
+    def fake_fill_gap(pipe, prefix, suffix, ending, max_tokens, extra, **kw):
+        word = extra[0]
+        decided.append(word)
+        new = "beta" if word == "bta" else word
+        return GapChoice(new, 10.0, {word: 0.0, new: 10.0}, 1, 1)
+
+    monkeypatch.setattr(ltr, "suspects", lambda probs, top, allowed, *a: allowed.nonzero().flatten().tolist())
+    monkeypatch.setattr(ltr, "fill_gap", fake_fill_gap)
+    r = pipe.edit("alpha = bta + gamma\n", mode="auto")
+    assert r.text == "alpha = beta + gamma\n"
+    assert decided == ["alpha", "=", "bta", "+", "gamma", "beta"]
+
+
+@pytest.mark.parametrize("token, word", [(" =", "="), ("\n", ""), (" al", "alpha"), ("pha", "alpha"),
+                                         ("(v", "(values"), (" ", "")])
+def test_a_suspect_token_widens_to_its_word_without_its_whitespace(token, word):
+    from unmask.edit.left_to_right import word_span
+
+    text = "x = alpha\nf(values)\n"
+    s = text.index(token) if token != " al" else text.index("alpha") - 1
+    if token == "pha":
+        s = text.index("pha")
+    a, b = word_span(text, s, s + len(token))
+    assert text[a:b] == word

@@ -451,16 +451,17 @@ def _edit_left_to_right(pipe, text, spans, lines, markers, mode, instruction, re
         raise EditError(f"remask_below (--remask-below) must be in (0, 1), got {remask_below}")
     if max_rounds < 1:
         raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
-    origin, current, passes, rounds = OriginMap(text), text, 0, 0
+    origin, current, passes, rounds, settled = OriginMap(text), text, 0, 0, []
     for rounds in range(1, max_rounds + 1):
-        new, changed, repl, n, _ = auto_fix(pipe, current, regions, remask_below, max_fraction, seed)
-        passes += n
-        if not changed:
+        fixed = auto_fix(pipe, current, regions, remask_below, max_fraction, seed, settled)
+        passes += fixed.passes
+        if not fixed.changed:
             break
-        edits = [(s, e, r) for (s, e), r in zip(changed, repl)]
+        edits = [(s, e, r) for (s, e), r in zip(fixed.changed, fixed.replacements)]
         origin.apply(edits)
         regions = _shift_regions(regions, edits)
-        current = new
+        settled = _shift_regions(settled + fixed.kept, edits)  # kept words stay decided in later rounds
+        current = fixed.text
     spans_changed, replacements = origin.changes(text)
     return EditResult(text=current, original=text, spans=spans_changed, replacements=replacements, mode="auto",
                       nfe=passes, steps=passes, rounds=rounds,

@@ -15,7 +15,7 @@ Regions are filled left to right, each with the ones before it already rewritten
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ MIN_REGION_TOKENS = 16  # a short region still gets room to be rewritten longer
 AUTO_MARGIN = 2.0  # nats a replacement must gain over the original word (+ what follows) to be kept
 SURE_OF_ANOTHER = 0.8  # a token is suspect only where the model was this sure of a different one
 AUTO_SAMPLES = 2  # proposals per suspect word: greedy and one sample (the original is a candidate too)
+AUTO_EXTRA_TOKENS = 4  # a word's replacement may take this many tokens more than the word
 
 
 @dataclass
@@ -85,13 +86,19 @@ def read_once(model, ids: list[int]):
 
 
 def word_span(text: str, s: int, e: int) -> Span:
-    """[s, e) widened to whole words: a typo is fixed as a word, not as the piece a token happens to be."""
-    while s > 0 and (text[s - 1].isalnum() or text[s - 1] == "_"):
-        s -= 1
-    while e < len(text) and (text[e].isalnum() or text[e] == "_"):
-        e += 1
+    """Token [s, e) as the word it belongs to: a typo is fixed as a word, not as the piece a token happens to
+    be. The whitespace a token carries is not part of it, and only a token's word characters widen it."""
+    is_word = lambda ch: ch.isalnum() or ch == "_"  # noqa: E731
     while s < e and text[s].isspace():
         s += 1
+    while e > s and text[e - 1].isspace():
+        e -= 1
+    if s < e and is_word(text[s]):
+        while s > 0 and is_word(text[s - 1]):
+            s -= 1
+    if s < e and is_word(text[e - 1]):
+        while e < len(text) and is_word(text[e]):
+            e += 1
     return s, e
 
 
@@ -105,47 +112,70 @@ def suspects(probs: torch.Tensor, top: torch.Tensor, allowed: torch.Tensor, belo
     return sorted(sorted(idx, key=lambda i: float(probs[i]))[:cap])
 
 
+@dataclass
+class AutoRound:
+    """One round of auto mode: the new text, the spans of the old one changed and their replacements, the
+    words re-decided and kept (spans of the old text), forward passes."""
+
+    text: str
+    changed: list[Span] = field(default_factory=list)
+    replacements: list[str] = field(default_factory=list)
+    kept: list[Span] = field(default_factory=list)
+    passes: int = 0
+
+    def shifted(self, pos: int) -> "AutoRound":
+        """The same round for a text that starts `pos` characters later."""
+        move = lambda spans: [(s + pos, e + pos) for s, e in spans]  # noqa: E731
+        return AutoRound(self.text, move(self.changed), self.replacements, move(self.kept), self.passes)
+
+
 def auto_fix(pipe, text: str, regions: list[Span], below: float, max_fraction: float, seed: int = 0,
-             windows: bool = True) -> tuple[str, list[Span], list[str], int, int]:
-    """One round of auto mode on a left-to-right model: (new text, spans of `text` changed, replacements,
-    forward passes, suspects re-decided). A text longer than the context is read in windows of lines."""
+             settled: list[Span] = (), windows: bool = True) -> AutoRound:
+    """One round of auto mode on a left-to-right model. `settled`: words an earlier round re-decided and
+    kept, not re-decided again (a round costs what its new suspects cost). A text longer than the context
+    is read in windows of lines."""
     model, tok = pipe.model, pipe.tokenizer
     ids, offsets = encode_with_offsets(tok, text)
     if len(ids) + 64 > pipe.config.max_seq_len:
-        return _auto_windows(pipe, text, regions, below, max_fraction, seed) if windows else (text, [], [], 0, 0)
+        return _auto_windows(pipe, text, regions, below, max_fraction, seed, settled) if windows else AutoRound(text)
     if len(ids) < 2:
-        return text, [], [], 0, 0
+        return AutoRound(text)
     cache, hidden, probs, top = read_once(model, ids)
     allowed = torch.tensor([any(rs <= s and e <= re_ for rs, re_ in regions) for s, e in offsets])
-    passes, edits = 1, []
+    result = AutoRound(text, passes=1)
     words = []
     for i in suspects(probs, top, allowed, below, max_fraction):
         span = word_span(text, *offsets[i])
-        if span[1] > span[0] and not any(span[0] < e and s < span[1] for s, e in words) \
+        if span[1] > span[0] and span not in settled and not any(span[0] < e and s < span[1] for s, e in words) \
                 and any(rs <= span[0] and span[1] <= re_ for rs, re_ in regions):
             words.append(span)
+    edits = []
     for s, e in words:
         # the prefix is every token that ends before the word: its K/V are already in the cache
         k = max(1, sum(1 for _, end in offsets if end <= s))
         start = offsets[k - 1][1]
         state = (prefix_from_cache(model, cache, k, hidden[k - 1]), text[start:s])
-        choice = fill_gap(pipe, text[:s], text[e:], Ending(text[e:], 0), max_tokens=e - s + 8,
+        budget = len(encode_literal(tok, text[s:e])) + AUTO_EXTRA_TOKENS
+        choice = fill_gap(pipe, text[:s], text[e:], Ending(text[e:], 0), max_tokens=budget,
                           extra=[text[s:e]], samples=AUTO_SAMPLES, seed=seed, state=state,
                           hint_samples=0)
-        passes += choice.passes
+        result.passes += choice.passes
         if choice.middle != text[s:e] and choice.score >= choice.candidates[text[s:e]] + AUTO_MARGIN:
             edits.append((s, e, choice.middle))
-    out = text
+        else:
+            result.kept.append((s, e))
     for s, e, new in reversed(edits):
-        out = out[:s] + new + out[e:]
-    return out, [(s, e) for s, e, _ in edits], [new for _, _, new in edits], passes, len(words)
+        result.text = result.text[:s] + new + result.text[e:]
+    result.changed = [(s, e) for s, e, _ in edits]
+    result.replacements = [new for _, _, new in edits]
+    return result
 
 
-def _auto_windows(pipe, text, regions, below, max_fraction, seed):
+def _auto_windows(pipe, text, regions, below, max_fraction, seed, settled) -> AutoRound:
     """A text longer than the context: auto mode on consecutive windows of whole lines."""
     lines = text.splitlines(keepends=True)
     room = pipe.config.max_seq_len // 2
-    out, spans, repl, passes, n, pos, chunk = [], [], [], 0, 0, 0, ""
+    out, total, pos, chunk = [], AutoRound(""), 0, ""
     for line in lines + [None]:
         if line is not None and len(encode_literal(pipe.tokenizer, chunk + line)) < room:
             chunk += line
@@ -153,13 +183,15 @@ def _auto_windows(pipe, text, regions, below, max_fraction, seed):
         if chunk:
             local = [(max(s, pos) - pos, min(e, pos + len(chunk)) - pos) for s, e in regions
                      if s < pos + len(chunk) and e > pos]
-            new, sp, rp, p, k = (auto_fix(pipe, chunk, local, below, max_fraction, seed, windows=False) if local
-                                  else (chunk, [], [], 0, 0))
-            out.append(new)
-            spans += [(s + pos, e + pos) for s, e in sp]
-            repl += rp
-            passes += p
-            n += k
+            mine = [(s - pos, e - pos) for s, e in settled if pos <= s and e <= pos + len(chunk)]
+            part = (auto_fix(pipe, chunk, local, below, max_fraction, seed, mine, windows=False) if local
+                    else AutoRound(chunk)).shifted(pos)
+            out.append(part.text)
+            total.changed += part.changed
+            total.replacements += part.replacements
+            total.kept += part.kept
+            total.passes += part.passes
             pos += len(chunk)
         chunk = line or ""
-    return "".join(out), spans, repl, passes, n
+    total.text = "".join(out)
+    return total
