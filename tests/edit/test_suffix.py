@@ -159,3 +159,21 @@ def test_a_suspect_token_widens_to_its_word_without_its_whitespace(token, word):
         s = text.index("pha")
     a, b = word_span(text, s, s + len(token))
     assert text[a:b] == word
+
+
+def test_names_the_suffix_uses_are_candidates_inside_a_started_line():
+    from unmask.edit.suffix import names_from
+
+    assert names_from("import ", "\n\nprint(math.sqrt(16))") == ["print", "math", "sqrt"]
+    assert names_from("def f():\n    ", "\n    return x\n") == []  # a whole statement: no bare names
+
+
+def test_a_middle_that_breaks_the_code_or_leaves_a_name_unbound_is_not_chosen():
+    from unmask.edit.suffix import parsable, unbound_names
+
+    prefix, suffix = "import ", "\n\n\nprint(math.sqrt(16))\n"
+    assert parsable(prefix, suffix, ["= 4", "sqrt", "math", "pandas"]) == ["math"]
+    assert unbound_names("import sqrt\nprint(math.sqrt(16))") == 1
+    assert unbound_names("def f(a):\n    return a +") is None
+    prose = ["the cat", "a dog"]  # not Python: every candidate stays
+    assert parsable("I saw ", " today.", prose) == prose

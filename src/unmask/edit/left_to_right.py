@@ -158,7 +158,7 @@ def auto_fix(pipe, text: str, regions: list[Span], below: float, max_fraction: f
         budget = len(encode_literal(tok, text[s:e])) + AUTO_EXTRA_TOKENS
         choice = fill_gap(pipe, text[:s], text[e:], Ending(text[e:], 0), max_tokens=budget,
                           extra=[text[s:e]], samples=AUTO_SAMPLES, seed=seed, state=state,
-                          hint_samples=0)
+                          hint_samples=0, suffix_names=False)
         result.passes += choice.passes
         if choice.middle != text[s:e] and choice.score >= choice.candidates[text[s:e]] + AUTO_MARGIN:
             edits.append((s, e, choice.middle))

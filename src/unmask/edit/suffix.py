@@ -20,10 +20,14 @@ names from it; they are scored after the true prefix like every other. Clean tok
 
 from __future__ import annotations
 
+import ast
 import bisect
+import builtins
 import functools
+import keyword
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -309,6 +313,54 @@ class GapChoice:
     tokens: int  # tokens of the winning middle
 
 
+NAME_CANDIDATES = 8  # names of the suffix's head offered as middles of a gap inside a line
+
+
+def names_from(prefix: str, suffix_head: str) -> list[str]:
+    """A gap inside a started line (`import ▢`, `{"▢": 8080}`, `len(▢)`) is often a name the text after it
+    uses: the suffix head's identifiers, first seen first, are candidates too (the scores choose)."""
+    line = prefix[prefix.rfind("\n") + 1 :]
+    if not line.strip():
+        return []
+    names = [n for n in re.findall(r"[A-Za-z_]\w*", suffix_head) if not keyword.iskeyword(n)]
+    return list(dict.fromkeys(names))[:NAME_CANDIDATES]
+
+
+def parsable(prefix: str, suffix: str, candidates: list[str]) -> list[str]:
+    """Where some candidate makes the whole text valid Python, only those that do, and of them those that
+    leave the fewest names used but never bound (`import sqrt` before `math.sqrt(16)` leaves `math`): a
+    middle must not break code that works. Text that is not Python (nothing parses) keeps every candidate."""
+    unbound = {m: n for m in candidates if (n := unbound_names(prefix + m + suffix)) is not None}
+    if not unbound:
+        return candidates
+    fewest = min(unbound.values())
+    return [m for m in candidates if unbound.get(m) == fewest]
+
+
+def unbound_names(source: str) -> int | None:
+    """How many names `source` reads that nothing in it binds and are not builtins (scopes are not told
+    apart: a cheap, conservative count); None where it is not valid Python."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for an invalid escape
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    bound, read = set(dir(builtins)), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.alias):
+            bound.add(node.asname or node.name.split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return len(read - bound)
+
+
 def healed_prefix(tokenizer, prefix: str, room: int, max_len: int, fallback_id: int) -> tuple[list[int], str]:
     """(ids the model reads, text it must write first). The prefix's trailing whitespace and last token are
     written again by the proposals, as training text had them: "\\n    " is one token with what follows."""
@@ -349,10 +401,13 @@ def suffix_head(tokenizer, suffix: str, n: int) -> str:
 
 def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 64, samples: int = SAMPLES,
              suffix_tokens: int = SUFFIX_TOKENS, extra: list[str] = (), seed: int = 0,
-             state: tuple[Prefix, str] | None = None, hint_samples: int = HINT_SAMPLES) -> GapChoice:
+             state: tuple[Prefix, str] | None = None, hint_samples: int = HINT_SAMPLES,
+             suffix_names: bool = True) -> GapChoice:
     """The best middle between prefix and suffix (module docstring). `extra`: more candidates to score with
     the proposals' (auto mode: the original text). `state`: an already cached prefix and the text to force.
-    `hint_samples`: proposals more, decoded after a copy of the suffix placed before the prefix."""
+    `hint_samples`: proposals more, decoded after a copy of the suffix placed before the prefix.
+    `suffix_names`: the suffix's names are candidates too (names_from); not where the suffix may itself hold
+    the typo being fixed (auto mode), which copying would spread."""
     from unmask.edit.fill import special_ids
 
     model, tok, c = pipe.model, pipe.tokenizer, pipe.config
@@ -381,7 +436,8 @@ def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 6
     cuts = [m for p in proposals for m in ending.cuts(p.text)]
     if prefix[-1:] in (" ", "\t"):  # the indentation is the prefix's: more of it breaks the line
         cuts = [m for m in cuts if m[:1] not in (" ", "\t")]
-    candidates = list(dict.fromkeys(cuts + list(extra)))
+    names = names_from(prefix, head) if suffix_names else []
+    candidates = list(dict.fromkeys(cuts + list(extra) + names))
     if not candidates:  # no proposal reached a place where the middle may end: the greedy one's first line
         line = next((line for line in proposals[0].text.split("\n") if line.strip()), "")
         candidates = [line.lstrip(" \t") if prefix[-1:] in (" ", "\t") else line]
@@ -389,6 +445,7 @@ def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 6
                      splits=[len(forced + m) for m in candidates])
     passes += n
     scores = [MIDDLE_WEIGHT * middle + after for middle, after in parts]
-    best = max(range(len(candidates)), key=lambda i: scores[i])
+    eligible = set(parsable(prefix, suffix, candidates))
+    best = max((i for i, m in enumerate(candidates) if m in eligible), key=lambda i: scores[i])
     return GapChoice(candidates[best], scores[best], dict(zip(candidates, scores)), passes,
                      len(encode_literal(tok, candidates[best])))
