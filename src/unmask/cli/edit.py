@@ -197,6 +197,8 @@ def eval_infill(
                                        help="Folder of held-out source files, or an importable package name."),
     humaneval: bool = typer.Option(False, "--humaneval", help="HumanEval infilling, judged by the tests."),
     multi_line: bool = typer.Option(False, "--multi-line", help="With --humaneval: gaps of 2-5 lines."),
+    systems: str = typer.Option("suffix,ar,denoised", "--systems",
+                                help="With --humaneval: which systems run (comma-separated)."),
     limit: int = typer.Option(50, "--limit", min=1, help="Number of masked lines (distinct; fewer if the data has "
                                                           "fewer); with --humaneval, tasks drawn from all."),
     length: Optional[list[str]] = typer.Option(None, "--length",
@@ -225,7 +227,8 @@ def eval_infill(
     if humaneval:
         from unmask.cli.infill_humaneval import run_humaneval_infill
 
-        run_humaneval_infill(model, ar_model, multi_line, limit, seed, device, dtype, quantize)
+        run_humaneval_infill(model, ar_model, multi_line, limit, seed, device, dtype, quantize,
+                             systems=[name.strip() for name in systems.split(",") if name.strip()])
         return
     if model is None or data is None:
         from unmask.edit import EditError
