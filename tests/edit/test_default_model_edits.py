@@ -42,13 +42,7 @@ CASES = {
 }
 
 
-# the right middle is among the candidates, but the score prefers `a += b` (see docs/edit.md)
-NOT_YET = {"a return whose caller prints the result"}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(reason="the suffix score prefers "
-                                                                          "another candidate", strict=False))
-                                  if c in NOT_YET else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_the_suffix_decides_the_middle(pipe, case):
     prefix, suffix, ok = CASES[case]
     r = pipe.infill(prefix, suffix, max_new_tokens=24)

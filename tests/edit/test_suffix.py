@@ -168,12 +168,18 @@ def test_names_the_suffix_uses_are_candidates_inside_a_started_line():
     assert names_from("def f():\n    ", "\n    return x\n") == []  # a whole statement: no bare names
 
 
-def test_a_middle_that_breaks_the_code_or_leaves_a_name_unbound_is_not_chosen():
-    from unmask.edit.suffix import parsable, unbound_names
+def test_a_middle_that_breaks_the_code_or_leaves_a_fault_is_not_chosen():
+    from unmask.edit.static import faults
+    from unmask.edit.suffix import fitting
 
     prefix, suffix = "import ", "\n\n\nprint(math.sqrt(16))\n"
-    assert parsable(prefix, suffix, ["= 4", "sqrt", "math", "pandas"]) == ["math"]
-    assert unbound_names("import sqrt\nprint(math.sqrt(16))") == 1
-    assert unbound_names("def f(a):\n    return a +") is None
+    assert fitting(prefix, suffix, ["= 4", "sqrt", "math", "pandas"]) == ["math"]
+    assert faults("import sqrt\nprint(math.sqrt(16))") == 1  # math is never bound
+    assert faults("def f(a):\n    return a +") is None
+    body = "def add(a, b):\n    ", "\n\n\nprint(add(2, 3))\n"
+    assert fitting(*body, ["a += b", "return a + b", "pass"]) == ["return a + b"]  # add's value is used
+    assert faults("def f(a) -> int:\n    a += 1\n") == 1 and faults("def f(a) -> None:\n    a += 1\n") == 0
+    assert faults("def f():\n    def g():\n        return 1\n    g()\nx = f()\n") == 1  # g's return is g's
+    assert faults("def f():\n    raise NotImplementedError\nx = f()\n") == 0
     prose = ["the cat", "a dog"]  # not Python: every candidate stays
-    assert parsable("I saw ", " today.", prose) == prose
+    assert fitting("I saw ", " today.", prose) == prose

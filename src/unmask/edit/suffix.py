@@ -20,20 +20,18 @@ names from it; they are scored after the true prefix like every other. Clean tok
 
 from __future__ import annotations
 
-import ast
 import bisect
-import builtins
 import functools
 import keyword
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from unmask.edit.canvas import encode_literal, encode_with_offsets
 from unmask.edit.spans import EditError
+from unmask.edit.static import faults
 from unmask.model.transformer import KVCache
 
 SAMPLES = 5  # proposals per gap: one greedy, the rest sampled
@@ -326,39 +324,15 @@ def names_from(prefix: str, suffix_head: str) -> list[str]:
     return list(dict.fromkeys(names))[:NAME_CANDIDATES]
 
 
-def parsable(prefix: str, suffix: str, candidates: list[str]) -> list[str]:
-    """Where some candidate makes the whole text valid Python, only those that do, and of them those that
-    leave the fewest names used but never bound (`import sqrt` before `math.sqrt(16)` leaves `math`): a
+def fitting(prefix: str, suffix: str, candidates: list[str]) -> list[str]:
+    """Where some candidate makes the whole text valid Python, only those that do, and of them those with
+    the fewest static faults (edit/static.py: names left unbound, a used function that returns nothing): a
     middle must not break code that works. Text that is not Python (nothing parses) keeps every candidate."""
-    unbound = {m: n for m in candidates if (n := unbound_names(prefix + m + suffix)) is not None}
-    if not unbound:
+    counted = {m: n for m in candidates if (n := faults(prefix + m + suffix)) is not None}
+    if not counted:
         return candidates
-    fewest = min(unbound.values())
-    return [m for m in candidates if unbound.get(m) == fewest]
-
-
-def unbound_names(source: str) -> int | None:
-    """How many names `source` reads that nothing in it binds and are not builtins (scopes are not told
-    apart: a cheap, conservative count); None where it is not valid Python."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. SyntaxWarning for an invalid escape
-            tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
-    bound, read = set(dir(builtins)), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            (read if isinstance(node.ctx, ast.Load) else bound).add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            bound.add(node.name)
-        elif isinstance(node, ast.arg):
-            bound.add(node.arg)
-        elif isinstance(node, ast.alias):
-            bound.add(node.asname or node.name.split(".")[0])
-        elif isinstance(node, ast.ExceptHandler) and node.name:
-            bound.add(node.name)
-    return len(read - bound)
+    fewest = min(counted.values())
+    return [m for m in candidates if counted.get(m) == fewest]
 
 
 def healed_prefix(tokenizer, prefix: str, room: int, max_len: int, fallback_id: int) -> tuple[list[int], str]:
@@ -445,7 +419,7 @@ def fill_gap(pipe, prefix: str, suffix: str, ending: Ending, max_tokens: int = 6
                      splits=[len(forced + m) for m in candidates])
     passes += n
     scores = [MIDDLE_WEIGHT * middle + after for middle, after in parts]
-    eligible = set(parsable(prefix, suffix, candidates))
+    eligible = set(fitting(prefix, suffix, candidates))
     best = max((i for i, m in enumerate(candidates) if m in eligible), key=lambda i: scores[i])
     return GapChoice(candidates[best], scores[best], dict(zip(candidates, scores)), passes,
                      len(encode_literal(tok, candidates[best])))
