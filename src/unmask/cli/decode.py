@@ -10,6 +10,7 @@ import typer
 from unmask.bench.decode import DECODERS
 from unmask.cli.apps import app, bench_app, eval_app  # noqa: F401
 from unmask.cli.common import Quantize, console, load_pipeline, out
+from unmask.decoding.layout import layout_for
 
 PROMPT = 'def parse_config(path):\n    """Read a JSON config file and return it as a dict."""\n'
 
@@ -121,7 +122,7 @@ def bench_decode_cmd(
         if ar_model is not None:
             twin = load_pipeline(ar_model, str(dev), dtype, quantize).model
             twin = twin if dt is None else twin.to(dt)
-            if twin.config.attention != "causal":
+            if layout_for(twin.config).diffusion:
                 raise UnmaskError(f"--ar-model {ar_model} is not a causal model")
         else:
             twin = random_model(dataclasses.replace(net.config, attention="causal"), dev, dt or torch.float32, seed + 1)

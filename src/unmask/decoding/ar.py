@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 import torch
 
 from unmask.decoding.cache import CacheView
-from unmask.decoding.engine import QueueFull
+from unmask.decoding.contract import (CanvasRequest, Capacity, DecodeRequest, QueueFull, as_request,  # noqa: F401
+                                      check_context, check_submit)
 from unmask.decoding.layout import layout_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
@@ -61,7 +62,7 @@ class ARBatch:
                  capacity: int = 0):
         c = model.config
         if layout_for(c).diffusion:
-            raise OptionsError(f"AR decoding needs a causal model, this one is {c.attention}")
+            raise OptionsError(f"AR decoding needs a causal model, this one is {layout_for(c).name}")
         if not rows or any(not r.prompt for r in rows):
             raise OptionsError("AR decoding needs at least one prompt token")
         for r in rows:
@@ -95,9 +96,7 @@ class ARBatch:
 
     @staticmethod
     def _check_fits(c, row: ARRow) -> None:
-        if len(row.prompt) + row.options.max_new_tokens > c.max_seq_len:
-            raise OptionsError(f"prompt + new tokens = {len(row.prompt) + row.options.max_new_tokens} exceeds the "
-                               f"model context of {c.max_seq_len}")
+        check_context(len(row.prompt), row.options.max_new_tokens, c.max_seq_len)
 
     def _layout(self) -> None:
         """RoPE positions count from each row's first slot; slots before it are padding."""
@@ -339,27 +338,27 @@ class ARQueue:
     def has_work(self) -> bool:
         return bool(self._waiting) or self.num_active > 0
 
-    def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
-               suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None,
-               first_allowed: torch.Tensor | None = None) -> str:
-        if suffix_ids:
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_batch, self.num_active, len(self._waiting))
+
+    def submit(self, request: DecodeRequest | CanvasRequest | list[int], options: DecodeOptions | None = None,
+               request_id: str | None = None, **fields) -> str:
+        """Queue a DecodeRequest (or build one: `submit(prompt_ids, options, ...)`)."""
+        request = as_request(request, options, request_id, **fields)
+        if isinstance(request, CanvasRequest):
+            raise OptionsError("edits (masks in a canvas) need a diffusion model; this one is autoregressive")
+        if request.suffix_ids:
             raise OptionsError("infilling (a suffix) needs a diffusion model; this one is autoregressive")
-        if len(self._waiting) >= self.max_queue:
-            raise QueueFull(f"queue full: {len(self._waiting)} requests waiting (max_queue {self.max_queue})")
-        c = self.config
-        if not prompt_ids:
+        if not request.prompt_ids:
             raise OptionsError("AR decoding needs at least one prompt token")
-        if len(prompt_ids) + options.max_new_tokens > c.max_seq_len:
-            raise OptionsError(f"prompt of {len(prompt_ids)} tokens + {options.max_new_tokens} new tokens exceeds "
-                               f"the model context of {c.max_seq_len} tokens")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= c.vocab_size:
-            raise OptionsError(f"token ids must be in [0, {c.vocab_size})")
-        bias_vector(options.logit_bias, c.vocab_size, "cpu")  # a bad token id fails here, not mid-batch
-        request_id = request_id if request_id is not None else f"req-{next(self._counter)}"
-        if self._running(request_id) is not None or any(rid == request_id for rid, _ in self._waiting):
-            raise OptionsError(f"request id {request_id!r} is already in use")
-        self._waiting.append((request_id, ARRow(list(prompt_ids), options, first_allowed, True, stop_when)))
-        return request_id
+        running = [rid for b, rid in enumerate(self._ids) if self._batch is not None and self._batch.rows[b].live]
+        check_submit(request, self.config, [rid for rid, _ in self._waiting], running, self.max_queue)
+        bias_vector(request.options.logit_bias, self.config.vocab_size, "cpu")  # a bad token id fails here
+        rid = request.request_id if request.request_id is not None else f"req-{next(self._counter)}"
+        self._waiting.append((rid, ARRow(list(request.prompt_ids), request.options, request.first_allowed, True,
+                                         request.stop_when)))
+        return rid
 
     def cancel(self, request_id: str) -> None:
         self._waiting = deque(w for w in self._waiting if w[0] != request_id)

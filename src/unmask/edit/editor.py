@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 from unmask.decoding.events import StepEvent
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions
 from unmask.decoding.result import GenerationResult
 from unmask.edit.canvas import Piece, encode_literal, encode_with_offsets, rebuild, split_pieces
@@ -162,7 +163,7 @@ def _decode_options(pipe, options: DecodeOptions | None, overrides: dict[str, An
 
 
 def _check_model(pipe) -> None:
-    if pipe.config.attention == "causal":
+    if not layout_for(pipe.config).diffusion:
         raise EditError("edit and infill need a diffusion (bidirectional or block-causal) model; "
                         "this is a causal AR model")
 
@@ -336,8 +337,7 @@ def _correction_scores(model, ids: list[int], stride: int | None) -> tuple[torch
     p(x_i | rest). One that sees only the left (causal inside its blocks) finds every name at its
     definition and a text's first tokens improbable, so for it a token is suspect only where it was sure
     of another one (a typo of a name used before), and the first token, which has no context, never is."""
-    c = model.config
-    if not (c.attention == "block_causal" and c.block_attention == "causal"):
+    if not layout_for(model.config).left_to_right:  # edits refuse causal models: this is causal blocks
         return token_probs(model, ids, stride=stride)
     probs, best, passes = token_probs(model, ids, stride=stride, best=True)
     probs = torch.where(best >= SURE_OF_ANOTHER, probs, torch.ones_like(probs))

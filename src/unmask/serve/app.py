@@ -36,7 +36,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from unmask.chat import end_of_turn_strings
+from unmask.decoding.contract import DecodeRequest, QueueFull
 from unmask.decoding.events import StepEvent
+from unmask.decoding.layout import layout_for
 from unmask.decoding.generate import stop_checker
 from unmask.decoding.healing import heal
 from unmask.decoding.options import DecodeOptions
@@ -56,7 +58,8 @@ from unmask.serve.schema import (
     check_limits,
 )
 from unmask.serve.text import MASK_PLACEHOLDER, DeltaStream, committed_prefix, final_text, render_canvas, tokens_for_text
-from unmask.serve.worker import JobDone, Worker
+from unmask.serve.commands import Abort, JobDone, RefuseWaiting
+from unmask.serve.worker import Worker
 from unmask.tokenizer import USER
 
 log = logging.getLogger(__name__)
@@ -112,12 +115,6 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _is_queue_full(e: BaseException) -> bool:
-    from unmask.decoding.engine import QueueFull
-
-    return isinstance(e, QueueFull)
-
-
 class Server:
     """State behind one app: pipeline, worker, limits, metrics; the handlers are its methods."""
 
@@ -126,6 +123,7 @@ class Server:
         self.pipeline = pipeline
         self.tokenizer = pipeline.tokenizer
         self.config = pipeline.config
+        self.layout = layout_for(pipeline.config)
         self.model_name = model_name
         self.limits = limits
         self.defaults = defaults
@@ -148,10 +146,10 @@ class Server:
         503 at once; what is decoding gets `timeout` seconds to finish, then ends with an error saying why
         (in-band for a stream). Called on the event loop, before uvicorn waits for connections to close."""
         self.stopping = True
-        self.worker.post(("refuse_waiting", shutting_down("the request had not started")))
+        self.worker.post(RefuseWaiting(shutting_down("the request had not started")))
         asyncio.get_running_loop().call_later(
-            timeout, self.worker.post, ("abort", shutting_down(f"the request was cancelled after the {timeout:g} s "
-                                                                "shutdown timeout")))
+            timeout, self.worker.post, Abort(shutting_down(f"the request was cancelled after the {timeout:g} s "
+                                                           "shutdown timeout")))
 
     def refuse_if_stopping(self) -> None:
         if self.stopping:
@@ -171,7 +169,7 @@ class Server:
         """The served model as /v1/models lists it: OpenAI's fields, then ours."""
         c, d = self.config, self.defaults
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "unmask",
-                "max_model_len": c.max_seq_len, "attention": c.attention, "mask_placeholder": MASK_PLACEHOLDER,
+                "max_model_len": c.max_seq_len, "attention": self.layout.name, "mask_placeholder": MASK_PLACEHOLDER,
                 "max_tokens_limit": min(self.limits.max_tokens, c.max_seq_len),
                 "defaults": {"max_tokens": d.max_new_tokens, "block_length": d.block_length, "policy": d.policy,
                              **{name: d.param(name) for name in declared_params()}}}
@@ -265,7 +263,7 @@ class Server:
         prompts = self.prompts(req.prompt)
         self.check_choices(req, len(prompts))
         suffix_ids = self.encode(req.suffix, "suffix") if req.suffix else None
-        if suffix_ids is not None and self.config.attention == "causal":
+        if suffix_ids is not None and not self.layout.diffusion:
             raise ApiError("suffix: infilling needs a diffusion model; this one is autoregressive", 400, "suffix")
         choices = []
         for i, (prompt_ids, text_prompt) in enumerate(prompts):
@@ -309,8 +307,8 @@ class Server:
         t0 = time.perf_counter()
         # all choices as one group: admitted whole or refused whole (serve/scheduler.py)
         tickets, admitted = self.worker.submit_group(
-            [dict(prompt_ids=c.prompt_ids, options=c.opts, suffix_ids=c.suffix_ids,
-                  stop_when=stop_checker(self.tokenizer, c.opts.stop, c.skip), first_allowed=c.first_allowed)
+            [DecodeRequest(c.prompt_ids, c.opts, list(c.suffix_ids or []),
+                           stop_when=stop_checker(self.tokenizer, c.opts.stop, c.skip), first_allowed=c.first_allowed)
              for c in choices], every_step=req.stream)
         try:
             await self.admission(request, admitted)
@@ -528,7 +526,7 @@ class Server:
         from unmask.serve.edits import check_edit, edit_job
 
         self.check_model(req.model)
-        if self.config.attention == "causal":
+        if not self.layout.diffusion:
             raise ApiError("edits need a diffusion model (they denoise masked spans in place); this one is "
                            "autoregressive", 400, "model")
         if len(req.input) > self.limits.max_prompt_chars:
@@ -778,7 +776,7 @@ def create_app(pipeline: Any, model_name: str | None = None, max_batch: int = 8,
 
     @app.exception_handler(UnmaskError)
     async def unmask_error(request: Request, e: UnmaskError):
-        status = 429 if _is_queue_full(e) else 400
+        status = 429 if isinstance(e, QueueFull) else 400
         srv.metrics.requests.labels(endpoint_label(request), str(status)).inc()
         headers = retry_headers(getattr(e, "retry_after", 1.0)) if status == 429 else None
         kind = "rate_limit_error" if status == 429 else "invalid_request_error"
