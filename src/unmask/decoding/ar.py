@@ -21,8 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from unmask.decoding.cache import CacheView
-from unmask.decoding.contract import (CanvasRequest, Capacity, DecodeRequest, QueueFull, as_request,  # noqa: F401
-                                      check_context, check_submit)
+from unmask.decoding.contract import CanvasRequest, Capacity, DecodeRequest, as_request, check_context, check_submit
 from unmask.decoding.layout import layout_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError

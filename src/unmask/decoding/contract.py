@@ -28,7 +28,8 @@ class QueueFull(UnmaskError):
 
 class ContextError(OptionsError):
     """A request that does not fit the model context. `param`: what the client should shorten — "prompt"
-    (no room for a single new token) or "max_tokens" (the new tokens asked for are too many)."""
+    (no room for a single new token) or "max_tokens" (the new tokens asked for are too many); the server
+    puts the name of the field it came from before the message."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
@@ -121,8 +122,7 @@ def check_context(n_prompt: int, n_new: int, max_seq_len: int, n_suffix: int = 0
     """The one context check: prompt (+ suffix) and the new tokens must fit the model context."""
     n_context = n_prompt + n_suffix
     if n_context >= max_seq_len and n_new > 0:
-        raise ContextError(f"prompt: {n_context} tokens leave no room in the model context of {max_seq_len} tokens",
-                           "prompt")
+        raise ContextError(f"{n_context} tokens leave no room in the model context of {max_seq_len} tokens", "prompt")
     if n_context + n_new > max_seq_len:
         raise ContextError(f"prompt of {n_context} tokens + {n_new} new tokens exceeds the model context of "
                            f"{max_seq_len} tokens", "max_tokens")
