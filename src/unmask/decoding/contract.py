@@ -88,6 +88,7 @@ class Decoder(Protocol):
     """A request queue that decodes a model: the diffusion Engine or the causal ARQueue (decoding/queues.py
     picks one). Used from one thread."""
 
+    model: torch.nn.Module
     max_batch: int
     max_queue: int
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Callable, Protocol
 
 from unmask.decoding.contract import CanvasRequest, DecodeRequest
 from unmask.decoding.events import StepEvent
-
-if TYPE_CHECKING:
-    from unmask.serve.jobs import Job
 
 
 class Cancelled(Exception):
@@ -40,6 +38,13 @@ class Sink(Protocol):
     """Where a request's messages go; `put` is called on the worker thread."""
 
     def put(self, item: Message) -> None: ...
+
+
+class EditJob(Protocol):
+    """What the worker knows of an edit job (serve/jobs.py): its id, and whether its client has gone."""
+
+    id: str
+    cancelled: threading.Event
 
 
 class Ticket:
@@ -78,7 +83,7 @@ class SubmitGroup:
 class SubmitCanvases:
     """An edit job's canvases, as one group of decoder requests whose events go to `sink`."""
 
-    job: Job
+    job: EditJob
     requests: list[CanvasRequest]
     sink: Sink
 

@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -30,16 +30,26 @@ from unmask.decoding.contract import CanvasRequest
 from unmask.decoding.denoise import DenoiseOutput, denoise_output
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
-from unmask.serve.commands import (CallOnWorker, Cancel, Cancelled, Failed, JobDone, Message,  # noqa: F401
+from unmask.serve.commands import (CallOnWorker, Cancel, Cancelled, Command, Failed, JobDone, Message,
                                    SubmitCanvases, Ticket)
-
-if TYPE_CHECKING:
-    from unmask.serve.worker import Worker
 
 log = logging.getLogger(__name__)
 
 # an edit: fn(on_step, denoiser) -> its result, run on the job's thread (serve/edits.py builds them)
 EditFn = Callable[[Callable[[StepEvent], None], "Job"], object]
+
+
+class JobHost(Protocol):
+    """What a job needs of the worker thread (serve/worker.py), which imports this module."""
+
+    idle_poll_s: float
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    def post(self, command: Command) -> None: ...
+
+    def job_finished(self, job: Job) -> None: ...
 
 
 class WorkerModel:
@@ -65,11 +75,11 @@ class WorkerModel:
 class Job:
     """One edit job. `fn(on_step, denoiser)` is the edit; this object is its denoiser."""
 
-    def __init__(self, worker: Worker, ticket: Ticket, every_step: bool, fn: EditFn):
+    def __init__(self, worker: JobHost, ticket: Ticket, every_step: bool, fn: EditFn):
         self.worker, self.ticket, self.every_step, self.fn = worker, ticket, every_step, fn
         self.id = ticket.request_id
         self.cancelled = threading.Event()
-        self.model = WorkerModel(worker.engine.model, self.call)
+        self.model = WorkerModel(worker.model, self.call)
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._run, name=f"unmask-{self.id}", daemon=True)
 

@@ -23,6 +23,8 @@ import time
 import uuid
 from dataclasses import replace
 
+import torch
+
 from unmask.decoding.contract import DecodeRequest, Decoder
 from unmask.serve import memory
 from unmask.serve.commands import (Abort, CallOnWorker, Cancel, Cancelled, Command, Failed, JobDone, RefuseWaiting,
@@ -81,6 +83,11 @@ class Worker:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The decoder's model (edit jobs' own forward passes run it on this thread)."""
+        return self.engine.model
 
     @property
     def num_waiting(self) -> int:
