@@ -17,10 +17,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
 from unmask.edit.editor import EditResult, edit_text, resolve_regions
+from unmask.edit.options import EditOptions
 from unmask.edit.spans import EditError, has_markers
 from unmask.serve.commands import JobDone, Ticket
 from unmask.serve.generation import diffusion_info
 from unmask.serve.http import STREAM_HEADERS, JsonRoute, error_body, sse
+from unmask.serve.jobs import EditFn
 from unmask.serve.schema import ApiError, EditRequest, ServerLimits
 from unmask.serve.server import ClientGone, Server, server
 from unmask.serve.text import render_canvas
@@ -56,19 +58,15 @@ class WorkerPipeline:
         return getattr(self._pipeline, name)
 
 
-def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> Callable:
-    kwargs: dict[str, Any] = {"mode": mode, "spans": req.spans, "instruction": req.instruction, "options": options}
-    for ours, theirs in (("strength", "strength"), ("remask_below", "flag_below"), ("max_rounds", "max_rounds"),
-                         ("length", "length")):
-        value = getattr(req, theirs)
-        if value is not None:
-            kwargs[ours] = value
+def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> EditFn:
+    given = {name: getattr(req, name) for name in ("strength", "flag_below", "max_rounds", "length")}
+    edit = EditOptions(mode=mode, instruction=req.instruction, **{k: v for k, v in given.items() if v is not None})
 
     def job(on_step: Callable[[StepEvent], None], denoiser: Any) -> EditResult:
         # the edit's own final event (done=True, no canvas) is replaced by the job's return value; its
         # canvases are requests of the server's engine (the job is its denoiser, serve/jobs.py)
-        return edit_text(WorkerPipeline(pipeline, denoiser.model), req.input,
-                         on_step=lambda ev: None if ev.done else on_step(ev), denoiser=denoiser, **kwargs)
+        return edit_text(WorkerPipeline(pipeline, denoiser.model), req.input, req.spans, edit=edit, options=options,
+                         on_step=lambda ev: None if ev.done else on_step(ev), denoiser=denoiser)
 
     return job
 
