@@ -47,6 +47,7 @@ import torch
 
 from unmask.decoding.contract import QueueFull  # noqa: F401 (imported from here too)
 from unmask.decoding.contract import CanvasRequest, Capacity, DecodeRequest, as_request, check_submit
+from unmask.decoding.drafts import drafts_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
@@ -204,7 +205,7 @@ class Engine:
                 # healing restricts the answer's first token: the first block's first position, if it is that
                 first_allowed=None if first_allowed is None or not blocks or blocks[0][0] != (region or (0,))[0]
                 else first_allowed.to(self.device)),
-            prompt_tokens=(region or (0, 0))[0], policy=policy, feed=x.clone() if policy.drafts else None,
+            prompt_tokens=(region or (0, 0))[0], policy=policy, drafts=drafts_for(policy.drafts, x),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
             steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
         )
@@ -276,8 +277,6 @@ class Engine:
             r = self._waiting.popleft()
             r.row, r.t0 = free.pop(0), time.perf_counter()
             self._active[r.id] = r
-            if r.blocks:
-                r.enter_block()
-                r.draft()
+            r.start()
             self.runner.admit(r)
 

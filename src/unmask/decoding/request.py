@@ -1,9 +1,10 @@
 """One request's decoding state: its canvas, its blocks and progress, and how a step's logits advance it.
 
 The engine admits a Request into a batch row and runs the forward pass; the Request does the rest of the
-step for itself (`update`): its logits processors, sampling, self-correction, the policy's commit (or the
-verify policy's drafts), and the bookkeeping on the host copy of its canvas — block done, stop check, EOS early
-stop, the next block — and answers with its StepEvent, the final one carrying its GenerationResult.
+step for itself (`update`): its logits processors, sampling, self-correction, the policy's step (one call
+for every policy; a drafting one's next inputs go back to the request's proposer, decoding/drafts.py), and the
+bookkeeping on the host copy of its canvas — block done, stop check, EOS early stop, the next block — and
+answers with its StepEvent, the final one carrying its GenerationResult.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from unmask.decoding.drafts import copy_draft
+from unmask.decoding.drafts import NoDrafts
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import AttentionLayout
 from unmask.decoding.options import DecodeOptions
-from unmask.decoding.policies import Policy, confidence
+from unmask.decoding.policies import BlockStep, Policy, confidence
 from unmask.decoding.processors import Processors, without_token
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.sampling import TokenLogprob, choose_tokens, token_logprobs
@@ -68,8 +69,7 @@ class Request:
     entry_width: int = 0  # ... and every entry window to this one
     prefix_fill: list | None = None  # stored K/V of its leading prompt blocks, copied in before its first pass
     prefix_new: range = range(0)  # its prompt's model blocks to store after its first pass
-    feed: torch.Tensor | None = None  # drafting policies (verify): the canvas as fed, drafts at open positions
-    follows: torch.Tensor | None = None  # ... bool [L]: block position i is the canvas position after i - 1
+    drafts: NoDrafts = field(default_factory=NoDrafts)  # its proposer: drafts fed at open positions (verify)
 
     @property
     def n(self) -> int:
@@ -78,7 +78,7 @@ class Request:
     @property
     def inputs(self) -> torch.Tensor:
         """What the forward pass reads: the canvas, or with a drafting policy the canvas with its drafts."""
-        return self.x if self.feed is None else self.feed
+        return self.drafts.inputs(self.x)
 
     def needs_refresh(self) -> bool:
         o = self.options
@@ -121,30 +121,20 @@ class Request:
             self.entry_width = max((e - s for s, e in entries), default=0)
         self.block_step, self.correcting = 0, -1
         self.policy.start_block(len(blk), self.steps_budget)
-        if self.policy.drafts:
-            self.follows = torch.ones_like(self.pos, dtype=torch.bool)
-            self.follows[1:] = self.pos[1:] == self.pos[:-1] + 1
+        self.drafts.enter_block(self.pos)
+
+    def start(self) -> None:
+        """Admitted into a batch row: its first block begins."""
+        if self.blocks:
+            self.enter_block()
+            self.draft()
 
     def draft(self) -> None:
-        """Drafting policies: where the block's first open position has no draft from the model's look-ahead,
-        copy one from the committed text before it (decoding/drafts.py) over the open run there. The next
-        window starts at the last committed position: every one before it was fed its own token, with only
-        committed tokens before it, so its K/V are final (uncompiled engines; compiled ones keep one shape)."""
-        if not self.policy.drafts:
-            return
-        blk, mask = self.blocks[self.block], self.config.mask_id
-        fed = self.feed[self.pos].tolist()
-        first = next((i for i, p in enumerate(blk) if self.host[p] == mask), None)
+        """The proposer's drafts for the block's open positions; a window may then start at the first of them
+        (uncompiled engines; compiled ones keep one shape)."""
+        first = self.drafts.propose(self.blocks[self.block], self.pos, self.host, self.config.mask_id)
         if first is not None and not self.static_shapes:
-            self.window = (max(self.window[0], blk[first] - 1), self.window[1])
-        if first is None or fed[first] != mask:
-            return
-        run = first + 1
-        while run < len(blk) and blk[run] == blk[run - 1] + 1 and self.host[blk[run]] == mask:
-            run += 1
-        draft = copy_draft(self.host[: blk[first]], run - first)
-        if draft:
-            self.feed[self.pos[first : first + len(draft)]] = torch.tensor(draft, device=self.x.device)
+            self.window = (max(self.window[0], first - 1), self.window[1])
 
     # ---- one step ----------------------------------------------------------------------------------------
     def update(self, logits: torch.Tensor) -> StepEvent:
@@ -182,15 +172,11 @@ class Request:
             new = self._correct(cur, without_token(probs, c.mask_id, 0.0), allow_remask=not last_correction)
         if last_correction:
             commit = masked  # the bound: whatever is still masked is committed now
-        elif self.policy.drafts:
-            fed = self.feed[self.pos]
-            commit = self.policy.verify(tokens, cur, fed, masked, self.follows)
-            still_open = masked & ~commit
-            self.feed[self.pos] = torch.where(
-                still_open, self.policy.next_inputs(tokens, fed, still_open, self.follows, c.mask_id),
-                torch.where(commit, tokens, cur))
         else:
-            commit = self.policy.select(conf, masked, self.block_step)
+            commit, next_inputs = self.policy.step(BlockStep(tokens, conf, cur, masked, self.block_step,
+                                                             self.drafts.fed(cur, self.pos), self.drafts.follows,
+                                                             c.mask_id))
+            self.drafts.advance(self.pos, commit, next_inputs, tokens, cur, masked)
         new = torch.where(commit, tokens, new)
         self.x[self.pos] = new
         self.steps += 1
