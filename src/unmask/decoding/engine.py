@@ -51,30 +51,16 @@ from unmask.decoding.drafts import drafts_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.plan import make_plan, plan_blocks  # noqa: F401 (plan_blocks: imported from here too)
 from unmask.decoding.policies import make_policy
 from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.processors import processors_for
 from unmask.decoding.request import Request
 from unmask.decoding.runner import Runner, kv_bucket  # noqa: F401 (kv_bucket: imported from here too)
-from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-
-
-def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfig) -> list[list[int]]:
-    """Split masked positions into blocks of at most `block_length` consecutive masked positions.
-    For block_causal models a block never crosses a model block boundary."""
-    blocks: list[list[int]] = []
-    layout = layout_for(config)
-    for p in mask_positions:
-        cur = blocks[-1] if blocks else None
-        if cur is not None and len(cur) < block_length and layout.aligned(cur[0], p):
-            cur.append(p)
-        else:
-            blocks.append([p])
-    return blocks
 
 
 class Engine:
@@ -180,14 +166,7 @@ class Engine:
                first_allowed: torch.Tensor | None = None, banned: set[int] | None = None) -> str:
         """The request's plan (blocks, region) and state, into the waiting queue (checked already)."""
         c = self.config
-        masks = [i for i, t in enumerate(canvas) if t == c.mask_id]
-        blocks = plan_blocks(masks, options.block_length, c)
-        tail_start = None
-        if masks and masks[-1] == len(canvas) - 1:
-            tail_start = masks[-1]
-            while tail_start - 1 >= 0 and canvas[tail_start - 1] == c.mask_id:
-                tail_start -= 1
-        total_steps = options.steps or len(masks)
+        plan = make_plan(canvas, options, c, self.layout, self._compiled, region, cut_at_eos, stop_when)
         x = torch.tensor(canvas, device=self.device)
         generated = x == c.mask_id
         policy = make_policy(options)
@@ -197,17 +176,16 @@ class Engine:
                                "the AR base's own")
         req = Request(
             id=request_id, options=options, config=c, layout=self.layout, static_shapes=self._compiled, x=x,
-            region=region or (0, len(canvas)), generated=generated,
-            blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
+            plan=plan, generated=generated,
             processors=processors_for(
                 options, c.vocab_size, self.device, banned=self._token_set(banned), canvas=x,
                 generated=generated, mask_id=c.mask_id,
                 # healing restricts the answer's first token: the first block's first position, if it is that
-                first_allowed=None if first_allowed is None or not blocks or blocks[0][0] != (region or (0,))[0]
-                else first_allowed.to(self.device)),
-            prompt_tokens=(region or (0, 0))[0], policy=policy, drafts=drafts_for(policy.drafts, x),
+                first_allowed=None if first_allowed is None or not plan.blocks
+                or plan.blocks[0][0] != plan.region[0] else first_allowed.to(self.device)),
+            policy=policy, drafts=drafts_for(policy.drafts, x),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
-            steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
+            host=list(canvas),
         )
         self._waiting.append(req)
         return request_id
@@ -257,10 +235,10 @@ class Engine:
     def step(self) -> list[StepEvent]:
         self._admit()
         events = []
-        for r in [r for r in self._active.values() if not r.blocks]:  # nothing masked: done at once
+        for r in [r for r in self._active.values() if not r.plan.blocks]:  # nothing masked: done at once
             del self._active[r.id]
             events.append(r.finish())
-        reqs = sorted(self._active.values(), key=lambda r: r.row)
+        reqs = sorted(self._active.values(), key=lambda r: r.slot.row)
         if not reqs:
             return events
         logits = self.runner.logits(reqs)
@@ -272,10 +250,10 @@ class Engine:
         return events
 
     def _admit(self) -> None:
-        free = sorted(set(range(self.max_batch)) - {r.row for r in self._active.values()})
+        free = sorted(set(range(self.max_batch)) - {r.slot.row for r in self._active.values()})
         while self._waiting and free:
             r = self._waiting.popleft()
-            r.row, r.t0 = free.pop(0), time.perf_counter()
+            r.slot.row, r.t0 = free.pop(0), time.perf_counter()
             self._active[r.id] = r
             r.start()
             self.runner.admit(r)
