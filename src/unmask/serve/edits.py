@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,10 +19,11 @@ from unmask.decoding.options import DecodeOptions
 from unmask.edit.editor import EditResult, edit_text, resolve_regions
 from unmask.edit.options import EditOptions
 from unmask.edit.spans import EditError, has_markers
+from unmask.pipeline import Pipeline
 from unmask.serve.commands import JobDone, Ticket
 from unmask.serve.generation import diffusion_info
 from unmask.serve.http import STREAM_HEADERS, JsonRoute, error_body, sse
-from unmask.serve.jobs import EditFn
+from unmask.serve.jobs import EditFn, Job, WorkerModel
 from unmask.serve.schema import ApiError, EditRequest, ServerLimits
 from unmask.serve.server import ClientGone, Server, server
 from unmask.serve.text import render_canvas
@@ -51,18 +52,18 @@ class WorkerPipeline:
     pass the edit makes itself (a left-to-right model's suffix scoring) runs on the worker thread too, never
     beside an engine step: the model is not thread-safe (its adapter's gate is per-call module state)."""
 
-    def __init__(self, pipeline: Any, model: Any):
+    def __init__(self, pipeline: Pipeline, model: WorkerModel):
         self._pipeline, self.model = pipeline, model
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         return getattr(self._pipeline, name)
 
 
-def edit_job(pipeline: Any, req: EditRequest, mode: str, options: DecodeOptions) -> EditFn:
+def edit_job(pipeline: Pipeline, req: EditRequest, mode: str, options: DecodeOptions) -> EditFn:
     given = {name: getattr(req, name) for name in ("strength", "flag_below", "max_rounds", "length")}
     edit = EditOptions(mode=mode, instruction=req.instruction, **{k: v for k, v in given.items() if v is not None})
 
-    def job(on_step: Callable[[StepEvent], None], denoiser: Any) -> EditResult:
+    def job(on_step: Callable[[StepEvent], None], denoiser: Job) -> EditResult:
         # the edit's own final event (done=True, no canvas) is replaced by the job's return value; its
         # canvases are requests of the server's engine (the job is its denoiser, serve/jobs.py)
         return edit_text(WorkerPipeline(pipeline, denoiser.model), req.input, req.spans, edit=edit, options=options,
