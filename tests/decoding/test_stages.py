@@ -11,7 +11,7 @@ from unmask.decoding.runner import Runner
 def _admitted(engine: Engine, prompt: list[int], options: DecodeOptions):
     engine.submit(prompt, options)
     r = engine._waiting.popleft()
-    r.row = 0
+    r.slot.row = 0  # the runner's part of a request: its Slot (decoding/plan.py)
     r.enter_block()
     return r
 

@@ -234,7 +234,9 @@ def test_edit_streams_step_events(pipe):
     ("abc", dict(spans=["0:1"], extra_tokens=-2), "extra_tokens must be >= 0"),
     ("abc", dict(mode="auto", neighbors=-1), "neighbors must be >= 0"),
     ("abc", dict(mode="auto", probe_stride=0), "probe_stride must be >= 1"),
-    ("abc", dict(mode="auto", remask_below=1.5), "--remask-below"),
+    ("abc", dict(mode="auto", flag_below=1.5), "--flag-below"),
+    # auto mode's threshold is flag_below; remask_below is self-correction's, so an edit refuses the old name
+    ("abc", dict(mode="auto", remask_below=0.2), "flag_below"),
     # `threshold` is the decoder's, as in pipe.generate(), in every mode: never silently auto mode's
     ("abc", dict(spans=["0:1"], threshold=1.5), r"threshold must be in \(0, 1\]"),
 ])

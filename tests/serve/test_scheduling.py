@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from engine_helpers import ScriptedModel
+from unmask.decoding.contract import DecodeRequest
 from unmask.decoding.engine import Engine
 from unmask.decoding.options import DecodeOptions
 from unmask.serve.app import create_app
@@ -61,7 +62,7 @@ def fixed(n: int = 4) -> DecodeOptions:
 
 
 def choice(rid: str, prompt: list[int]) -> Entry:
-    return Entry(rid, lambda engine: engine.submit(prompt, fixed(), request_id=rid))
+    return Entry(DecodeRequest(prompt, fixed(), request_id=rid))
 
 
 def test_groups_start_whole_in_arrival_order_and_a_full_line_refuses_whole(tiny_pipeline):
@@ -131,7 +132,7 @@ def test_a_refused_request_never_reaches_the_engine_even_in_part(tiny_pipeline):
     real_submit = engine.submit
 
     def submit(*args, **kwargs):
-        submitted.append(kwargs["request_id"])
+        submitted.append(args[0].request_id)  # the worker submits typed requests (DecodeRequest)
         return real_submit(*args, **kwargs)
 
     engine.submit = submit

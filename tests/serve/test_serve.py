@@ -192,13 +192,13 @@ def test_stop_sequence_saves_the_remaining_blocks(client):
 def test_text_prompts_are_healed_like_the_pipeline(client, tiny_pipeline):
     prompt = 'def f(x):\n    """Return x."""\n'  # ends in a token that "\n   " extends
     req = {"prompt": prompt, **FAST}
-    # the pipeline's healed token is one of its max_new_tokens; the server's max_tokens counts those after it,
-    # and its block widens to hold the healed token (one block of 9, as one of 8 was asked)
-    want = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=9, steps=4, block_length=9, policy="fixed"))
+    # one front end: max_tokens counts the new tokens after the healed one on both paths (the decoder writes
+    # one more, its block widened to hold it)
+    want = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=8, steps=4, block_length=8, policy="fixed"))
     assert tiny_pipeline.tokenizer.decode(want.tokens[:1]).startswith("\n")  # healing happened
     body = client.post("/v1/completions", json=req).json()
     assert body["choices"][0]["text"] == want.text
-    assert body["usage"]["completion_tokens"] == len(want.tokens) - 1 == 8
+    assert body["usage"]["completion_tokens"] == want.completion_tokens == len(want.tokens) - 1 == 8
     streamed = parse_sse(client.post("/v1/completions", json={**req, "stream": True}).text)
     assert "".join(c["choices"][0]["text"] for c in streamed) == want.text
     states = parse_sse(client.post("/v1/completions", json={**req, "stream": True, "diffusing": True}).text)
@@ -206,6 +206,27 @@ def test_text_prompts_are_healed_like_the_pipeline(client, tiny_pipeline):
     unhealed = client.post("/v1/completions", json={**req, "heal": False}).json()["choices"][0]["text"]
     assert unhealed == tiny_pipeline.generate(prompt, max_new_tokens=8, steps=4, block_length=8, policy="fixed",
                                               heal=False).text
+
+
+@pytest.mark.parametrize("attention", ["block_causal", "causal"])
+@pytest.mark.parametrize("healing", [True, False])
+def test_server_and_pipeline_agree_on_max_tokens(tokenizer, attention, healing):
+    """The same request gives the same text and the same count of new tokens through the server and through
+    the pipeline, with healing on and off, for the diffusion engine and the AR queue alike."""
+    from conftest import tiny_model
+    from unmask.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_model(tokenizer, attention=attention, block_size=4), tokenizer)
+    prompt = 'def f(x):\n    """Return x."""\n'
+    options = DecodeOptions(max_new_tokens=6, steps=6, block_length=3, policy="fixed", heal=healing)
+    want = pipe.generate(prompt, options)
+    with TestClient(create_app(pipe, model_name="tiny")) as c:
+        body = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6, "steps": 6, "block_length": 3,
+                                               "policy": "fixed", "heal": healing}).json()
+    assert body["choices"][0]["text"] == want.text
+    assert body["usage"]["completion_tokens"] == want.completion_tokens
+    assert body["usage"]["prompt_tokens"] == want.prompt_tokens == len(tokenizer.encode(prompt))
+    assert want.completion_tokens <= 6 and len(want.tokens) - want.completion_tokens == int(healing)
 
 
 def test_penalties_reach_the_decoder(client, tiny_pipeline):
@@ -456,7 +477,7 @@ def test_delta_stream_never_sends_text_it_must_take_back(tokenizer):
     final text, cut at EOS and stop strings, even where a stop string or a UTF-8 character spans tokens."""
     import random
 
-    from unmask.serve.text import DeltaStream, final_text
+    from unmask.decoding.detokenize import DeltaStream, final_text
 
     mask, eos = tokenizer.mask_id, tokenizer.eos_id
     text = "naïve café → done; return x  # ok 🙂\n    return y\n"

@@ -71,3 +71,18 @@ def test_the_openai_client_maps_each_error(served):
         client.post("/edits", cast_to=object, body={"input": "x = 1\n", "mode": "auto"})
     assert "server busy" in e.value.message
     assert e.value.response.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize("healing", [True, False])
+def test_max_tokens_means_what_the_pipeline_means(served, tiny_pipeline, healing):
+    """The official client's max_tokens and completion_tokens match the pipeline's for the same request."""
+    from unmask.decoding.options import DecodeOptions
+
+    client, _ = served
+    prompt = 'def f(x):\n    """Return x."""\n'
+    want = tiny_pipeline.generate(prompt, DecodeOptions(max_new_tokens=8, steps=4, block_length=8, policy="fixed",
+                                                        heal=healing))
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=8,
+                                    extra_body={**FAST, "policy": "fixed", "heal": healing})
+    assert got.choices[0].text == want.text
+    assert got.usage.completion_tokens == want.completion_tokens <= 8

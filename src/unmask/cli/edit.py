@@ -82,7 +82,8 @@ def edit(
     mode: str = typer.Option("spans", "--mode", help="spans | auto | instruction"),
     instruction: Optional[str] = typer.Option(None, "--instruction", "-i", help="What to do (instruction mode)."),
     strength: float = typer.Option(0.5, "--strength", help="Fraction of the text re-noised (instruction mode)."),
-    remask_below: float = typer.Option(0.05, "--remask-below", help="Auto mode: re-mask tokens with p below this."),
+    flag_below: float = typer.Option(0.05, "--flag-below", "--remask-below",
+                                     help="Auto mode: rewrite tokens whose probability given the rest is below this."),
     neighbors: int = typer.Option(0, "--neighbors", help="Auto mode: also re-mask this many tokens either side."),
     rounds: int = typer.Option(4, "--rounds", help="Auto mode: at most this many correction rounds."),
     extra_tokens: Optional[int] = typer.Option(None, "--extra-tokens", help="Masks beyond a region's own size."),
@@ -116,7 +117,7 @@ def edit(
                           cache=cache, **policy)
     with _stream_printer(stream) as on_step:
         result = pipe.edit(text, spans=span, lines=lines, mode=mode, instruction=instruction, strength=strength,
-                           remask_below=remask_below, neighbors=neighbors, max_rounds=rounds,
+                           flag_below=flag_below, neighbors=neighbors, max_rounds=rounds,
                            extra_tokens=extra_tokens, length=length, options=opts, on_step=on_step)
     if diff:
         sys.stdout.write(result.diff(name=file.name if str(file) != "-" else "stdin"))

@@ -11,6 +11,7 @@ import typer
 
 from unmask.cli.apps import app, bench_app, eval_app
 from unmask.cli.common import Quantize, console, out
+from unmask.decoding.layout import layout_for
 
 
 @app.command()
@@ -127,15 +128,16 @@ def bench_train(
     if attention:
         overrides["attention"] = attention
     config = shape_config(shape, **overrides)
-    if (mode == "ar") != (config.attention == "causal"):  # as `unmask train` refuses it
-        raise TrainConfigError(f"--mode {mode} cannot train {config.attention} attention")
+    layout = layout_for(config)
+    if (mode == "ar") == layout.diffusion:  # as `unmask train` refuses it
+        raise TrainConfigError(f"--mode {mode} cannot train {layout.name} attention")
     L = seq_len or config.max_seq_len
-    need = 2 * L if config.attention == "block_causal" and mode != "ar" else L
+    need = 2 * L if layout.block_causal and mode != "ar" else L
     if need > config.max_seq_len:  # random weights: a longer context only lengthens the RoPE tables
         config = shape_config(shape, **overrides, max_seq_len=need)
     r = run(config, batch_size, L, steps=steps, warmup=warmup, mode=mode, device=str(dev),
             compile=compile, peak=peak_tflops)
     mfu = f"{100 * r.mfu:.1f}% of {r.peak_tflops:.0f} TFLOP/s" if r.mfu is not None else "n/a (give --peak-tflops)"
-    out.print(f"{shape} ({r.params / 1e6:.1f}M params) {mode} {config.attention} · batch {batch_size} × {L} · "
+    out.print(f"{shape} ({r.params / 1e6:.1f}M params) {mode} {layout.name} · batch {batch_size} × {L} · "
               f"{r.device}{' · compiled' if compile else ''}")
     out.print(f"tokens/s {r.tokens_per_s:,.0f} · step {r.step_ms:.1f} ms · MFU {mfu}")

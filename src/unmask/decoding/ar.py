@@ -4,7 +4,8 @@ batched answerer of sequence-level distillation, and the server's decoder for ca
 `ARBatch` decodes several prompts of different lengths together, one token per row per `step()`: prompts
 are left-padded (padding is invalid in the cache, and RoPE positions start at each prompt's first token,
 so a row computes what it would alone). Each row has its own DecodeOptions (budget, sampling, penalties,
-logit bias, logprobs, seed) and ends on its own (EOS, budget, a stop check, or cancel); the batch runs
+logit bias, logprobs, seed), applied by the engine's logits processors (decoding/processors.py: a row is a
+block of one position), and ends on its own (EOS, budget, a stop check, or cancel); the batch runs
 until every row has ended, and new rows may `join` it in places that have ended. `ar_generate_batch`,
 `ar_generate` and `ar_decode` run a batch to the end; `ARQueue` gives the engine's request-queue API
 (serve/worker.py drives it) with continuous batching.
@@ -21,12 +22,13 @@ from typing import Callable, Sequence
 import torch
 
 from unmask.decoding.cache import CacheView
-from unmask.decoding.engine import QueueFull
+from unmask.decoding.contract import CanvasRequest, Capacity, DecodeRequest, as_request, check_context, check_submit
 from unmask.decoding.layout import layout_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.processors import Processors, processors_for
 from unmask.decoding.result import GenerationResult
-from unmask.decoding.sampling import TokenLogprob, bias_vector, penalize, sample_tokens, token_logprobs
+from unmask.decoding.sampling import TokenLogprob, bias_vector, sample_tokens, token_logprobs
 from unmask.model.transformer import Transformer
 
 
@@ -61,7 +63,7 @@ class ARBatch:
                  capacity: int = 0):
         c = model.config
         if layout_for(c).diffusion:
-            raise OptionsError(f"AR decoding needs a causal model, this one is {c.attention}")
+            raise OptionsError(f"AR decoding needs a causal model, this one is {layout_for(c).name}")
         if not rows or any(not r.prompt for r in rows):
             raise OptionsError("AR decoding needs at least one prompt token")
         for r in rows:
@@ -74,17 +76,14 @@ class ARBatch:
         # free places hold an ended one-token row: its keys stay valid, its outputs are never read
         self.rows = list(rows) + [ARRow([c.eos_id], DecodeOptions(max_new_tokens=1), finish="empty")
                                   for _ in range(capacity - len(rows))]
-        B, V = len(self.rows), c.vocab_size
+        B = len(self.rows)
         self.pos = P = max(len(r.prompt) for r in rows)  # the slot every row writes next
         self.cache = model.new_cache(B, P + max(r.options.max_new_tokens for r in rows))
         self.offset = [P - len(r.prompt) for r in self.rows]  # each row's first slot (left padding before it)
         self._layout()
         self.generators: list[torch.Generator | None] = [None] * B
-        self.presence = torch.zeros(B, 1, device=self.device)
-        self.frequency = torch.zeros(B, 1, device=self.device)
-        self.counts = torch.zeros(B, V, device=self.device)
-        self.bias: torch.Tensor | None = None  # [B, V] once a row has a logit bias
-        self.first_allowed: torch.Tensor | None = None  # [B, V] once a row restricts its first token
+        self.processors: list[Processors] = [Processors()] * B  # each row's healing, bias, penalties
+        self.written: list[torch.Tensor | None] = [None] * B  # a row's new tokens, where its penalties count them
         self.first = [True] * B  # the row's next token is its first
         for b, r in enumerate(self.rows):
             self._settings(b, r)
@@ -95,9 +94,7 @@ class ARBatch:
 
     @staticmethod
     def _check_fits(c, row: ARRow) -> None:
-        if len(row.prompt) + row.options.max_new_tokens > c.max_seq_len:
-            raise OptionsError(f"prompt + new tokens = {len(row.prompt) + row.options.max_new_tokens} exceeds the "
-                               f"model context of {c.max_seq_len}")
+        check_context(len(row.prompt), row.options.max_new_tokens, c.max_seq_len)
 
     def _layout(self) -> None:
         """RoPE positions count from each row's first slot; slots before it are padding."""
@@ -106,21 +103,18 @@ class ARBatch:
         self.cache.set_layout((slots - offset).clamp_min(0), slots >= offset)
 
     def _settings(self, b: int, r: ARRow) -> None:
-        """Row b's sampling state from its options (at the start, or when a request joins there)."""
+        """Row b's sampling state from its options (at the start, or when a request joins there). Its logits
+        processors see the row as a block of one position, the first token as block 0; the penalties count
+        the tokens written so far (-1: none yet)."""
         V, o = self.config.vocab_size, r.options
         self.generators[b] = torch.Generator().manual_seed(o.seed) if o.seed is not None else None
-        self.presence[b], self.frequency[b] = o.presence_penalty, o.frequency_penalty
-        self.counts[b] = 0
         self.first[b] = True
-        bias = bias_vector(o.logit_bias, V, self.device)
-        if bias is not None and self.bias is None:
-            self.bias = torch.zeros(len(self.rows), V, device=self.device)
-        if self.bias is not None:
-            self.bias[b] = 0 if bias is None else bias
-        if r.first_allowed is not None and self.first_allowed is None:
-            self.first_allowed = torch.ones(len(self.rows), V, dtype=torch.bool, device=self.device)
-        if self.first_allowed is not None:
-            self.first_allowed[b] = True if r.first_allowed is None else r.first_allowed[:V].to(self.device)
+        penalized = bool(o.presence_penalty or o.frequency_penalty)
+        self.written[b] = torch.full((o.max_new_tokens,), -1, device=self.device) if penalized else None
+        allowed = None if r.first_allowed is None else r.first_allowed[:V].to(self.device)
+        self.processors[b] = processors_for(o, V, self.device, first_allowed=allowed, canvas=self.written[b],
+                                            generated=None if not penalized else torch.ones_like(
+                                                self.written[b], dtype=torch.bool), mask_id=-1)
 
     @property
     def done(self) -> bool:
@@ -174,17 +168,8 @@ class ARBatch:
         stepped = [b for b, r in enumerate(self.rows) if r.live]
         if not stepped:
             return []
-        logits = self.logits
-        model_logprobs = logits.float().log_softmax(-1) if self._top() is not None else None
-        if self.first_allowed is not None and any(self.first[b] for b in stepped):
-            first = torch.tensor(self.first, device=self.device)[:, None]
-            logits = logits.masked_fill(first & ~self.first_allowed, float("-inf"))
-        if self.bias is not None:
-            logits = logits + self.bias
-        if bool(self.presence.any() or self.frequency.any()):
-            logits = penalize(logits, self.counts, self.presence, self.frequency)
-        tokens = self._choose(logits, stepped)
-        self.counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=self.counts.dtype))
+        model_logprobs = self.logits.float().log_softmax(-1) if self._top() is not None else None
+        tokens = self._choose(self._adjusted(stepped), stepped)
         entries = token_logprobs(model_logprobs, tokens, self._top()) if model_logprobs is not None else None
         self.steps += 1
         for b, t in enumerate(tokens.tolist()):
@@ -196,6 +181,8 @@ class ARBatch:
                 self._end(r, "eos")
                 continue
             r.tokens.append(t)
+            if self.written[b] is not None:
+                self.written[b][len(r.tokens) - 1] = t
             if entries is not None and r.options.logprobs is not None:
                 lp, top = entries[b]
                 r.logprobs.append((lp, top[: r.options.logprobs]))
@@ -207,6 +194,20 @@ class ARBatch:
             self.logits = self._forward(tokens[:, None], self.pos)
             self.pos += 1
         return stepped
+
+    def _adjusted(self, stepped: list[int]) -> torch.Tensor:
+        """The logits after each live row's adjusting processors (healing, logit bias, penalties)."""
+        rows = {b: self.processors[b].adjust(self.logits[b : b + 1], 0 if self.first[b] else 1)
+                for b in stepped if self.processors[b].adjusting}
+        if not rows:
+            return self.logits
+        dtype = self.logits.dtype
+        for adjusted in rows.values():  # a float32 logit bias lifts bf16 logits to float32, as the sum does
+            dtype = torch.promote_types(dtype, adjusted.dtype)
+        logits = self.logits.to(dtype, copy=True)
+        for b, adjusted in rows.items():
+            logits[b : b + 1] = adjusted
+        return logits
 
     def _top(self) -> int | None:
         return max((r.options.logprobs for r in self.rows if r.live and r.options.logprobs is not None), default=None)
@@ -339,27 +340,27 @@ class ARQueue:
     def has_work(self) -> bool:
         return bool(self._waiting) or self.num_active > 0
 
-    def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
-               suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None,
-               first_allowed: torch.Tensor | None = None) -> str:
-        if suffix_ids:
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_batch, self.num_active, len(self._waiting))
+
+    def submit(self, request: DecodeRequest | CanvasRequest | list[int], options: DecodeOptions | None = None,
+               request_id: str | None = None, **fields) -> str:
+        """Queue a DecodeRequest (or build one: `submit(prompt_ids, options, ...)`)."""
+        request = as_request(request, options, request_id, **fields)
+        if isinstance(request, CanvasRequest):
+            raise OptionsError("edits (masks in a canvas) need a diffusion model; this one is autoregressive")
+        if request.suffix_ids:
             raise OptionsError("infilling (a suffix) needs a diffusion model; this one is autoregressive")
-        if len(self._waiting) >= self.max_queue:
-            raise QueueFull(f"queue full: {len(self._waiting)} requests waiting (max_queue {self.max_queue})")
-        c = self.config
-        if not prompt_ids:
+        if not request.prompt_ids:
             raise OptionsError("AR decoding needs at least one prompt token")
-        if len(prompt_ids) + options.max_new_tokens > c.max_seq_len:
-            raise OptionsError(f"prompt of {len(prompt_ids)} tokens + {options.max_new_tokens} new tokens exceeds "
-                               f"the model context of {c.max_seq_len} tokens")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= c.vocab_size:
-            raise OptionsError(f"token ids must be in [0, {c.vocab_size})")
-        bias_vector(options.logit_bias, c.vocab_size, "cpu")  # a bad token id fails here, not mid-batch
-        request_id = request_id if request_id is not None else f"req-{next(self._counter)}"
-        if self._running(request_id) is not None or any(rid == request_id for rid, _ in self._waiting):
-            raise OptionsError(f"request id {request_id!r} is already in use")
-        self._waiting.append((request_id, ARRow(list(prompt_ids), options, first_allowed, True, stop_when)))
-        return request_id
+        running = [rid for b, rid in enumerate(self._ids) if self._batch is not None and self._batch.rows[b].live]
+        check_submit(request, self.config, [rid for rid, _ in self._waiting], running, self.max_queue)
+        bias_vector(request.options.logit_bias, self.config.vocab_size, "cpu")  # a bad token id fails here
+        rid = request.request_id if request.request_id is not None else f"req-{next(self._counter)}"
+        self._waiting.append((rid, ARRow(list(request.prompt_ids), request.options, request.first_allowed, True,
+                                         request.stop_when)))
+        return rid
 
     def cancel(self, request_id: str) -> None:
         self._waiting = deque(w for w in self._waiting if w[0] != request_id)

@@ -45,38 +45,22 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from unmask.decoding.contract import QueueFull  # noqa: F401 (imported from here too)
+from unmask.decoding.contract import CanvasRequest, Capacity, DecodeRequest, as_request, check_submit
+from unmask.decoding.drafts import drafts_for
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions, OptionsError
+from unmask.decoding.plan import make_plan, plan_blocks  # noqa: F401 (plan_blocks: imported from here too)
 from unmask.decoding.policies import make_policy
 from unmask.decoding.prefix import PrefixStore
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.processors import processors_for
 from unmask.decoding.request import Request
 from unmask.decoding.runner import Runner, kv_bucket  # noqa: F401 (kv_bucket: imported from here too)
-from unmask.errors import UnmaskError
-from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(UnmaskError):
-    """The engine's waiting queue is at max_queue (the server answers 429)."""
-
-
-def plan_blocks(mask_positions: list[int], block_length: int, config: ModelConfig) -> list[list[int]]:
-    """Split masked positions into blocks of at most `block_length` consecutive masked positions.
-    For block_causal models a block never crosses a model block boundary."""
-    blocks: list[list[int]] = []
-    layout = layout_for(config)
-    for p in mask_positions:
-        cur = blocks[-1] if blocks else None
-        if cur is not None and len(cur) < block_length and layout.aligned(cur[0], p):
-            cur.append(p)
-        else:
-            blocks.append([p])
-    return blocks
 
 
 class Engine:
@@ -147,19 +131,22 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._waiting or self._active)
 
-    def submit(self, prompt_ids: list[int], options: DecodeOptions, request_id: str | None = None,
-               suffix_ids: list[int] | None = None, stop_when: Callable[[list[int]], bool] | None = None,
-               first_allowed: torch.Tensor | None = None) -> str:
-        """Queue a generation: canvas = prompt + max_new_tokens masks (+ suffix: infilling).
-        `stop_when(answer_prefix_ids)` True after a block ends the request there (stop strings);
-        `first_allowed` (bool [vocab]) restricts the first new token (token healing, decoding/healing.py)."""
-        prompt_ids, suffix_ids = list(prompt_ids), list(suffix_ids or [])
-        if self.config.mask_id in prompt_ids or self.config.mask_id in suffix_ids:
-            raise OptionsError("prompt and suffix must not contain the mask token")
-        canvas = prompt_ids + [self.config.mask_id] * options.max_new_tokens + suffix_ids
-        lo = len(prompt_ids)
-        return self.submit_canvas(canvas, options, request_id, region=(lo, lo + options.max_new_tokens),
-                                  cut_at_eos=True, stop_when=stop_when, first_allowed=first_allowed)
+    @property
+    def capacity(self) -> Capacity:
+        return Capacity(self.max_batch, len(self._active), len(self._waiting))
+
+    def submit(self, request: DecodeRequest | CanvasRequest | list[int], options: DecodeOptions | None = None,
+               request_id: str | None = None, **fields: Any) -> str:
+        """Queue a generation (DecodeRequest: canvas = prompt + max_new_tokens masks + suffix) or an edit's
+        canvas (CanvasRequest); `submit(prompt_ids, options, ...)` builds the DecodeRequest."""
+        request = as_request(request, options, request_id, **fields)
+        if isinstance(request, CanvasRequest):
+            return self.submit_canvas(request.canvas, request.options, request.request_id, banned=request.banned)
+        check_submit(request, self.config, [r.id for r in self._waiting], list(self._active), self.max_queue)
+        n, lo = request.options.max_new_tokens, len(request.prompt_ids)
+        canvas = list(request.prompt_ids) + [self.config.mask_id] * n + list(request.suffix_ids)
+        return self.submit_canvas(canvas, request.options, request.request_id, region=(lo, lo + n), cut_at_eos=True,
+                                  stop_when=request.stop_when, first_allowed=request.first_allowed)
 
     def submit_canvas(self, canvas: list[int], options: DecodeOptions, request_id: str | None = None,
                       region: tuple[int, int] | None = None, cut_at_eos: bool = False,
@@ -168,26 +155,18 @@ class Engine:
         """Queue any canvas: every mask is filled, everything else is context. Events and the result
         report canvas[region] (default: the whole canvas). `banned` token ids are never written by this
         request (their logits are -inf for it alone; other requests in the batch may write them)."""
+        check_submit(CanvasRequest(list(canvas), options, set(banned or ()), request_id), self.config,
+                     [r.id for r in self._waiting], list(self._active), self.max_queue)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        return self._queue(rid, list(canvas), options, region, cut_at_eos, stop_when, first_allowed, banned)
+
+    def _queue(self, request_id: str, canvas: list[int], options: DecodeOptions,
+               region: tuple[int, int] | None = None, cut_at_eos: bool = False,
+               stop_when: Callable[[list[int]], bool] | None = None,
+               first_allowed: torch.Tensor | None = None, banned: set[int] | None = None) -> str:
+        """The request's plan (blocks, region) and state, into the waiting queue (checked already)."""
         c = self.config
-        if len(self._waiting) >= self.max_queue:
-            raise QueueFull(f"queue full: {len(self._waiting)} requests waiting (max_queue {self.max_queue})")
-        if not canvas:
-            raise OptionsError("empty canvas: nothing to decode")
-        if len(canvas) > c.max_seq_len:
-            raise OptionsError(f"canvas of {len(canvas)} tokens exceeds the model context of {c.max_seq_len} tokens")
-        if min(canvas) < 0 or max(canvas) >= c.vocab_size:
-            raise OptionsError(f"token ids must be in [0, {c.vocab_size})")
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._active or any(r.id == request_id for r in self._waiting):
-            raise OptionsError(f"request id {request_id!r} is already in use")
-        masks = [i for i, t in enumerate(canvas) if t == c.mask_id]
-        blocks = plan_blocks(masks, options.block_length, c)
-        tail_start = None
-        if masks and masks[-1] == len(canvas) - 1:
-            tail_start = masks[-1]
-            while tail_start - 1 >= 0 and canvas[tail_start - 1] == c.mask_id:
-                tail_start -= 1
-        total_steps = options.steps or len(masks)
+        plan = make_plan(canvas, options, c, self.layout, self._compiled, region, cut_at_eos, stop_when)
         x = torch.tensor(canvas, device=self.device)
         generated = x == c.mask_id
         policy = make_policy(options)
@@ -197,17 +176,16 @@ class Engine:
                                "the AR base's own")
         req = Request(
             id=request_id, options=options, config=c, layout=self.layout, static_shapes=self._compiled, x=x,
-            region=region or (0, len(canvas)), generated=generated,
-            blocks=blocks, tail_start=tail_start, cut_at_eos=cut_at_eos, stop_when=stop_when,
+            plan=plan, generated=generated,
             processors=processors_for(
                 options, c.vocab_size, self.device, banned=self._token_set(banned), canvas=x,
                 generated=generated, mask_id=c.mask_id,
                 # healing restricts the answer's first token: the first block's first position, if it is that
-                first_allowed=None if first_allowed is None or not blocks or blocks[0][0] != (region or (0,))[0]
-                else first_allowed.to(self.device)),
-            prompt_tokens=(region or (0, 0))[0], policy=policy, feed=x.clone() if policy.drafts else None,
+                first_allowed=None if first_allowed is None or not plan.blocks
+                or plan.blocks[0][0] != plan.region[0] else first_allowed.to(self.device)),
+            policy=policy, drafts=drafts_for(policy.drafts, x),
             generator=torch.Generator().manual_seed(options.seed) if options.seed is not None else None,
-            steps_budget=max(1, -(-total_steps // max(len(blocks), 1))), host=list(canvas),
+            host=list(canvas),
         )
         self._waiting.append(req)
         return request_id
@@ -231,7 +209,7 @@ class Engine:
     def stream(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
                **request: Any) -> Iterator[StepEvent]:
         """Submit one generation and yield its StepEvents until the final one (done=True).
-        `request`: submit's stop_when / first_allowed."""
+        `request`: DecodeRequest's stop_when / first_allowed."""
         rid = self.submit(prompt_ids, options, suffix_ids=suffix_ids, **request)
         yield from self.run(rid)
 
@@ -257,10 +235,10 @@ class Engine:
     def step(self) -> list[StepEvent]:
         self._admit()
         events = []
-        for r in [r for r in self._active.values() if not r.blocks]:  # nothing masked: done at once
+        for r in [r for r in self._active.values() if not r.plan.blocks]:  # nothing masked: done at once
             del self._active[r.id]
             events.append(r.finish())
-        reqs = sorted(self._active.values(), key=lambda r: r.row)
+        reqs = sorted(self._active.values(), key=lambda r: r.slot.row)
         if not reqs:
             return events
         logits = self.runner.logits(reqs)
@@ -272,13 +250,11 @@ class Engine:
         return events
 
     def _admit(self) -> None:
-        free = sorted(set(range(self.max_batch)) - {r.row for r in self._active.values()})
+        free = sorted(set(range(self.max_batch)) - {r.slot.row for r in self._active.values()})
         while self._waiting and free:
             r = self._waiting.popleft()
-            r.row, r.t0 = free.pop(0), time.perf_counter()
+            r.slot.row, r.t0 = free.pop(0), time.perf_counter()
             self._active[r.id] = r
-            if r.blocks:
-                r.enter_block()
-                r.draft()
+            r.start()
             self.runner.admit(r)
 

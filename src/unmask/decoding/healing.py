@@ -5,7 +5,8 @@ ends with a token that, in training, was almost never followed by an indented li
 that a bare "\\n" token is followed by column-0 text and leaves the function it was asked to write.
 Healing drops the prompt's last token and makes the first new token start with that token's text
 (any of "\\n", "\\n    ", "\\n        ", ...); the caller then removes that text from the answer. The
-re-decoded token is one of the request's new tokens, so the canvas and its block plan stay as asked.
+re-decoded token stands in the prompt token's place: the front end (decoding/frontend.py) adds it to the
+new tokens asked for and counts it with the prompt, so the canvas keeps its length.
 """
 
 from __future__ import annotations

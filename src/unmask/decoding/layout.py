@@ -25,6 +25,8 @@ class AttentionLayout:
     prefix_reuse = False  # a finished block's K/V are exact for any canvas that starts with the same tokens
     drafting = False  # drafting policies (verify) read the model's look-ahead: causal inside blocks and shifted
     masks_keys = False  # the layout alone hides keys from queries (attention_mask can never be None)
+    block_causal = False  # model blocks: a block sees itself and the blocks before it (training feeds [x_t, x_0])
+    left_to_right = False  # clean text is read causally: a token never sees what follows it
 
     def __init__(self, block_size: int, logits_shift: bool):
         self.block_size, self.shift = block_size, int(logits_shift)
@@ -47,6 +49,11 @@ class AttentionLayout:
         """Slots [0, visible) can influence the block: a refresh recomputes only those."""
         return n
 
+    @property
+    def next_token(self) -> bool:
+        """The logits at a slot predict the token after it (an AR model, or an adapted one)."""
+        return not self.diffusion or self.drafting
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(block_size={self.block_size}, shift={bool(self.shift)})"
 
@@ -57,6 +64,7 @@ class Causal(AttentionLayout):
     name = "causal"
     diffusion = False
     masks_keys = True
+    left_to_right = True
 
 
 class BlockCausal(AttentionLayout):
@@ -68,6 +76,7 @@ class BlockCausal(AttentionLayout):
     name = "block_causal"
     prefix_reuse = True
     masks_keys = True
+    block_causal = True
 
     def aligned(self, a: int, b: int) -> bool:
         return a // self.block_size == b // self.block_size
@@ -96,6 +105,8 @@ class BlockCausalCausalBlocks(BlockCausal):
     """Block-causal with causal attention inside blocks: plain causal attention, with model blocks that only
     matter to prefix reuse. Nothing in a block sees what follows it, so decoding blocks may cross model blocks
     and a window ends with its block; with shifted logits it is an adapted AR model, which drafting reads."""
+
+    left_to_right = True
 
     def __init__(self, block_size: int, logits_shift: bool):
         super().__init__(block_size, logits_shift)

@@ -28,6 +28,7 @@ request field, and `GET /v1/policies` lists them (see docs/engine.md, "Adding a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,14 +70,32 @@ THRESHOLD = Param("threshold", 0.9, "confidence τ: every masked position at lea
                   le=1.0)
 
 
+@dataclass
+class BlockStep:
+    """What a policy sees of one step over a block of L positions: this step's proposed tokens [L], their
+    confidences [L] (None where the policy reads none), the block now [L] (mask where open), the open
+    positions [L], the step's index in the block, and what the forward pass read there [L] with `follows`
+    [L] (position i is the canvas position right after i - 1); without drafts `fed` is the block itself."""
+
+    tokens: torch.Tensor
+    conf: torch.Tensor | None
+    cur: torch.Tensor
+    masked: torch.Tensor
+    index: int
+    fed: torch.Tensor
+    follows: torch.Tensor | None
+    mask_id: int
+
+
 class Policy:
-    """Base: `select(conf, candidates, step)` -> commit mask over the block's positions."""
+    """Base: `step(BlockStep)` -> (commit mask over the block's positions, what to feed at the open ones next
+    step or None); most policies only `select(conf, candidates, step)`."""
 
     name = "base"
     help = ""  # one line, shown by the CLI and GET /v1/policies
     params: tuple[Param, ...] = ()  # the knobs it reads (options.param(name)); steps, cache, ... are everyone's
-    drafts = False  # True: the engine feeds drafts at open positions and commits through verify()
-    reads_confidence = True  # False: select()/verify() never look at the confidences (they are not computed)
+    drafts = False  # True: the request feeds drafts at open positions (decoding/drafts.py), which step() reads
+    reads_confidence = True  # False: step() never looks at the confidences (they are not computed)
 
     def __init__(self, options: DecodeOptions):
         self.options = options
@@ -93,6 +112,10 @@ class Policy:
 
     def select(self, conf: torch.Tensor, candidates: torch.Tensor, step: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def step(self, s: BlockStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The engine's one call per step: what to commit, and the next inputs of a drafting policy."""
+        return self.select(s.conf, s.masked, s.index), None
 
 
 class FixedStepsPolicy(Policy):
@@ -215,6 +238,10 @@ class VerifyPolicy(Policy):
         chain = (matched | ~started).long().cumprod(0).bool()
         leftmost = candidates & (candidates.cumsum(0) == 1)
         return leftmost | (candidates & started & chain)
+
+    def step(self, s: BlockStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        commit = self.verify(s.tokens, s.cur, s.fed, s.masked, s.follows)
+        return commit, self.next_inputs(s.tokens, s.fed, s.masked & ~commit, s.follows, s.mask_id)
 
     def next_inputs(self, proposed: torch.Tensor, fed: torch.Tensor, open_after: torch.Tensor,
                     follows: torch.Tensor, mask_id: int) -> torch.Tensor:

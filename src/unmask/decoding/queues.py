@@ -1,10 +1,11 @@
-"""The request queue that decodes a model: the diffusion Engine, or ARQueue for a causal AR twin. Both take
-submit / step / cancel / has_work and report StepEvents, so the server and its benchmark serve either."""
+"""The request queue that decodes a model: the diffusion Engine, or ARQueue for a causal AR twin. Both are
+Decoders (decoding/contract.py), so the server and its benchmark serve either."""
 
 from __future__ import annotations
 
 import logging
 
+from unmask.decoding.contract import Decoder
 from unmask.decoding.layout import layout_for
 from unmask.model.transformer import Transformer
 
@@ -12,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def request_queue(model: Transformer, max_batch: int = 8, max_queue: int = 64, compile: bool | str = False,
-                  prefix_blocks: int = 0):
+                  prefix_blocks: int = 0) -> Decoder:
     """`prefix_blocks`: the Engine's store of finished prompt blocks, where it applies (block_causal models,
     uncompiled); ignored elsewhere."""
     from unmask.decoding.ar import ARQueue

@@ -1,24 +1,25 @@
 """One request's decoding state: its canvas, its blocks and progress, and how a step's logits advance it.
 
 The engine admits a Request into a batch row and runs the forward pass; the Request does the rest of the
-step for itself (`update`): its logits processors, sampling, self-correction, the policy's commit (or the
-verify policy's drafts), and the bookkeeping on the host copy of its canvas — block done, stop check, EOS early
-stop, the next block — and answers with its StepEvent, the final one carrying its GenerationResult.
+step for itself (`update`): its logits processors, sampling, self-correction, the policy's step (one call
+for every policy; a drafting one's next inputs go back to the request's proposer, decoding/drafts.py), and the
+bookkeeping on the host copy of its canvas — block done, stop check, EOS early stop, the next block — and
+answers with its StepEvent, the final one carrying its GenerationResult.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from unmask.decoding.drafts import copy_draft
+from unmask.decoding.drafts import NoDrafts
 from unmask.decoding.events import StepEvent
 from unmask.decoding.layout import AttentionLayout
 from unmask.decoding.options import DecodeOptions
-from unmask.decoding.policies import Policy, confidence
+from unmask.decoding.plan import Plan, Slot
+from unmask.decoding.policies import BlockStep, Policy, confidence
 from unmask.decoding.processors import Processors, without_token
 from unmask.decoding.result import GenerationResult
 from unmask.decoding.sampling import TokenLogprob, choose_tokens, token_logprobs
@@ -35,18 +36,12 @@ class Request:
     layout: AttentionLayout
     static_shapes: bool  # a compiled engine: one window width per request, whole-canvas refreshes
     x: torch.Tensor  # [n] canvas on the model's device
-    region: tuple[int, int]  # what events and the result report: x[lo:hi]
+    plan: Plan  # fixed at submit: blocks, region, windows (decoding/plan.py)
     generated: torch.Tensor  # [n] bool: positions that started masked (only these may be corrected)
-    blocks: list[list[int]]
-    tail_start: int | None  # first position of a masked run reaching the canvas end (early stop applies there)
-    cut_at_eos: bool  # generation: the result ends at the first EOS
-    stop_when: Callable[[list[int]], bool] | None  # generation: True for a committed prefix = stop here
     processors: Processors  # its logits processors: banned tokens, healing, bias, penalties, sampling
-    prompt_tokens: int
     policy: Policy
     generator: torch.Generator | None
-    steps_budget: int  # per block, for the fixed policy
-    row: int = -1
+    slot: Slot = field(default_factory=Slot)  # the runner's: cache row, prefix-store fills
     block: int = 0
     block_step: int = 0
     correcting: int = -1  # -1 while filling masks; then the number of correction steps taken
@@ -58,18 +53,11 @@ class Request:
     stopped_by_check: bool = False
     host: list[int] = field(default_factory=list)  # host copy of x after the last step
     logprob_of: dict[int, TokenLogprob] = field(default_factory=dict)  # options.logprobs: canvas position -> ...
-    # per-block device tensors, set by enter_block
+    # the current block, set by enter_block
     pos: torch.Tensor | None = None  # the block's positions
     src: torch.Tensor | None = None  # where each position's logit is read (position - 1 for logits_shift)
-    window: tuple[int, int] = (0, 0)  # slots a window step recomputes
-    entry_window: tuple[int, int] | None = None  # later blocks (block_causal), or a prefix hit: the first window
-    visible: int = 0  # slots [0, visible) can influence the block: a refresh recomputes only those
-    window_width: int = 0  # compiled engines pad every window of the request to this width
-    entry_width: int = 0  # ... and every entry window to this one
-    prefix_fill: list | None = None  # stored K/V of its leading prompt blocks, copied in before its first pass
-    prefix_new: range = range(0)  # its prompt's model blocks to store after its first pass
-    feed: torch.Tensor | None = None  # drafting policies (verify): the canvas as fed, drafts at open positions
-    follows: torch.Tensor | None = None  # ... bool [L]: block position i is the canvas position after i - 1
+    window: tuple[int, int] = (0, 0)  # slots a window step recomputes (the plan's; drafting may narrow it)
+    drafts: NoDrafts = field(default_factory=NoDrafts)  # its proposer: drafts fed at open positions (verify)
 
     @property
     def n(self) -> int:
@@ -78,7 +66,17 @@ class Request:
     @property
     def inputs(self) -> torch.Tensor:
         """What the forward pass reads: the canvas, or with a drafting policy the canvas with its drafts."""
-        return self.x if self.feed is None else self.feed
+        return self.drafts.inputs(self.x)
+
+    @property
+    def entry_window(self) -> tuple[int, int] | None:
+        """The block's first window: a later block's (block_causal), or a prefix hit's; None: a refresh."""
+        return self.slot.first_window if self.block == 0 else self.plan.entry_windows[self.block]
+
+    @property
+    def visible(self) -> int:
+        """Slots [0, visible) can influence the block: a refresh recomputes only those."""
+        return self.plan.visible[self.block]
 
     def needs_refresh(self) -> bool:
         o = self.options
@@ -96,55 +94,27 @@ class Request:
         return self.entry_window if self.entering else self.window
 
     # ---- blocks ------------------------------------------------------------------------------------------
-    def block_window(self, blk: list[int]) -> tuple[int, int]:
-        """The slots a window step over block `blk` recomputes."""
-        return self.layout.block_window(blk, self.n, self.options.cache)
-
-    def block_entry_window(self, block: int) -> tuple[int, int] | None:
-        """block > 0: the first step's window (the layout's entry window), or None: that step refreshes."""
-        if block == 0:
-            return None
-        return self.layout.entry_window(self.block_window(self.blocks[block]), self.blocks[block - 1])
-
     def enter_block(self) -> None:
-        blk = self.blocks[self.block]
+        blk = self.plan.blocks[self.block]
         self.pos = torch.tensor(blk, device=self.x.device)
         self.src = (self.pos - (1 if self.config.logits_shift else 0)).clamp_min(0)
-        self.window = self.block_window(blk)
-        self.entry_window = self.block_entry_window(self.block)
-        self.visible = self.layout.visible(self.window, self.n, self.static_shapes)
-        if self.static_shapes and self.block == 0:
-            # one window width for all of the request's blocks (prefix windows shrink block by block):
-            # compiled graphs keep their shapes instead of recompiling per block
-            self.window_width = max(e - s for s, e in (self.block_window(b) for b in self.blocks))
-            entries = [w for w in (self.block_entry_window(i) for i in range(len(self.blocks))) if w is not None]
-            self.entry_width = max((e - s for s, e in entries), default=0)
+        self.window = self.plan.windows[self.block]
         self.block_step, self.correcting = 0, -1
-        self.policy.start_block(len(blk), self.steps_budget)
-        if self.policy.drafts:
-            self.follows = torch.ones_like(self.pos, dtype=torch.bool)
-            self.follows[1:] = self.pos[1:] == self.pos[:-1] + 1
+        self.policy.start_block(len(blk), self.plan.steps_budget)
+        self.drafts.enter_block(self.pos)
+
+    def start(self) -> None:
+        """Admitted into a batch row: its first block begins."""
+        if self.plan.blocks:
+            self.enter_block()
+            self.draft()
 
     def draft(self) -> None:
-        """Drafting policies: where the block's first open position has no draft from the model's look-ahead,
-        copy one from the committed text before it (decoding/drafts.py) over the open run there. The next
-        window starts at the last committed position: every one before it was fed its own token, with only
-        committed tokens before it, so its K/V are final (uncompiled engines; compiled ones keep one shape)."""
-        if not self.policy.drafts:
-            return
-        blk, mask = self.blocks[self.block], self.config.mask_id
-        fed = self.feed[self.pos].tolist()
-        first = next((i for i, p in enumerate(blk) if self.host[p] == mask), None)
+        """The proposer's drafts for the block's open positions; a window may then start at the first of them
+        (uncompiled engines; compiled ones keep one shape)."""
+        first = self.drafts.propose(self.plan.blocks[self.block], self.pos, self.host, self.config.mask_id)
         if first is not None and not self.static_shapes:
-            self.window = (max(self.window[0], blk[first] - 1), self.window[1])
-        if first is None or fed[first] != mask:
-            return
-        run = first + 1
-        while run < len(blk) and blk[run] == blk[run - 1] + 1 and self.host[blk[run]] == mask:
-            run += 1
-        draft = copy_draft(self.host[: blk[first]], run - first)
-        if draft:
-            self.feed[self.pos[first : first + len(draft)]] = torch.tensor(draft, device=self.x.device)
+            self.window = (max(self.window[0], first - 1), self.window[1])
 
     # ---- one step ----------------------------------------------------------------------------------------
     def update(self, logits: torch.Tensor) -> StepEvent:
@@ -182,15 +152,11 @@ class Request:
             new = self._correct(cur, without_token(probs, c.mask_id, 0.0), allow_remask=not last_correction)
         if last_correction:
             commit = masked  # the bound: whatever is still masked is committed now
-        elif self.policy.drafts:
-            fed = self.feed[self.pos]
-            commit = self.policy.verify(tokens, cur, fed, masked, self.follows)
-            still_open = masked & ~commit
-            self.feed[self.pos] = torch.where(
-                still_open, self.policy.next_inputs(tokens, fed, still_open, self.follows, c.mask_id),
-                torch.where(commit, tokens, cur))
         else:
-            commit = self.policy.select(conf, masked, self.block_step)
+            commit, next_inputs = self.policy.step(BlockStep(tokens, conf, cur, masked, self.block_step,
+                                                             self.drafts.fed(cur, self.pos), self.drafts.follows,
+                                                             c.mask_id))
+            self.drafts.advance(self.pos, commit, next_inputs, tokens, cur, masked)
         new = torch.where(commit, tokens, new)
         self.x[self.pos] = new
         self.steps += 1
@@ -201,7 +167,7 @@ class Request:
         # one host sync per request and step
         before, row = self.host, self.x.tolist()
         self.host = row
-        blk = self.blocks[self.block]
+        blk = self.plan.blocks[self.block]
         changed = [p for p in blk if row[p] != before[p]]
         if model_logprobs is not None and changed:
             self._record_logprobs(blk, new, model_logprobs, changed)
@@ -214,24 +180,24 @@ class Request:
                 block_done = True
         if block_done:
             self.steps_per_block.append(self.block_step)
-            if (self.stop_when is not None and self.block + 1 < len(self.blocks)
-                    and self.stop_when(self.answer_prefix())):
+            if (self.plan.stop_when is not None and self.block + 1 < len(self.plan.blocks)
+                    and self.plan.stop_when(self.answer_prefix())):
                 self.stopped_by_check = True
                 return self.finish(changed)
-            eos_in_tail = self.tail_start is not None and any(row[p] == c.eos_id for p in blk if p >= self.tail_start)
-            if o.early_stop and eos_in_tail and self.block + 1 < len(self.blocks):
-                rest = [p for b in self.blocks[self.block + 1 :] for p in b]
+            eos_in_tail = self.plan.tail_start is not None and any(row[p] == c.eos_id for p in blk if p >= self.plan.tail_start)
+            if o.early_stop and eos_in_tail and self.block + 1 < len(self.plan.blocks):
+                rest = [p for b in self.plan.blocks[self.block + 1 :] for p in b]
                 self.x[torch.tensor(rest, device=self.x.device)] = c.eos_id
                 for p in rest:
                     row[p] = c.eos_id
                 self.stopped_at_eos = True
                 return self.finish(changed)
             self.block += 1
-            if self.block == len(self.blocks):
+            if self.block == len(self.plan.blocks):
                 return self.finish(changed)
             self.enter_block()
         self.draft()
-        lo, hi = self.region
+        lo, hi = self.plan.region
         return StepEvent(self.id, self.steps, row[lo:hi], sum(t != c.mask_id for t in row[lo:hi]),
                          changed=[p - lo for p in changed if lo <= p < hi], logprobs=self.region_logprobs())
 
@@ -251,14 +217,14 @@ class Request:
     def region_logprobs(self) -> list[TokenLogprob | None] | None:
         if self.options.logprobs is None:
             return None
-        return [self.logprob_of.get(p) for p in range(*self.region)]
+        return [self.logprob_of.get(p) for p in range(*self.plan.region)]
 
     def answer_prefix(self) -> list[int]:
         """The committed tokens of the region up to its first mask (or EOS): text that can no longer change."""
-        lo, hi = self.region
+        lo, hi = self.plan.region
         out = []
         for t in self.host[lo:hi]:
-            if t == self.config.mask_id or (self.cut_at_eos and t == self.config.eos_id):
+            if t == self.config.mask_id or (self.plan.cut_at_eos and t == self.config.eos_id):
                 break
             out.append(t)
         return out
@@ -280,18 +246,18 @@ class Request:
     def finish(self, changed: list[int] | None = None) -> StepEvent:
         """The final event: its result (tokens, finish reason, counts, log-probabilities)."""
         c = self.config
-        lo, hi = self.region
+        lo, hi = self.plan.region
         region = self.host[lo:hi] if self.host else self.x[lo:hi].tolist()
         tokens, finish = region, "length"
         if self.stopped_by_check:
             tokens, finish = self.answer_prefix(), "stop"
-        elif self.cut_at_eos and c.eos_id in region:
+        elif self.plan.cut_at_eos and c.eos_id in region:
             tokens, finish = region[: region.index(c.eos_id)], "eos"
         elif self.stopped_at_eos:
             finish = "eos"
         result = GenerationResult(tokens=tokens, nfe=self.nfe, steps=self.steps,
                                   steps_per_block=list(self.steps_per_block), seconds=time.perf_counter() - self.t0,
-                                  finish_reason=finish, prompt_tokens=self.prompt_tokens)
+                                  finish_reason=finish, prompt_tokens=self.plan.prompt_tokens)
         logprobs = self.region_logprobs()
         if logprobs is not None:  # context tokens of an edited canvas were never committed: None, []
             entries = logprobs[: len(tokens)]

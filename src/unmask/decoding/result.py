@@ -15,10 +15,16 @@ class GenerationResult:
     seconds: float = 0.0
     finish_reason: str = "length"  # "eos" | "length" | "stop"
     prompt_tokens: int = 0
+    healed_tokens: int = 0  # leading tokens that re-decode a healed prompt's last token (the prompt's, not new)
     # with options.logprobs: per token, its log-probability under the model when it was committed, and
     # the most likely alternatives then ([(token id, log-probability)], options.logprobs of them)
     logprobs: list[float | None] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        """New tokens of the answer (what max_new_tokens counts)."""
+        return len(self.tokens) - self.healed_tokens
 
     @property
     def tokens_per_step(self) -> float:

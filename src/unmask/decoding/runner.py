@@ -33,7 +33,7 @@ def kv_bucket(n: int, max_seq_len: int, smallest: int = 128) -> int:
 
 
 class Runner:
-    """Forward passes for up to `max_batch` requests, each in its own cache row (Request.row).
+    """Forward passes for up to `max_batch` requests, each in its own cache row (its Slot's row).
 
     compile   torch.compile the model (see Engine); False runs it eagerly
     prefix    a PrefixStore (uncompiled block_causal models) or None
@@ -57,15 +57,15 @@ class Runner:
         """Plan a new request's first pass around the prefix store, where one applies: the stored leading model
         blocks of its canvas are copied in (logits(), once the cache is sized) and its first pass starts after
         them, as an entry window; the complete model blocks before its first mask are stored after that pass."""
-        if self.prefix is None or not r.blocks or r.options.cache == "none" or r.options.cache_refresh:
+        if self.prefix is None or not r.plan.blocks or r.options.cache == "none" or r.options.cache_refresh:
             return
         bs = self.config.block_size
-        complete = r.blocks[0][0] // bs  # model blocks wholly before the first masked position
+        complete = r.plan.blocks[0][0] // bs  # model blocks wholly before the first masked position
         found = self.prefix.lookup(r.host, complete)
         if found:
-            r.prefix_fill = found
-            r.entry_window = (min(len(found) * bs, r.window[0]), r.window[1])
-        r.prefix_new = range(len(found), complete)
+            r.slot.prefix_fill = found
+            r.slot.first_window = (min(len(found) * bs, r.window[0]), r.window[1])
+        r.slot.prefix_new = range(len(found), complete)
 
     def logits(self, reqs: list[Request]) -> torch.Tensor:
         """Logits [R, L, V] of each request's block positions (rows in `reqs`' order, padded to the longest
@@ -91,11 +91,11 @@ class Runner:
         self.cache = cache
         bs = self.config.block_size
         for r in reqs:
-            if r.prefix_fill:
-                for j, (k, v) in enumerate(r.prefix_fill):
-                    cache.k[:, r.row, :, j * bs : (j + 1) * bs] = k
-                    cache.v[:, r.row, :, j * bs : (j + 1) * bs] = v
-                r.prefix_fill = None
+            if r.slot.prefix_fill:
+                for j, (k, v) in enumerate(r.slot.prefix_fill):
+                    cache.k[:, r.slot.row, :, j * bs : (j + 1) * bs] = k
+                    cache.v[:, r.slot.row, :, j * bs : (j + 1) * bs] = v
+                r.slot.prefix_fill = None
         refresh = [r for r in reqs if r.needs_refresh()]
         window = [r for r in reqs if not r.needs_refresh()]
         hidden: dict[str, torch.Tensor] = {}
@@ -104,15 +104,15 @@ class Runner:
         if window:
             hidden.update(self._window(window, C))
         for r in reqs:
-            if r.prefix_new:  # its first pass computed these prompt blocks: keep them for later requests
-                for j in r.prefix_new:
-                    self.prefix.insert(r.host, j, cache.k[:, r.row, :, j * bs : (j + 1) * bs],
-                                       cache.v[:, r.row, :, j * bs : (j + 1) * bs])
-                r.prefix_new = range(0)
+            if r.slot.prefix_new:  # its first pass computed these prompt blocks: keep them for later requests
+                for j in r.slot.prefix_new:
+                    self.prefix.insert(r.host, j, cache.k[:, r.slot.row, :, j * bs : (j + 1) * bs],
+                                       cache.v[:, r.slot.row, :, j * bs : (j + 1) * bs])
+                r.slot.prefix_new = range(0)
         return hidden
 
     def _rows(self, reqs: list[Request]) -> slice | torch.Tensor:
-        rows = [r.row for r in reqs]
+        rows = [r.slot.row for r in reqs]
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return slice(rows[0], rows[0] + len(rows))
         return torch.tensor(rows, device=self.device)
@@ -121,7 +121,7 @@ class Runner:
         """Slots [0, visible) of each request, rewritten: one call over [0, C) (the longest visible, uncompiled)."""
         if not self.static_shapes:
             C = max(r.visible for r in reqs)
-        key = ("refresh", C, tuple((r.row, r.visible) for r in reqs))
+        key = ("refresh", C, tuple((r.slot.row, r.visible) for r in reqs))
         if self._memo.get("refresh", (None,))[0] != key:
             lengths = [r.visible for r in reqs]
             positions = torch.arange(C, device=self.device).expand(len(reqs), -1)
@@ -141,9 +141,10 @@ class Runner:
     def _window(self, reqs: list[Request], C: int) -> dict[str, torch.Tensor]:
         """Each request's step window, written in place at its own slots against its cached rest."""
         windows = [r.step_window() for r in reqs]
-        key = ("window", C, tuple((r.row, r.visible, w) for r, w in zip(reqs, windows)))
+        key = ("window", C, tuple((r.slot.row, r.visible, w) for r, w in zip(reqs, windows)))
         if self._memo.get("window", (None,))[0] != key:
-            W = max(max(e - s, r.entry_width if r.entering else r.window_width) for r, (s, e) in zip(reqs, windows))
+            W = max(max(e - s, r.plan.entry_width if r.entering else r.plan.window_width)
+                    for r, (s, e) in zip(reqs, windows))
             slots = torch.full((len(reqs), W), C, device=self.device)  # padding entries -> scratch slot C
             positions = torch.zeros((len(reqs), W), dtype=torch.long, device=self.device)
             for i, (s, e) in enumerate(windows):

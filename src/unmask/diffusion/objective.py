@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from unmask.decoding.layout import layout_for
 from unmask.model.adapter import is_adapter_param
 from unmask.model.transformer import Transformer
 
@@ -117,7 +118,7 @@ def logit_sources(config, L: int, device=None) -> torch.Tensor:
 def denoiser_logits(model: Transformer, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Logits for predicting x0 from x_t, with clean block context for block-causal models."""
     c = model.config
-    if c.attention != "block_causal":
+    if not layout_for(c).block_causal:
         return model(x_t)
     hidden = block_hidden(model, x_t, x0)
     return model.output(hidden[:, logit_sources(c, x_t.shape[1], x_t.device)])
@@ -193,12 +194,12 @@ def sequence_nll(model: Transformer, x0: torch.Tensor, n_samples: int = 16,
     block_causal   the t-form bound E_t[(1/t) sum_masked nll] with clean earlier blocks
     """
     B, L = x0.shape
-    c = model.config
-    if c.attention == "causal":
+    c, layout = model.config, layout_for(model.config)
+    if not layout.diffusion:
         return token_nll(model(x0[:, :-1]), x0[:, 1:]).sum(1)
     total = torch.zeros(B, device=x0.device)
     for _ in range(n_samples):
-        if c.attention == "block_causal":
+        if layout.block_causal:
             t = torch.rand(B, generator=generator).to(x0.device) * (1 - EPS) + EPS
             x_t, masked = mask_tokens(x0, t, c.mask_id, generator)
             weight = 1.0 / t[:, None]
@@ -227,7 +228,7 @@ def continuation_nll(model, prefix: Sequence[int], target: Sequence[int], mc_sam
         return 0.0
     seq = torch.tensor([list(prefix) + list(target)], device=device)
     P = len(prefix)
-    if c.attention == "causal":
+    if not layout_for(c).diffusion:
         if P == 0:
             raise ValueError("a causal model needs at least one context token to score the continuation")
         return token_nll(model(seq[:, :-1])[:, P - 1 :], seq[:, P:]).sum().item()

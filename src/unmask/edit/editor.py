@@ -3,7 +3,7 @@
 Three ways to choose what changes (`mode=`):
   spans        the caller names the regions (character spans, line ranges, or <<< >>> markers); each is
                re-masked with a length budget (fill.py) and denoised with the rest as context.
-  auto         self-correction: tokens the model finds improbable, p(x_i | rest) < remask_below (probe.py),
+  auto         self-correction: tokens the model finds improbable, p(x_i | rest) < flag_below (probe.py),
                plus `neighbors` tokens either side, are re-masked and denoised; repeated until nothing is
                flagged, the text stops changing, or the round / step budget is spent.
   instruction  the instruction is the prompt (chat template when the tokenizer has one), the original text
@@ -27,21 +27,20 @@ from typing import Any, Callable
 import torch
 
 from unmask.decoding.events import StepEvent
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions
 from unmask.decoding.result import GenerationResult
 from unmask.edit.canvas import Piece, encode_literal, encode_with_offsets, rebuild, split_pieces
 from unmask.edit.fill import FillOutput, StepRelay, default_extra, fill, geometric_lengths, local_denoiser
 from unmask.edit.instruct import rewrite_by_instruction
 from unmask.edit.left_to_right import auto_fix, fill_regions
+from unmask.edit.options import EditOptions, split_options
 from unmask.edit.probe import token_probs
 from unmask.edit.spans import (EditError, Span, check_spans, extract_markers, has_markers, line_span,
                                whole_text)
 from unmask.edit.suffix import Ending, fill_gap, reads_left_to_right
 
 log = logging.getLogger(__name__)
-
-MODES = ("spans", "auto", "instruction")
-
 
 @dataclass
 class EditResult:
@@ -162,94 +161,44 @@ def _decode_options(pipe, options: DecodeOptions | None, overrides: dict[str, An
 
 
 def _check_model(pipe) -> None:
-    if pipe.config.attention == "causal":
+    if not layout_for(pipe.config).diffusion:
         raise EditError("edit and infill need a diffusion (bidirectional or block-causal) model; "
                         "this is a causal AR model")
 
 
-def _check_counts(**counts: int | None) -> None:
-    # silently wrong otherwise: a negative budget shrinks a region below its own size, probe_stride 0
-    # probes nothing and flags every token as improbable, negative neighbors are ignored
-    least = {"extra_tokens": 0, "neighbors": 0, "probe_stride": 1}
-    for name, value in counts.items():
-        if value is not None and value < least[name]:
-            raise EditError(f"{name} must be >= {least[name]}, got {value}")
-
-
-def edit_text(
-    pipe,
-    text: str,
-    spans: Iterable[Any] | None = None,
-    lines: Iterable[Any] | None = None,
-    mode: str = "spans",
-    instruction: str | None = None,
-    strength: float = 0.5,
-    remask_below: float = 0.05,
-    neighbors: int = 0,
-    max_fraction: float = 0.1,
-    max_rounds: int = 4,
-    max_steps: int | None = None,
-    probe_stride: int | None = None,
-    extra_tokens: int | None = None,
-    length: str = "absorb",
-    markers: bool = True,
-    options: DecodeOptions | None = None,
-    on_step: Callable[[StepEvent], None] | None = None,
-    request_id: str = "edit",
-    denoiser: Any = None,
-    suffix_scoring: bool | None = None,
-    **overrides: Any,
-) -> EditResult:
+def edit_text(pipe, text: str, spans: Iterable[Any] | None = None, lines: Iterable[Any] | None = None,
+              edit: EditOptions | None = None, options: DecodeOptions | None = None,
+              on_step: Callable[[StepEvent], None] | None = None, request_id: str = "edit", denoiser: Any = None,
+              **overrides: Any) -> EditResult:
     """Edit `text` in place; see the module docstring for the modes.
 
     spans/lines   regions (START:END characters / A-B 1-based lines, as strings or pairs); in auto mode they
                   limit where corrections may happen; in instruction mode they limit what is re-noised
-    extra_tokens  masks beyond a region's own token count (spans/instruction; default: half again, ≥ 2;
-                  auto: 0, a typo fix keeps its token count)
-    length        absorb | search | fixed (fill.py)
-    options       DecodeOptions for the denoiser (block length, policy, steps, temperature, seed...);
-                  keyword overrides are applied on top
-    remask_below  auto mode: re-mask tokens whose probability given the rest is below this (`threshold`,
-                  like every decoding option, is the decoder's confidence threshold)
+    edit          EditOptions: mode, instruction, strength, flag_below, rounds, length, ... (edit/options.py)
+    options       DecodeOptions for the denoiser (block length, policy, steps, temperature, seed...)
+    overrides     keywords for either: EditOptions' fields go to `edit`, the rest to `options`
     on_step       receives every StepEvent (step counted over the whole edit) and a final one with done=True
     denoiser      where canvases are denoised and text is probed (edit/fill.py LocalDenoiser by default;
                   the server's runs them as requests of its shared engine)
-    suffix_scoring  models that read left to right (the default): edit as left_to_right.py does (None: on
-                  for them); False: denoise masks in place, which on them cannot see past a region
     """
-    if mode not in MODES:
-        raise EditError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    edit, overrides = split_options(edit, overrides)
+    edit.check()
     if not isinstance(text, str):
         raise EditError("edit needs a str")
     _check_model(pipe)
-    _check_counts(extra_tokens=extra_tokens, neighbors=neighbors, probe_stride=probe_stride)
     options = _decode_options(pipe, options, overrides)
     relay = StepRelay(on_step, request_id)
     denoiser = local_denoiser(pipe, denoiser)
     t0 = time.perf_counter()
-    if _left_to_right(pipe, suffix_scoring):
-        result = _edit_left_to_right(pipe, text, spans, lines, markers, mode, instruction, remask_below,
-                                     max_fraction, max_rounds, extra_tokens, options)
-    elif mode == "spans":
-        text, regions = resolve_regions(text, spans, lines, markers)
-        result = _edit_spans(pipe, denoiser, text, regions, options, relay, extra_tokens, length)
-    elif mode == "instruction":
-        if not instruction or not instruction.strip():
-            raise EditError("instruction mode needs an instruction")
-        if not 0.0 <= strength <= 1.0:
-            raise EditError(f"strength must be in [0, 1], got {strength}")
-        text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_instruction(pipe, denoiser, text, regions or [whole_text(text)], instruction, strength,
-                                   options, relay, extra_tokens)
+    if _left_to_right(pipe, edit.suffix_scoring):
+        result = _edit_left_to_right(pipe, text, spans, lines, edit, options)
+    elif edit.mode == "spans":
+        text, regions = resolve_regions(text, spans, lines, edit.markers)
+        result = _edit_spans(pipe, denoiser, text, regions, edit, options, relay)
     else:
-        if not 0.0 < remask_below < 1.0:
-            raise EditError(f"remask_below (--remask-below) must be in (0, 1), got {remask_below}")
-        if max_rounds < 1:
-            raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
-        text, regions = resolve_regions(text, spans, lines, markers, required=False)
-        result = _edit_auto(pipe, denoiser, text, regions or [whole_text(text)], remask_below, neighbors,
-                            max_fraction, max_rounds, max_steps, probe_stride, extra_tokens or 0, length, options,
-                            relay)
+        text, regions = resolve_regions(text, spans, lines, edit.markers, required=False)
+        edit_mode = _edit_instruction if edit.mode == "instruction" else _edit_auto
+        result = edit_mode(pipe, denoiser, text, regions or [whole_text(text)], edit, options, relay)
     result.seconds = time.perf_counter() - t0
     if on_step is not None:
         final = GenerationResult(tokens=encode_literal(pipe.tokenizer, "".join(result.replacements)),
@@ -270,9 +219,10 @@ def _mask_pieces(pipe, pieces: list[Piece], extra_tokens: int | None) -> list[Pi
     return pieces
 
 
-def _edit_spans(pipe, denoiser, text, regions, options, relay, extra_tokens, length) -> EditResult:
-    pieces = _mask_pieces(pipe, split_pieces(text, regions), extra_tokens)
-    out = fill(pipe, pieces, options, relay=relay, length=length, denoiser=denoiser)
+def _edit_spans(pipe, denoiser, text: str, regions: list[Span], edit: EditOptions, options: DecodeOptions,
+                relay: StepRelay) -> EditResult:
+    pieces = _mask_pieces(pipe, split_pieces(text, regions), edit.extra_tokens)
+    out = fill(pipe, pieces, options, relay=relay, length=edit.length, denoiser=denoiser)
     return _result(text, pieces, regions, out, "spans")
 
 
@@ -288,8 +238,8 @@ def instruction_prompt(pipe, instruction: str) -> list[int]:
     return tok.encode(instruction.rstrip("\n") + "\n\n")
 
 
-def _edit_instruction(pipe, denoiser, text, regions, instruction, strength, options, relay,
-                      extra_tokens) -> EditResult:
+def _edit_instruction(pipe, denoiser, text: str, regions: list[Span], edit: EditOptions, options: DecodeOptions,
+                      relay: StepRelay) -> EditResult:
     c = pipe.config
     gen = torch.Generator().manual_seed(options.seed if options.seed is not None else 0)
     pieces = split_pieces(text, regions)
@@ -297,15 +247,15 @@ def _edit_instruction(pipe, denoiser, text, regions, instruction, strength, opti
         if p.editable:
             ids = encode_literal(pipe.tokenizer, p.text)
             # SDEdit for text: re-noise a `strength` fraction of the original tokens, add room to grow
-            k = round(strength * len(ids))
+            k = round(edit.strength * len(ids))
             noised = list(ids)
             for i in torch.randperm(len(ids), generator=gen)[:k].tolist():
                 noised[i] = c.mask_id
-            extra = default_extra(len(ids)) if extra_tokens is None else extra_tokens
+            extra = default_extra(len(ids)) if edit.extra_tokens is None else edit.extra_tokens
             p.init = noised + [c.mask_id] * extra
             if c.mask_id not in p.init:  # strength 0 and no room: nothing to denoise, keep one slot open
                 p.init.append(c.mask_id)
-    out = fill(pipe, pieces, options, prompt_ids=instruction_prompt(pipe, instruction), relay=relay,
+    out = fill(pipe, pieces, options, prompt_ids=instruction_prompt(pipe, edit.instruction), relay=relay,
                length="absorb", denoiser=denoiser)
     return _result(text, pieces, regions, out, "instruction")
 
@@ -336,8 +286,7 @@ def _correction_scores(model, ids: list[int], stride: int | None) -> tuple[torch
     p(x_i | rest). One that sees only the left (causal inside its blocks) finds every name at its
     definition and a text's first tokens improbable, so for it a token is suspect only where it was sure
     of another one (a typo of a name used before), and the first token, which has no context, never is."""
-    c = model.config
-    if not (c.attention == "block_causal" and c.block_attention == "causal"):
+    if not layout_for(model.config).left_to_right:  # edits refuse causal models: this is causal blocks
         return token_probs(model, ids, stride=stride)
     probs, best, passes = token_probs(model, ids, stride=stride, best=True)
     probs = torch.where(best >= SURE_OF_ANOTHER, probs, torch.ones_like(probs))
@@ -345,84 +294,98 @@ def _correction_scores(model, ids: list[int], stride: int | None) -> tuple[torch
     return probs, passes
 
 
-def _edit_auto(pipe, denoiser, text, regions, threshold, neighbors, max_fraction, max_rounds, max_steps,
-               probe_stride, extra_tokens, length, options, relay) -> EditResult:
+def _edit_auto(pipe, denoiser, text: str, regions: list[Span], edit: EditOptions, options: DecodeOptions,
+               relay: StepRelay) -> EditResult:
     # `outer` keeps the caller's regions apart from the context for the whole loop: each round edits
     # inside the editable pieces only, so the context stays the original characters.
     outer = split_pieces(text, regions)
     origin = OriginMap(text)
     nfe = steps = rounds = 0
     lengths: list[int] = []
-    for rounds in range(1, max_rounds + 1):
+    for rounds in range(1, edit.max_rounds + 1):
         current = "".join(p.text for p in outer)
         ids, offsets = encode_with_offsets(pipe.tokenizer, current)
         if not ids:
             break
-        # a token may be corrected only if it lies entirely inside an editable piece
-        allowed = torch.zeros(len(ids), dtype=torch.bool)
-        bounds, pos = [], 0
-        for p in outer:
-            if p.editable:
-                bounds.append((pos, pos + len(p.text)))
-            pos += len(p.text)
-        for i, (s, e) in enumerate(offsets):
-            allowed[i] = any(bs <= s and e <= be for bs, be in bounds)
-        probs, passes = _correction_scores(denoiser.model, ids, probe_stride)
+        probs, passes = _correction_scores(denoiser.model, ids, edit.probe_stride)
         nfe += passes
-        flagged = flag_improbable(probs, allowed, threshold, neighbors, max_fraction)
+        flagged = flag_improbable(probs, _editable_tokens(outer, offsets), edit.flag_below, edit.neighbors,
+                                  edit.max_fraction)
         if not bool(flagged.any()):
-            log.debug("auto edit: nothing below p=%s after %d round(s)", threshold, rounds - 1)
+            log.debug("auto edit: nothing below p=%s after %d round(s)", edit.flag_below, rounds - 1)
             rounds -= 1
             break
-        # flagged tokens -> character spans of `current`, then sub-pieces inside each editable piece
-        spans: list[Span] = []
-        for i in flagged.nonzero().flatten().tolist():
-            s, e = offsets[i]
-            if spans and s <= spans[-1][1]:
-                spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
-            else:
-                spans.append((s, e))
-        inner: list[Piece] = []  # context pieces and the flagged regions, in text order
-        owners: list[int] = []  # for each inner piece: index of the outer piece it belongs to
-        pos = 0
-        for k, p in enumerate(outer):
-            lo, hi = pos, pos + len(p.text)
-            pos = hi
-            if not p.editable:
-                inner.append(Piece(p.text))
-                owners.append(k)
-                continue
-            mine = [(max(s, lo) - lo, min(e, hi) - lo) for s, e in spans if s < hi and e > lo]
-            for q in split_pieces(p.text, mine):
-                inner.append(q)
-                owners.append(k)
-        before = current
-        inner = _mask_pieces(pipe, inner, extra_tokens)
-        out = fill(pipe, inner, options, relay=relay, length=length, denoiser=denoiser)
-        nfe += out.nfe
-        steps += out.steps
-        lengths = out.lengths
-        new_texts = iter(out.texts)
-        rebuilt = ["" for _ in outer]
-        edits, pos = [], 0
-        for q, k in zip(inner, owners):
-            if q.editable:
-                new = next(new_texts)
-                edits.append((pos, pos + len(q.text), new))
-                rebuilt[k] += new
-            else:
-                rebuilt[k] += q.text
-            pos += len(q.text)
-        origin.apply(edits)
-        outer = [Piece(r, p.editable) for r, p in zip(rebuilt, outer)]
-        after = "".join(p.text for p in outer)
-        assert after == origin.text, "auto edit bookkeeping"
-        if after == before or (max_steps is not None and steps >= max_steps):
+        inner, owners = _flagged_pieces(outer, _token_spans(flagged, offsets))
+        inner = _mask_pieces(pipe, inner, edit.extra_tokens or 0)
+        out = fill(pipe, inner, options, relay=relay, length=edit.length, denoiser=denoiser)
+        nfe, steps, lengths = nfe + out.nfe, steps + out.steps, out.lengths
+        outer = _rewritten(outer, inner, owners, out.texts, origin)
+        if "".join(p.text for p in outer) == current or (edit.max_steps is not None and steps >= edit.max_steps):
             break
-    final = "".join(p.text for p in outer)
     changed, repl = origin.changes(text)
-    return EditResult(text=final, original=text, spans=changed, replacements=repl, mode="auto", nfe=nfe,
-                      steps=steps, rounds=rounds, lengths=lengths)
+    return EditResult(text="".join(p.text for p in outer), original=text, spans=changed, replacements=repl,
+                      mode="auto", nfe=nfe, steps=steps, rounds=rounds, lengths=lengths)
+
+
+def _editable_tokens(outer: list[Piece], offsets: list[Span]) -> torch.Tensor:
+    """Which tokens auto mode may correct: those entirely inside an editable piece."""
+    bounds, pos = [], 0
+    for p in outer:
+        if p.editable:
+            bounds.append((pos, pos + len(p.text)))
+        pos += len(p.text)
+    return torch.tensor([any(bs <= s and e <= be for bs, be in bounds) for s, e in offsets], dtype=torch.bool)
+
+
+def _token_spans(flagged: torch.Tensor, offsets: list[Span]) -> list[Span]:
+    """Flagged tokens as character spans of the text, touching ones merged."""
+    spans: list[Span] = []
+    for i in flagged.nonzero().flatten().tolist():
+        s, e = offsets[i]
+        if spans and s <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(e, spans[-1][1]))
+        else:
+            spans.append((s, e))
+    return spans
+
+
+def _flagged_pieces(outer: list[Piece], spans: list[Span]) -> tuple[list[Piece], list[int]]:
+    """Context pieces and the flagged regions, in text order, and for each the outer piece it belongs to."""
+    inner: list[Piece] = []
+    owners: list[int] = []
+    pos = 0
+    for k, p in enumerate(outer):
+        lo, hi = pos, pos + len(p.text)
+        pos = hi
+        if not p.editable:
+            inner.append(Piece(p.text))
+            owners.append(k)
+            continue
+        mine = [(max(s, lo) - lo, min(e, hi) - lo) for s, e in spans if s < hi and e > lo]
+        for q in split_pieces(p.text, mine):
+            inner.append(q)
+            owners.append(k)
+    return inner, owners
+
+
+def _rewritten(outer: list[Piece], inner: list[Piece], owners: list[int], texts: list[str],
+               origin: OriginMap) -> list[Piece]:
+    """The outer pieces with their flagged regions replaced by `texts`; `origin` follows the edits."""
+    new_texts = iter(texts)
+    rebuilt = ["" for _ in outer]
+    edits, pos = [], 0
+    for q, k in zip(inner, owners):
+        if q.editable:
+            new = next(new_texts)
+            edits.append((pos, pos + len(q.text), new))
+            rebuilt[k] += new
+        else:
+            rebuilt[k] += q.text
+        pos += len(q.text)
+    origin.apply(edits)
+    outer = [Piece(r, p.editable) for r, p in zip(rebuilt, outer)]
+    assert "".join(p.text for p in outer) == origin.text, "auto edit bookkeeping"
+    return outer
 
 
 # --- models that read left to right (left_to_right.py) ----------------------------------------------
@@ -431,29 +394,22 @@ def _left_to_right(pipe, suffix_scoring: bool | None) -> bool:
     return suffix_scoring is not False and reads_left_to_right(pipe.config)
 
 
-def _edit_left_to_right(pipe, text, spans, lines, markers, mode, instruction, remask_below, max_fraction,
-                        max_rounds, extra_tokens, options) -> EditResult:
-    seed = options.seed or 0
+def _edit_left_to_right(pipe, text: str, spans, lines, edit: EditOptions, options: DecodeOptions) -> EditResult:
+    seed, mode = options.seed or 0, edit.mode
     if mode == "spans":
-        text, regions = resolve_regions(text, spans, lines, markers)
-        f = fill_regions(pipe, text, regions, extra_tokens, seed=seed)
+        text, regions = resolve_regions(text, spans, lines, edit.markers)
+        f = fill_regions(pipe, text, regions, edit.extra_tokens, seed=seed)
         return EditResult(text=f.text, original=text, spans=f.spans, replacements=f.replacements, mode=mode,
                           nfe=f.passes, steps=f.passes, tokens=f.tokens)
-    text, regions = resolve_regions(text, spans, lines, markers, required=False)
+    text, regions = resolve_regions(text, spans, lines, edit.markers, required=False)
     regions = regions or [whole_text(text)]
     if mode == "instruction":
-        if not instruction or not instruction.strip():
-            raise EditError("instruction mode needs an instruction")
-        r = rewrite_by_instruction(pipe, text, regions, instruction, options)
+        r = rewrite_by_instruction(pipe, text, regions, edit.instruction, options)
         return EditResult(text=r.text, original=text, spans=r.spans, replacements=r.replacements, mode=mode,
                           nfe=r.steps, steps=r.steps, tokens=r.tokens)
-    if not 0.0 < remask_below < 1.0:
-        raise EditError(f"remask_below (--remask-below) must be in (0, 1), got {remask_below}")
-    if max_rounds < 1:
-        raise EditError(f"max_rounds must be >= 1, got {max_rounds}")
     origin, current, passes, rounds, settled = OriginMap(text), text, 0, 0, []
-    for rounds in range(1, max_rounds + 1):
-        fixed = auto_fix(pipe, current, regions, remask_below, max_fraction, seed, settled)
+    for rounds in range(1, edit.max_rounds + 1):
+        fixed = auto_fix(pipe, current, regions, edit.flag_below, edit.max_fraction, seed, settled)
         passes += fixed.passes
         if not fixed.changed:
             break

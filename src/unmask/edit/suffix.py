@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from unmask.decoding.layout import layout_for
 from unmask.edit.canvas import encode_literal, encode_with_offsets
 from unmask.edit.spans import EditError
 from unmask.edit.static import faults
@@ -49,8 +50,7 @@ ROW_BATCH = 16  # candidates scored per forward pass
 def reads_left_to_right(config) -> bool:
     """Clean text is read causally (an AR model, or block-causal with causal blocks): suffix scoring applies,
     and diffusion-style denoising cannot see past a gap."""
-    return config.attention == "causal" or (config.attention == "block_causal"
-                                            and config.block_attention == "causal")
+    return layout_for(config).left_to_right
 
 
 # --- where a middle may end ---------------------------------------------------------------------------

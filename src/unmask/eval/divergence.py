@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from unmask.decoding.layout import layout_for
 from unmask.model.transformer import Transformer
 
 HELD_OUT_MODULES = ("json/__init__.py", "json/decoder.py", "json/encoder.py", "textwrap.py", "heapq.py", "bisect.py",
@@ -42,9 +43,7 @@ class Divergence:
 
 
 def predicts_next_token(model: Transformer) -> bool:
-    c = model.config
-    return c.attention == "causal" or (c.attention == "block_causal" and c.block_attention == "causal"
-                                       and c.logits_shift)
+    return layout_for(model.config).next_token
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from unmask.data.shards import token_byte_lengths
+from unmask.decoding.layout import layout_for
 from unmask.diffusion.objective import sequence_nll
 from unmask.model.transformer import Transformer
 from unmask.tokenizer import Tokenizer
@@ -54,10 +55,10 @@ def token_stream(texts: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
 
 def eval_window_len(model: Transformer, seq_len: int) -> int:
     """Longest window every attention mode can score within the model's context."""
-    c = model.config
-    if c.attention == "causal":
+    c, layout = model.config, layout_for(model.config)
+    if not layout.diffusion:
         return min(seq_len, c.max_seq_len)  # the context token is input, the last token only a target
-    if c.attention == "block_causal":
+    if layout.block_causal:
         return min(seq_len, c.max_seq_len // 2)  # the ELBO feeds [x_t, x_0]
     return min(seq_len, c.max_seq_len)
 
@@ -77,7 +78,7 @@ def score_windows(model: Transformer, tokens: np.ndarray, starts: list[int], seq
                   device: torch.device | None = None) -> ElboResult:
     """Sum the NLL bound over the windows at `starts`. Full windows are batched; a short last window alone."""
     device = device or next(model.parameters()).device
-    causal = model.config.attention == "causal"
+    causal = not layout_for(model.config).diffusion
     ctx = 1 if causal else 0
     groups: dict[int, list[int]] = {}
     for s in starts:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unmask.decoding.ar import ar_generate
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions
 from unmask.edit.canvas import encode_literal
 from unmask.edit.spans import EditError, line_bounds
@@ -136,7 +137,7 @@ def run_infill_eval(pipe, samples: list[InfillSample], ar_pipe=None, lengths: li
             nfe.append(r.nfe)
         rows.append(_row(LENGTH_LABELS[mode], scores, nfe, time.perf_counter() - t0))
     if ar_pipe is not None:
-        if ar_pipe.config.attention != "causal":
+        if layout_for(ar_pipe.config).diffusion:
             raise EditError("--ar-model must be a causal model folder")
         c = ar_pipe.config
         if max_new_tokens >= c.max_seq_len:  # no room left for any of the prefix

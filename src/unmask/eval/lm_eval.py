@@ -26,6 +26,7 @@ import torch
 
 import unmask
 from unmask.decoding.generate import generate_many
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions
 from unmask.diffusion.objective import continuation_nll, denoiser_logits, token_nll
 from unmask.errors import UnmaskError
@@ -48,7 +49,7 @@ def greedy_matches(model, prefix: Sequence[int], target: Sequence[int]) -> bool:
     c = model.config
     device = model.output.weight.device
     P, L = len(prefix), len(target)
-    if c.attention == "causal":
+    if not layout_for(c).diffusion:
         seq = torch.tensor([list(prefix) + list(target)], device=device)
         return bool((model(seq[:, :-1])[0, P - 1 :].argmax(-1) == seq[0, P:]).all())
     x = torch.tensor([list(prefix) + [c.mask_id] * L], device=device)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unmask.decoding.layout import layout_for
 from unmask.decoding.options import DecodeOptions
 
 
@@ -130,7 +131,7 @@ def sample_quality(pipe, prompts: Sequence[FunctionPrompt], options: DecodeOptio
 def generative_bits_per_byte(ar_pipe, prompts: Sequence[str], completions: Sequence[str]) -> float:
     """Bits per byte of the completions under a causal model, each conditioned on its prompt."""
     model = ar_pipe.model
-    if model.config.attention != "causal":
+    if layout_for(model.config).diffusion:
         raise ValueError("generative NLL needs a causal (AR twin) model")
     nats, n_bytes = 0.0, 0
     for prompt, completion in zip(prompts, completions):

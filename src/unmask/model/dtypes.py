@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from unmask.decoding.layout import layout_for
 from unmask.model.transformer import Transformer
 
 AUTO_BF16_MIN_PARAMS = 20_000_000
@@ -24,7 +25,7 @@ def native_cpu_bf16() -> bool:
 
 def auto_dtype(model: Transformer) -> torch.dtype | None:
     """bf16 for a float32 diffusion model of >= 20M parameters on a CPU with native bf16; else None (keep)."""
-    if model.device.type != "cpu" or model.dtype != torch.float32 or model.config.attention == "causal":
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not layout_for(model.config).diffusion:
         return None
     if model.norm.weight.is_meta or sum(p.numel() for p in model.parameters()) < AUTO_BF16_MIN_PARAMS:
         return None

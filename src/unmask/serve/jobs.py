@@ -22,32 +22,34 @@ import logging
 import queue
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
+from unmask.decoding.contract import CanvasRequest
 from unmask.decoding.denoise import DenoiseOutput, denoise_output
 from unmask.decoding.events import StepEvent
 from unmask.decoding.options import DecodeOptions
-
-if TYPE_CHECKING:
-    from unmask.serve.worker import Ticket, Worker
+from unmask.serve.commands import (CallOnWorker, Cancel, Cancelled, Command, Failed, JobDone, Message,
+                                   SubmitCanvases, Ticket)
 
 log = logging.getLogger(__name__)
 
-
-class Cancelled(Exception):
-    """Raised inside a job once its client has disconnected."""
-
-
-@dataclasses.dataclass
-class JobDone:
-    value: Any
+# an edit: fn(on_step, denoiser) -> its result, run on the job's thread (serve/edits.py builds them)
+EditFn = Callable[[Callable[[StepEvent], None], "Job"], object]
 
 
-@dataclasses.dataclass
-class Failed:
-    error: BaseException
+class JobHost(Protocol):
+    """What a job needs of the worker thread (serve/worker.py), which imports this module."""
+
+    idle_poll_s: float
+
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    def post(self, command: Command) -> None: ...
+
+    def job_finished(self, job: Job) -> None: ...
 
 
 class WorkerModel:
@@ -73,12 +75,11 @@ class WorkerModel:
 class Job:
     """One edit job. `fn(on_step, denoiser)` is the edit; this object is its denoiser."""
 
-    def __init__(self, worker: "Worker", ticket: "Ticket", every_step: bool,
-                 fn: Callable[[Callable[[StepEvent], None], Any], Any]):
+    def __init__(self, worker: JobHost, ticket: Ticket, every_step: bool, fn: EditFn):
         self.worker, self.ticket, self.every_step, self.fn = worker, ticket, every_step, fn
         self.id = ticket.request_id
         self.cancelled = threading.Event()
-        self.model = WorkerModel(worker.engine.model, self.call)
+        self.model = WorkerModel(worker.model, self.call)
         self._ids = itertools.count()
         self.thread = threading.Thread(target=self._run, name=f"unmask-{self.id}", daemon=True)
 
@@ -124,8 +125,9 @@ class Job:
         """Denoise the canvases as one group of engine requests; events come back under `request_ids`."""
         rids = [f"{self.id}/{next(self._ids)}" for _ in canvases]
         names = dict(zip(rids, request_ids))
-        sink: queue.SimpleQueue = queue.SimpleQueue()
-        self.worker.post(("canvases", self, rids, [list(c) for c in canvases], options, set(banned), sink))
+        sink: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.worker.post(SubmitCanvases(self, [CanvasRequest(list(c), options, set(banned), rid)
+                                               for c, rid in zip(canvases, rids)], sink))
         results: dict[str, DenoiseOutput] = {}
         try:
             while len(results) < len(rids):
@@ -139,14 +141,14 @@ class Job:
         except BaseException:
             for rid in rids:
                 if rid not in results:
-                    self.worker.post(("cancel", rid))
+                    self.worker.post(Cancel(rid))
             raise
         return [results[rid] for rid in rids]
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """fn() on the worker thread, between engine steps; its value (or error) comes back here."""
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self.worker.post(("call", fn, done))
+        self.worker.post(CallOnWorker(fn, done))
         try:
             return self._wait(lambda timeout: done.result(timeout=timeout))
         except Cancelled:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from unmask.decoding.detokenize import unheal
 from unmask.decoding.sampling import TokenLogprob
-from unmask.serve.text import unheal
 from unmask.tokenizer import Tokenizer
 
 FLOOR = -9999.0  # JSON has no -Infinity: an impossible token gets this, as vLLM reports it

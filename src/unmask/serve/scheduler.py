@@ -22,9 +22,9 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Iterator
 
-from unmask.decoding.engine import QueueFull
+from unmask.decoding.contract import CanvasRequest, DecodeRequest, Decoder, QueueFull
 
 
 class LineFull(QueueFull):
@@ -37,9 +37,12 @@ class LineFull(QueueFull):
 
 @dataclass
 class Entry:
-    """One engine request of a group: `submit(engine)` queues it under `request_id`."""
-    request_id: str
-    submit: Callable[[Any], Any]
+    """One engine request of a group (its request_id set: the worker names every request it submits)."""
+    request: DecodeRequest | CanvasRequest
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 @dataclass(eq=False)  # compared by identity: the line holds each group once
@@ -56,7 +59,7 @@ class Group:
 
 
 class Scheduler:
-    def __init__(self, engine: Any, max_waiting: int, rate_window: int = 64):
+    def __init__(self, engine: Decoder, max_waiting: int, rate_window: int = 64):
         self.engine = engine
         self.max_waiting = max_waiting
         self._line: deque[Group] = deque()  # groups with entries not yet in the engine
@@ -98,7 +101,7 @@ class Scheduler:
             g = self._line[0]
             entry = g.entries[g.fed]
             try:
-                entry.submit(self.engine)
+                self.engine.submit(entry.request)
             except QueueFull:  # the engine's own queue is full: wait for the next step
                 break
             except Exception as e:  # noqa: BLE001 (handed back: the worker fails the group's tickets)
@@ -154,10 +157,9 @@ class Scheduler:
 
     # --- inside ---------------------------------------------------------------------------------------
     def _free_rows(self) -> int:
-        e = self.engine
-        return e.max_batch - int(e.num_active) - int(e.num_waiting)
+        return self.engine.capacity.free
 
-    def _groups_waiting(self):
+    def _groups_waiting(self) -> Iterator[Group]:
         seen = set()
         for g in self._unstarted.values():  # insertion order: oldest first
             if g.limited and id(g) not in seen:

@@ -21,12 +21,15 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from dataclasses import replace
 
-from unmask.decoding.events import StepEvent
-from unmask.decoding.options import DecodeOptions
+import torch
+
+from unmask.decoding.contract import DecodeRequest, Decoder
 from unmask.serve import memory
-from unmask.serve.jobs import Cancelled, Failed, Job, JobDone
+from unmask.serve.commands import (Abort, CallOnWorker, Cancel, Cancelled, Command, Failed, JobDone, RefuseWaiting,
+                                   Sink, SubmitCanvases, SubmitGroup, Ticket, Wake)
+from unmask.serve.jobs import EditFn, Job
 from unmask.serve.scheduler import Entry, Group, Scheduler
 from unmask.serve.schema import ApiError
 
@@ -35,46 +38,21 @@ __all__ = ["Cancelled", "Failed", "JobDone", "Ticket", "Worker"]
 log = logging.getLogger(__name__)
 
 
-class Ticket:
-    """The asyncio end of one request: iterate it for StepEvents (the last one has done=True) / JobDone."""
-
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
-        self.request_id = request_id
-        self.events: asyncio.Queue = asyncio.Queue()
-        self._loop = loop
-
-    def put(self, item: Any) -> None:  # called from the worker thread
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shut down): nobody is listening
-            pass
-
-    async def next(self) -> Any:
-        item = await self.events.get()
-        if isinstance(item, Failed):
-            raise item.error
-        return item
-
-
-def _count(value: Any) -> int:
-    return int(value() if callable(value) else value)
-
-
 class Worker:
     """`max_waiting`: requests that may wait for the engine before a 429 (default: the engine's max_queue);
     `max_jobs`: edit jobs at once."""
 
     TRIM_EVERY_S = 10.0  # at most this often: give freed memory back when the work runs out
 
-    def __init__(self, engine: Any, max_jobs: int = 16, idle_poll_s: float = 0.2, max_waiting: int | None = None):
+    def __init__(self, engine: Decoder, max_jobs: int = 16, idle_poll_s: float = 0.2, max_waiting: int | None = None):
         self.engine = engine
         self.max_jobs = max_jobs
         self.idle_poll_s = idle_poll_s
         self.scheduler = Scheduler(engine, engine.max_queue if max_waiting is None else max_waiting)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, tuple[Any, bool]] = {}  # engine request id -> (where its events go, every step)
+        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._sinks: dict[str, tuple[Sink, bool]] = {}  # engine request id -> (where its events go, every step)
         self._owner: dict[str, Job] = {}  # engine request id -> the edit job it denoises for
-        self._calls: collections.deque = collections.deque()  # edit jobs' forward passes, in order
+        self._calls: collections.deque[CallOnWorker] = collections.deque()  # edit jobs' forward passes, in order
         self._jobs: dict[str, Job] = {}  # running edit jobs (guarded by _lock)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -97,7 +75,7 @@ class Worker:
             jobs = list(self._jobs.values())
         for job in jobs:
             job.cancel()
-        self._inbox.put(("wake",))
+        self._inbox.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
@@ -107,34 +85,37 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The decoder's model (edit jobs' own forward passes run it on this thread)."""
+        return self.engine.model
+
+    @property
     def num_waiting(self) -> int:
-        return _count(self.engine.num_waiting) + self.scheduler.queued
+        return self.engine.capacity.waiting + self.scheduler.queued
 
     @property
     def num_active(self) -> int:
-        return _count(self.engine.num_active)
+        return self.engine.capacity.active
 
-    def post(self, command: tuple) -> None:
+    def post(self, command: Command) -> None:
         self._inbox.put(command)
 
     # --- called from the event loop ----------------------------------------------------------------
-    def submit_group(self, requests: list[dict], every_step: bool = True) -> tuple[list[Ticket], asyncio.Future]:
-        """Queue one client request's choices as one group: each item is an engine.submit's keyword
-        arguments (prompt_ids, options, suffix_ids, stop_when, first_allowed). Returns their tickets and a
-        future that is done once the group is in the engine, or fails with the reason it was refused
-        (LineFull / QueueFull, bad options); cancel the tickets if you stop waiting for it."""
+    def submit_group(self, requests: list[DecodeRequest], every_step: bool = True) -> tuple[list[Ticket], asyncio.Future]:
+        """Queue one client request's choices as one group. Returns their tickets and a future that is done
+        once the group is in the engine, or fails with the reason it was refused (LineFull / QueueFull, bad
+        options); cancel the tickets if you stop waiting for it."""
         self.start()
         loop = asyncio.get_running_loop()
         tickets = [Ticket(f"req-{uuid.uuid4().hex[:16]}", loop) for _ in requests]
+        requests = [replace(r, request_id=t.request_id) for r, t in zip(requests, tickets)]
         admitted: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put(("group", tickets, every_step, requests, admitted))
+        self._inbox.put(SubmitGroup(tickets, requests, every_step, admitted))
         return tickets, asyncio.wrap_future(admitted)
 
-    async def submit(self, prompt_ids: list[int], options: DecodeOptions, suffix_ids: list[int] | None = None,
-                     every_step: bool = True, **request: Any) -> Ticket:
-        """One generation (`request`: the engine's stop_when / first_allowed), admitted before this returns."""
-        [ticket], admitted = self.submit_group([dict(prompt_ids=prompt_ids, options=options, suffix_ids=suffix_ids,
-                                                     **request)], every_step)
+    async def submit(self, request: DecodeRequest, every_step: bool = True) -> Ticket:
+        """One generation, admitted before this returns."""
+        [ticket], admitted = self.submit_group([request], every_step)
         try:
             await admitted
         except BaseException:  # refused, or the client left while it waited: drop it
@@ -142,7 +123,7 @@ class Worker:
             raise
         return ticket
 
-    async def run_job(self, fn: Callable[[Callable[[StepEvent], None], Any], Any], every_step: bool = True) -> Ticket:
+    async def run_job(self, fn: EditFn, every_step: bool = True) -> Ticket:
         """Run the edit `fn(on_step, denoiser)` on a thread of its own (serve/jobs.py); its return value
         arrives as JobDone."""
         self.start()
@@ -159,7 +140,7 @@ class Worker:
             job = self._jobs.get(request_id)
         if job is not None:
             job.cancel()  # it raises Cancelled at its next event or wait and drops its engine requests
-        self._inbox.put(("cancel", request_id))
+        self._inbox.put(Cancel(request_id))
 
     def job_finished(self, job: Job) -> None:
         with self._lock:
@@ -177,12 +158,12 @@ class Worker:
             self._drain(block=not busy)
             self._feed()
             if self._calls:  # one edit job's forward pass, then a step for everyone
-                fn, done = self._calls.popleft()
-                if done.set_running_or_notify_cancel():
+                call = self._calls.popleft()
+                if call.done.set_running_or_notify_cancel():
                     try:
-                        done.set_result(fn())
+                        call.done.set_result(call.fn())
                     except BaseException as e:  # noqa: BLE001 (raised again on the job's thread)
-                        done.set_exception(e)
+                        call.done.set_exception(e)
             if self.engine.has_work():
                 self._step()
         self._fail_all(RuntimeError("server shutting down"))
@@ -206,43 +187,32 @@ class Worker:
             except queue.Empty:
                 return
 
-    def _handle(self, cmd: tuple) -> None:
-        kind = cmd[0]
-        if kind == "group":
-            _, tickets, every_step, requests, admitted = cmd
-            self._offer(tickets, every_step, [self._choice(t.request_id, r) for t, r in zip(tickets, requests)],
-                        admitted, limited=True)
-            self._feed()  # into free batch rows at once: the next request's room in the line is counted after
-        elif kind == "canvases":
-            _, job, rids, canvases, options, banned, sink = cmd
-            if job.cancelled.is_set():
-                return
-            entries = [self._canvas(rid, c, options, banned) for rid, c in zip(rids, canvases)]
-            for rid in rids:
-                self._owner[rid] = job
-            self._offer([sink] * len(rids), True, entries, None, limited=False)
-        elif kind == "call":
-            self._calls.append(cmd[1:])
-        elif kind == "refuse_waiting":  # shutdown begins: requests not yet in the batch get its error now
-            self._refuse_waiting(cmd[1])
-        elif kind == "abort":  # the shutdown timeout is over: everything in flight gets its error
-            self._fail_all(cmd[1])
-        elif kind == "cancel":
-            rid = cmd[1]
-            for own, job in list(self._owner.items()):  # an edit job's: every canvas of it
-                if own == rid or job.id == rid:
-                    self._drop(own)
-            self._drop(rid)
+    def _handle(self, cmd: Command) -> None:
+        match cmd:
+            case SubmitGroup(tickets, requests, every_step, admitted):
+                self._offer(tickets, every_step, [Entry(r) for r in requests], admitted, limited=True)
+                self._feed()  # into free batch rows at once: the next request's room in the line is counted after
+            case SubmitCanvases(job, requests, sink):
+                if job.cancelled.is_set():
+                    return
+                for r in requests:
+                    self._owner[r.request_id] = job
+                self._offer([sink] * len(requests), True, [Entry(r) for r in requests], None, limited=False)
+            case CallOnWorker():
+                self._calls.append(cmd)
+            case RefuseWaiting(error):
+                self._refuse_waiting(error)
+            case Abort(error):
+                self._fail_all(error)
+            case Cancel(rid):
+                for own, job in list(self._owner.items()):  # an edit job's: every canvas of it
+                    if own == rid or job.id == rid:
+                        self._drop(own)
+                self._drop(rid)
+            case Wake():
+                pass
 
-    @staticmethod
-    def _choice(rid: str, request: dict) -> Entry:
-        return Entry(rid, lambda engine: engine.submit(request_id=rid, **request))
-
-    @staticmethod
-    def _canvas(rid: str, canvas: list[int], options: DecodeOptions, banned: set[int]) -> Entry:
-        return Entry(rid, lambda engine: engine.submit_canvas(canvas, options, rid, banned=banned))
-
-    def _offer(self, sinks: list, every_step: bool, entries: list[Entry],
+    def _offer(self, sinks: list[Sink], every_step: bool, entries: list[Entry],
                admitted: concurrent.futures.Future | None, limited: bool) -> None:
         def on_admitted(error: BaseException | None) -> None:
             if admitted is not None and not admitted.done():
@@ -316,6 +286,6 @@ class Worker:
         self._sinks.clear()
         self._owner.clear()
         while self._calls:
-            _, done = self._calls.popleft()
-            if done.set_running_or_notify_cancel():
-                done.set_exception(error)
+            call = self._calls.popleft()
+            if call.done.set_running_or_notify_cancel():
+                call.done.set_exception(error)

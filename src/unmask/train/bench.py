@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from unmask.decoding.layout import layout_for
 from unmask.model.config import ModelConfig
 from unmask.model.transformer import Transformer
 from unmask.train.trainer import compute_loss
@@ -90,7 +91,7 @@ def bench_train(config: ModelConfig, batch_size: int, seq_len: int, steps: int =
     dt = time.perf_counter() - t0
     tps = steps * batch_size * seq_len / dt
     peak = peak if peak is not None else peak_tflops(dev)
-    fpt = flops_per_token(config, seq_len, block_diffusion=mode != "ar" and config.attention == "block_causal")
+    fpt = flops_per_token(config, seq_len, block_diffusion=mode != "ar" and layout_for(config).block_causal)
     mfu = fpt * tps / (peak * 1e12) if peak else None
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return BenchResult(tps, 1000 * dt / steps, config.num_params(), mfu, peak, name)

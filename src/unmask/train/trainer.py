@@ -34,6 +34,7 @@ from rich.console import Console
 from unmask.data.batches import IndexSampler, SFTData, WindowData
 from unmask.data.corpus import iter_corpus_texts
 from unmask.data.shards import TokenShard, sidecar, token_byte_lengths, tokenizer_digest, write_shard
+from unmask.decoding.layout import layout_for
 from unmask.diffusion.objective import adaptation_loss, ar_loss, masked_diffusion_loss, sft_loss
 from unmask.errors import UnmaskError
 from unmask.eval.elbo import ElboResult, eval_window_len, score_windows, window_starts
@@ -230,14 +231,14 @@ class Trainer:
         return model.to(self.device).train()
 
     def _check_lengths(self) -> None:
-        c, L = self.model.config, self.cfg.seq_len
-        if self.mode == "ar" and c.attention != "causal":
-            raise TrainConfigError(f"mode ar needs model.attention causal, got {c.attention}")
-        if self.mode != "ar" and c.attention == "causal":
+        c, L, layout = self.model.config, self.cfg.seq_len, layout_for(self.model.config)
+        if self.mode == "ar" and layout.diffusion:
+            raise TrainConfigError(f"mode ar needs model.attention causal, got {layout.name}")
+        if self.mode != "ar" and not layout.diffusion:
             raise TrainConfigError(f"mode {self.mode} needs a bidirectional or block_causal model, got causal")
-        if self.mode == "adapt" and c.attention != "block_causal":
-            raise TrainConfigError(f"mode adapt needs model.attention block_causal, got {c.attention}")
-        need = 2 * L if c.attention == "block_causal" and self.mode != "ar" else L
+        if self.mode == "adapt" and not layout.block_causal:
+            raise TrainConfigError(f"mode adapt needs model.attention block_causal, got {layout.name}")
+        need = 2 * L if layout.block_causal and self.mode != "ar" else L
         if need > c.max_seq_len:
             why = " (block diffusion feeds [x_t, x_0], 2 × seq_len tokens)" if need > L else ""
             raise TrainConfigError(f"seq_len {L} needs model.max_seq_len >= {need}{why}, got {c.max_seq_len}")
