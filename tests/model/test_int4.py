@@ -209,3 +209,12 @@ def test_a_tied_q4_gguf_caches_a_folder_no_larger_than_the_file(tmp_path, tokeni
     assert weights <= path.stat().st_size
     model = load_gguf_model(path, device="cpu", dtype=torch.bfloat16, quantization="int4-g32")
     assert model.tok_embeddings.weight.dtype == torch.int8 and model.output.table is model.tok_embeddings
+
+
+def test_a_table_head_first_used_under_inference_mode_serves_calls_with_gradients(tokenizer):
+    model = quantize_model(int4_sized(tokenizer, tie_embeddings=True).eval(), "int4-g32")
+    ids = torch.randint(10, tokenizer.vocab_size, (1, 8))
+    with torch.inference_mode():
+        first = model(ids)
+    again = model(ids)  # parameters track gradients here: the bf16 copy must not be an inference tensor
+    assert torch.equal(again.detach(), first)

@@ -349,7 +349,9 @@ class TableHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, dense = self.table, self.dense
         if dense is None or dense.device != t.weight.device or t.weight.device.type == "meta":
-            dense = (t.weight.float() * t.weight_scale.float()[:, None]).to(torch.bfloat16)
+            # a plain tensor even when first called under inference_mode: later calls may track gradients
+            with torch.inference_mode(False), torch.no_grad():
+                dense = (t.weight.float() * t.weight_scale.float()[:, None]).to(torch.bfloat16)
             self.__dict__["dense"] = dense
         return F.linear(x.to(torch.bfloat16), dense).to(x.dtype)
 
