@@ -326,6 +326,9 @@ class QuantizedEmbedding(StoredBuffers):
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.name}"
 
 
+TABLE_ROWS_AT_ONCE = 4096  # rows dequantized per float32 temporary (9 MB at SmolLM2's width, not 113 MB)
+
+
 class TableHead(nn.Module):
     """The output head tied to a QuantizedEmbedding: its table dequantized once, at first use, to bf16, kept
     beside it and never saved. Why not the table's own kernel: PyTorch's CPU int8 kernel costs about as much
@@ -351,7 +354,9 @@ class TableHead(nn.Module):
         if dense is None or dense.device != t.weight.device or t.weight.device.type == "meta":
             # a plain tensor even when first called under inference_mode: later calls may track gradients
             with torch.inference_mode(False), torch.no_grad():
-                dense = (t.weight.float() * t.weight_scale.float()[:, None]).to(torch.bfloat16)
+                dense = torch.empty(t.weight.shape, dtype=torch.bfloat16, device=t.weight.device)
+                for rows in torch.arange(t.weight.shape[0], device=t.weight.device).split(TABLE_ROWS_AT_ONCE):
+                    dense[rows] = (t.weight[rows].float() * t.weight_scale[rows].float()[:, None]).to(torch.bfloat16)
             self.__dict__["dense"] = dense
         return F.linear(x.to(torch.bfloat16), dense).to(x.dtype)
 
